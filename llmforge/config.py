@@ -1,0 +1,344 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by dotted ``key=value`` arguments.
+
+Shared by the trainer and the data pipeline. ``load_config(Cls, path, overrides)`` returns a validated
+instance; every problem raises :class:`ConfigError` with one line naming the key (and the closest valid keys
+for typos). ``dump_config`` writes the resolved config atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is meant to be printed as one line without a traceback."""
+
+
+def opt(default, doc: str):
+    """A dataclass field with a default and a one-line doc (shown by ``describe`` and in the README)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_scalar(text: str):
+    """Parse an override value with YAML rules (``[a,b]`` lists, numbers, true/false, null)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(key: str, value, tp):
+    """Check/convert ``value`` to type ``tp``; raise ConfigError naming the key on mismatch."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: bad value {value!r}")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single path/number is accepted where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=3, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    types_ = _field_types(cls)
+    for k in raw:
+        if k not in types_:
+            raise _unknown(prefix + str(k), [prefix + n for n in types_])
+    kwargs = {k: _coerce(prefix + k, v, types_[k]) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _set_dotted(tree: dict, key: str, value, cls) -> None:
+    """Set ``a.b.c=value`` in a nested dict, checking every segment against the dataclass ``cls``."""
+    parts = key.split(".")
+    node, tp = tree, cls
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        fields = _field_types(tp) if _is_dataclass_type(tp) else None
+        if fields is not None and part not in fields:
+            raise _unknown(path, [".".join(parts[:i] + [n]) for n in fields])
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub_tp = fields[part] if fields is not None else Any
+        if not _is_dataclass_type(sub_tp) and typing.get_origin(sub_tp) is not dict:
+            raise ConfigError(f"config key '{path}' is a value, not a section (cannot set '{key}')")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{path}' is a value, not a section (cannot set '{key}')")
+        tp = sub_tp if _is_dataclass_type(sub_tp) else Any
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"override '{a}' is not of the form key=value (e.g. train.steps=20)")
+        k, v = a.split("=", 1)
+        out.append((k.strip(), _parse_scalar(v)))
+    return out
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
+    """Load ``cls`` from a YAML file and dotted overrides; validate; return the instance."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    for k, v in parse_overrides(overrides or []):
+        _set_dotted(raw, k, v, cls)
+    cfg = _build(cls, raw)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg, path: str) -> None:
+    """Write the resolved config as YAML, atomically (temp name + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every field, used to document config keys in the README/CLI."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if _is_dataclass_type(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)), default, f.metadata.get("doc", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- trainer schema
+@dataclasses.dataclass
+class ModelConfig:
+    preset: str = opt("tiny", "model preset from llmforge.model.presets (tiny, gpt2-124m, llama-1b, llama-8b, llama-70b); "
+                              "fields set below override it")
+    family: str = opt("", "llama | gpt2 (empty: from the preset)")
+    dim: int = opt(0, "hidden size (0: from the preset)")
+    n_layers: int = opt(0, "number of transformer blocks (0: from the preset)")
+    n_heads: int = opt(0, "attention heads (0: from the preset)")
+    n_kv_heads: int = opt(0, "key/value heads for grouped-query attention (0: from the preset)")
+    ffn_dim: int = opt(0, "MLP hidden size (0: from the preset)")
+    vocab_size: int = opt(0, "vocabulary size (0: from the preset, or from the data's tokenizer if the preset says 0)")
+    max_seq_len: int = opt(0, "longest sequence (positions) the model supports (0: from the preset)")
+    rope_theta: float = opt(0.0, "RoPE base (0: from the preset)")
+    norm_eps: float = opt(0.0, "RMSNorm/LayerNorm epsilon (0: from the preset)")
+    tie_embeddings: Optional[bool] = opt(None, "share input embedding and output projection (null: from the preset)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    paths: list[str] = opt([], "pipeline output dirs (using their shards/train-* and shards/valid-*) or shard prefixes")
+    weights: Optional[list[float]] = opt(None, "blend weights, one per path (null: proportional to tokens)")
+    seq_len: int = opt(256, "tokens per training sequence")
+    valid_fraction: float = opt(0.02, "fraction of windows held out for validation when a path has no valid shards")
+    backend: str = opt("native", "native | megatron (megatron-core BlendedMegatronDatasetBuilder)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = opt(100, "optimizer steps to run")
+    global_batch_size: int = opt(8, "sequences per optimizer step, summed over all data-parallel ranks")
+    micro_batch_size: int = opt(0, "sequences per rank per forward/backward (0: global / dp, no accumulation)")
+    grad_accum_steps: int = opt(0, "0: derived = global_batch_size / (micro_batch_size * dp); else must equal that")
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    schedule: str = opt("cosine", "cosine | wsd | constant")
+    decay_fraction: float = opt(0.2, "WSD: fraction of steps spent in the final decay")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    dtype: str = opt("auto", "fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU); master weights stay fp32")
+    log_interval: int = opt(1, "write a metrics.jsonl row every N steps")
+    eval_interval: int = opt(0, "validation loss every N steps (0: only at the end)")
+    eval_batches: int = opt(8, "validation micro-batches per evaluation")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
+    init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    dp_replicate: int = opt(-1, "ranks holding full replicas (-1: whatever the world size leaves)")
+    dp_shard: int = opt(1, "ranks sharding parameters with FSDP2 (zero_stage 2/3)")
+    tp: int = opt(1, "tensor-parallel degree (with sequence parallel)")
+    pp: int = opt(1, "pipeline-parallel stages")
+    zero_stage: int = opt(0, "0 DDP AllReduce | 1 +sharded optimizer | 2 FSDP2 keep params | 3 FSDP2 reshard")
+    pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")
+    pp_microbatches: int = opt(0, "pipeline microbatches per step (0: local batch / micro_batch_size)")
+    sequence_parallel: bool = opt(True, "shard norms/dropout activations along the sequence under TP")
+    compile: bool = opt(False, "torch.compile each transformer block")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = opt(0, "save every N steps (0: only at the end)")
+    keep: int = opt(2, "keep the newest K complete checkpoints")
+    async_save: bool = opt(False, "save in a background thread (DCP async_save)")
+    resume: bool = opt(True, "resume from the newest complete checkpoint in run_dir/checkpoints")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: str = opt("disabled", "disabled | offline | online (never online unless asked)")
+    wandb_project: str = opt("llmforge", "wandb project name")
+    plot: bool = opt(True, "write loss.png (loss and lr curves) at the end")
+
+
+@dataclasses.dataclass
+class DistConfig:
+    device: str = opt("auto", "auto | cpu | cuda")
+    backend: str = opt("auto", "auto | gloo | nccl")
+    timeout_s: int = opt(600, "collective timeout; a stuck rank fails with an error instead of hanging")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, checkpoints/ and plots go")
+    seed: int = opt(1234, "seed for init, data order and sampling")
+    engine: str = opt("native", "native (PyTorch FSDP2/DTensor/pipelining) | deepspeed")
+    recompute: str = opt("none", "activation recomputation: none | full | selective")
+    recompute_every: int = opt(1, "recompute every k-th block (full mode)")
+    model: ModelConfig = opt(ModelConfig(), "model shape")
+    data: DataConfig = opt(DataConfig(), "training data")
+    train: TrainConfig = opt(TrainConfig(), "optimisation and loop")
+    parallel: ParallelConfig = opt(ParallelConfig(), "parallel layout")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpointing")
+    logging: LoggingConfig = opt(LoggingConfig(), "metrics sinks")
+    dist: DistConfig = opt(DistConfig(), "device and process group")
+    deepspeed: dict = opt({}, "raw DeepSpeed config merged over the generated one (engine: deepspeed)")
+
+    def validate(self) -> None:
+        """Checks that need no world size; layout checks against the world live in llmforge.parallel."""
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+        need(self.engine in ("native", "deepspeed"), "engine", f"{self.engine!r} is not native or deepspeed")
+        need(self.recompute in ("none", "full", "selective"), "recompute", f"{self.recompute!r} is not none/full/selective")
+        need(self.recompute_every >= 1, "recompute_every", "must be >= 1")
+        t, p = self.train, self.parallel
+        need(t.steps >= 0, "train.steps", "must be >= 0")
+        need(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+        need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
+        need(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", f"{t.schedule!r} is not cosine/wsd/constant")
+        need(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto/fp32/bf16")
+        need(0 <= t.decay_fraction <= 1, "train.decay_fraction", "must be in [0, 1]")
+        need(t.lr > 0, "train.lr", "must be > 0")
+        need(t.log_interval >= 1, "train.log_interval", "must be >= 1")
+        need(self.data.seq_len >= 2, "data.seq_len", "must be >= 2")
+        need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
+        need(0 <= self.data.valid_fraction < 1, "data.valid_fraction", "must be in [0, 1)")
+        if self.data.weights is not None:
+            need(len(self.data.weights) == len(self.data.paths), "data.weights", "needs one weight per data.paths entry")
+            need(all(w > 0 for w in self.data.weights), "data.weights", "weights must be > 0")
+        for k in ("dp_shard", "tp", "pp"):
+            need(getattr(p, k) >= 1, f"parallel.{k}", "must be >= 1")
+        need(p.dp_replicate == -1 or p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1 or -1 (auto)")
+        need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+        need(p.dp_shard == 1 or p.zero_stage in (2, 3), "parallel.dp_shard",
+             f"dp_shard={p.dp_shard} shards parameters: use parallel.zero_stage=2 or 3 (or dp_replicate for DDP)")
+        need(self.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", "must be disabled/offline/online")
+        need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")
+        need(self.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl")
+        need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
