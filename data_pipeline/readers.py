@@ -1,0 +1,296 @@
+"""Readers: turn input paths into a stream of documents ``{"id", "text", "meta"}``.
+
+Supported: jsonl (plain, .gz, .zst), parquet, Hugging Face datasets (``load_dataset("json"/"parquet")`` on
+local files, ``load_from_disk`` folders, a Hub name via ``input.hf_dataset``), folders of .txt/.md/.rst, and
+HTML (.html/.htm, text extracted with trafilatura). Ids are stable: ``<file relative to the inputs' common
+folder>:<line>`` (jsonl, 1-based) or ``:<row>`` (parquet/HF, 0-based), or the relative file name for a
+text/HTML file; they travel through every stage. A bad record raises :class:`InputError` naming file and line,
+or is counted under ``read_errors`` when ``input.on_error: skip``.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from typing import Iterator
+
+import zstandard
+
+from .config import ConfigError, InputConfig
+
+JSONL_EXT = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
+PARQUET_EXT = (".parquet",)
+TEXT_EXT = (".txt", ".md", ".rst")
+HTML_EXT = (".html", ".htm")
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class InputError(Exception):
+    """A bad input record; the message names the file and line/row."""
+
+
+class CompressionError(InputError):
+    """Raised by the zstd reader; the jsonl reader adds the line number."""
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Streaming zstd decoder over a file that raises on truncation (zstandard's stream_reader reads a cut
+    frame as a silent short file). Handles multi-frame files."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "rb")
+        self._path = path
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._done = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self._buf and not self._done:
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if not self._d.eof:
+                    raise CompressionError("truncated zstd stream (file ends inside a frame)")
+                self._done = True
+                break
+            if self._d.eof:  # next frame
+                rest = self._d.unused_data
+                self._d = zstandard.ZstdDecompressor().decompressobj()
+                chunk = rest + chunk
+            try:
+                self._buf = self._d.decompress(chunk)
+            except zstandard.ZstdError as e:
+                raise CompressionError(f"corrupt zstd data ({e})") from None
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+def open_binary(path: str):
+    """Binary line-readable stream for plain, .gz and .zst files."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdRaw(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if os.path.isdir(path):
+        return "hf_disk"
+    low = path.lower()
+    for ext, kind in ((JSONL_EXT, "jsonl"), (PARQUET_EXT, "parquet"), (TEXT_EXT, "text"), (HTML_EXT, "html")):
+        if low.endswith(ext):
+            return kind
+    return ""
+
+
+def _is_hf_disk(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, m)) for m in HF_DISK_MARKERS)
+
+
+def expand_paths(cfg: InputConfig) -> list[tuple[str, str, str]]:
+    """Resolve ``input.paths`` into sorted units ``(format, path, id_prefix)``; raises ConfigError if a path is
+    missing or nothing readable is found (before any output is written)."""
+    files: list[str] = []
+    for p in cfg.paths:
+        if any(ch in p for ch in "*?["):
+            hits = sorted(glob.glob(p, recursive=True))
+            if not hits:
+                raise ConfigError(f"input.paths: the glob {p!r} matches nothing")
+            files.extend(h for h in hits if os.path.isfile(h) or _is_hf_disk(h))
+        elif os.path.isdir(p):
+            if _is_hf_disk(p):
+                files.append(p)
+                continue
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                if _is_hf_disk(root):
+                    files.append(root)
+                    dirs[:] = []
+                    continue
+                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise ConfigError(f"input.paths: no such file or folder: {p}")
+    units = []
+    for f in sorted(set(os.path.normpath(f) for f in files)):
+        kind = detect_format(f, cfg.format)
+        if kind:
+            units.append((kind, f))
+    if cfg.hf_dataset:
+        units.append(("hf_hub", cfg.hf_dataset))
+    if not units:
+        raise ConfigError(f"input.paths: no readable files (jsonl, parquet, txt/md/rst, html) under {cfg.paths}")
+    local = [os.path.abspath(f) for k, f in units if k != "hf_hub"]
+    base = os.path.commonpath([os.path.dirname(f) if os.path.isfile(f) else os.path.dirname(f.rstrip("/"))
+                               for f in local]) if local else ""
+    out = []
+    for kind, f in units:
+        rel = f"hf:{f}" if kind == "hf_hub" else os.path.relpath(os.path.abspath(f), base)
+        out.append((kind, f, rel))
+    return out
+
+
+class Reader:
+    """Reads one unit; counts skipped records in ``stats`` (Counter) under read_errors / empty."""
+
+    def __init__(self, cfg: InputConfig, stats: Counter):
+        self.cfg, self.stats = cfg, stats
+
+    def _bad(self, where: str, msg: str):
+        if self.cfg.on_error == "skip":
+            self.stats["read_errors"] += 1
+            return
+        raise InputError(f"{where}: {msg}")
+
+    def _make(self, doc_id: str, rec: dict, where: str):
+        """Validate one record's text; return the document or None (skipped/empty)."""
+        text = rec.get(self.cfg.text_key) if isinstance(rec, dict) else None
+        if not isinstance(rec, dict):
+            return self._bad(where, f"expected a JSON object, got {type(rec).__name__}")
+        if self.cfg.text_key not in rec:
+            return self._bad(where, f"missing text field {self.cfg.text_key!r} (input.text_key); "
+                                    f"fields: {sorted(rec)[:10]}")
+        if not isinstance(text, str):
+            return self._bad(where, f"text field {self.cfg.text_key!r} is {type(text).__name__}, not a string")
+        if len(text) > self.cfg.max_doc_chars:
+            return self._bad(where, f"document of {len(text)} characters exceeds input.max_doc_chars="
+                                    f"{self.cfg.max_doc_chars}")
+        if len(text.strip()) < self.cfg.min_doc_chars:
+            self.stats["empty"] += 1
+            return None
+        meta = {k: rec[k] for k in self.cfg.metadata_keys if k in rec}
+        if self.cfg.id_key and self.cfg.id_key in rec:
+            meta["source_id"] = rec[self.cfg.id_key]
+        return {"id": doc_id, "text": text, "meta": meta}
+
+    def read(self, kind: str, path: str, rel: str) -> Iterator[dict]:
+        return getattr(self, f"_read_{kind}")(path, rel)
+
+    def _read_jsonl(self, path, rel):
+        limit = self.cfg.max_doc_chars * 4 + 4096  # utf-8 worst case plus JSON overhead
+        lineno = 0
+        try:
+            with open_binary(path) as f:
+                while True:
+                    line = f.readline(limit)
+                    if not line:
+                        break
+                    lineno += 1
+                    where = f"{path}:{lineno}"
+                    if len(line) >= limit and not line.endswith(b"\n"):
+                        while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
+                            line = f.readline(limit)
+                        self._bad(where, f"line longer than {limit} bytes (input.max_doc_chars={self.cfg.max_doc_chars})")
+                        continue
+                    if not line.strip():
+                        continue
+                    try:
+                        s = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        self._bad(where, f"invalid UTF-8 at byte {e.start} of the line")
+                        continue
+                    try:
+                        rec = json.loads(s)
+                    except json.JSONDecodeError as e:
+                        self._bad(where, f"broken JSON ({e.msg} at column {e.colno})")
+                        continue
+                    doc = self._make(f"{rel}:{lineno}", rec, where)
+                    if doc:
+                        yield doc
+        except (EOFError, OSError, zlib.error, CompressionError) as e:  # truncated / corrupt .gz or .zst
+            # Documents before the damage were already yielded; the rest of the file is unreadable.
+            self._bad(f"{path}:{lineno + 1}", f"truncated or corrupt compressed file ({e})")
+
+    def _read_parquet(self, path, rel):
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            return self._bad(path, f"not a readable parquet file ({e})")
+        names = pf.schema_arrow.names
+        if self.cfg.text_key not in names:
+            return self._bad(path, f"missing text column {self.cfg.text_key!r} (input.text_key); columns: {names}")
+        cols = [c for c in dict.fromkeys([self.cfg.text_key, *self.cfg.metadata_keys, self.cfg.id_key]) if c in names]
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+            for rec in batch.to_pylist():
+                doc = self._make(f"{rel}:{row}", rec, f"{path}:row {row}")
+                row += 1
+                if doc:
+                    yield doc
+
+    def _iter_hf(self, ds, path, rel):
+        for row, rec in enumerate(ds):
+            doc = self._make(f"{rel}:{row}", rec, f"{path}:row {row}")
+            if doc:
+                yield doc
+
+    def _read_hf_disk(self, path, rel):
+        import datasets
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[self.cfg.hf_split]
+        return self._iter_hf(ds, path, rel)
+
+    def _read_hf_json(self, path, rel):
+        import datasets
+        return self._iter_hf(datasets.load_dataset("json", data_files=[path], split="train", streaming=True), path, rel)
+
+    def _read_hf_parquet(self, path, rel):
+        import datasets
+        return self._iter_hf(datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True),
+                             path, rel)
+
+    def _read_hf_hub(self, name, rel):
+        """The Hub path (needs network; tests exercise the same iteration on local files)."""
+        import datasets
+        ds = datasets.load_dataset(name, self.cfg.hf_config or None, split=self.cfg.hf_split,
+                                   streaming=self.cfg.hf_streaming)
+        return self._iter_hf(ds, name, rel)
+
+    def _read_file_bytes(self, path):
+        with open(path, "rb") as f:
+            data = f.read(self.cfg.max_doc_chars * 4 + 1)
+        if len(data) > self.cfg.max_doc_chars * 4:
+            self._bad(path, f"file larger than input.max_doc_chars={self.cfg.max_doc_chars} allows")
+            return None
+        return data
+
+    def _read_text(self, path, rel):
+        data = self._read_file_bytes(path)
+        if data is None:
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            return self._bad(f"{path}:{line}", f"invalid UTF-8 at byte {e.start}")
+        doc = self._make(rel, {self.cfg.text_key: text}, path)
+        if doc:
+            yield doc
+
+    def _read_html(self, path, rel):
+        import trafilatura
+        data = self._read_file_bytes(path)
+        if data is None:
+            return
+        text = trafilatura.extract(data, include_comments=False, include_tables=True, deduplicate=False) or ""
+        doc = self._make(rel, {self.cfg.text_key: text}, path)
+        if doc:
+            yield doc

@@ -1,0 +1,168 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic, verified, keep-last-K, async, auto-resume.
+
+Layout: ``checkpoints/step_00000010/`` holds the DCP files (model + optimizer, keyed by parameter names so a
+checkpoint loads into any parallel layout), ``trainer_state.json`` (step, samples consumed, ...),
+``rng-rank{r}.pt`` and ``COMPLETE`` (the file sizes it vouches for). Everything is written under a hidden
+temporary name first; the rename is the commit point, so a crash never leaves a loadable half checkpoint.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _model_sd(model_parts):
+    sd = {}
+    for part in model_parts:
+        sd.update(get_model_state_dict(part, options=_OPTS))
+    return sd
+
+
+def _optim_sd(model_parts, optimizers):
+    sd = {}
+    for part, opt in zip(model_parts, optimizers):
+        sd.update(get_optimizer_state_dict(part, opt, options=_OPTS))
+    return sd
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sizes(path: str) -> dict[str, int]:
+    return {os.path.relpath(f, path): os.path.getsize(f)
+            for f in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
+            if os.path.isfile(f) and os.path.basename(f) != "COMPLETE"}
+
+
+def is_complete(path: str) -> tuple[bool, str]:
+    marker = os.path.join(path, "COMPLETE")
+    if not os.path.isfile(marker):
+        return False, "no COMPLETE marker (interrupted save)"
+    try:
+        expected = json.load(open(marker))["sizes"]
+    except (ValueError, KeyError) as e:
+        return False, f"unreadable COMPLETE marker ({e})"
+    actual = _sizes(path)
+    for name, size in expected.items():
+        if actual.get(name) != size:
+            return False, f"{name} is {actual.get(name, 'missing')} bytes, expected {size}"
+    return True, ""
+
+
+def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    out = [(int(m.group(1)), os.path.join(ckpt_root, d)) for d in os.listdir(ckpt_root) if (m := _STEP_DIR.match(d))]
+    return sorted(out, reverse=True)
+
+
+def newest_complete(ckpt_root: str, log=print) -> str | None:
+    """Newest checkpoint whose marker vouches for every file; incomplete/corrupt ones are skipped with a warning."""
+    for _, path in list_checkpoints(ckpt_root):
+        ok, why = is_complete(path)
+        if ok:
+            return path
+        log(f"warning: skipping checkpoint {path}: {why}")
+    return None
+
+
+class Checkpointer:
+    def __init__(self, ckpt_root: str, keep: int = 2, async_save: bool = False, rank: int = 0):
+        self.root, self.keep, self.async_save, self.rank = ckpt_root, keep, async_save, rank
+        self._pending = None  # (future, tmp, final, trainer_state)
+
+    def save(self, step: int, model_parts, optimizers, trainer_state: dict) -> None:
+        self.wait()
+        final = os.path.join(self.root, f"step_{step:08d}")
+        tmp = os.path.join(self.root, f".step_{step:08d}.tmp")
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        state = {"model": _model_sd(model_parts), "optim": _optim_sd(model_parts, optimizers)}
+        rng = _rng_state()
+        _write_atomic(os.path.join(tmp, f"rng-rank{dist.get_rank()}.pt"), lambda p: (
+            os.makedirs(tmp, exist_ok=True), torch.save(rng, p)))
+        if self.async_save:
+            fut = dcp.async_save(state, checkpoint_id=tmp)
+            self._pending = (fut, tmp, final, dict(trainer_state))
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            self._finalize(tmp, final, trainer_state)
+
+    def wait(self) -> None:
+        """Finish an async save (every rank must call this at the same point)."""
+        if self._pending is None:
+            return
+        fut, tmp, final, state = self._pending
+        self._pending = None
+        fut.result()
+        self._finalize(tmp, final, state)
+
+    def _finalize(self, tmp: str, final: str, trainer_state: dict) -> None:
+        dist.barrier()
+        if self.rank == 0:
+            _write_atomic(os.path.join(tmp, "trainer_state.json"),
+                          lambda p: json.dump(trainer_state, open(p, "w"), indent=1))
+            _write_atomic(os.path.join(tmp, "COMPLETE"), lambda p: json.dump({"sizes": _sizes(tmp)}, open(p, "w")))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for _, old in list_checkpoints(self.root)[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True) -> dict:
+        """Load into the (possibly parallelised) model parts and optimizers; return trainer_state."""
+        state = {"model": _model_sd(model_parts)}
+        if load_optimizer:
+            state["optim"] = _optim_sd(model_parts, optimizers)
+        dcp.load(state, checkpoint_id=path)
+        for part in model_parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        if load_optimizer:
+            for part, opt in zip(model_parts, optimizers):
+                set_optimizer_state_dict(part, opt, state["optim"], options=_OPTS)
+        rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
+        if os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return json.load(f)
+
+
+def find_resume(ckpt_root: str, log=print) -> str | None:
+    """Rank 0 picks the checkpoint and tells the others, so every rank loads the same one."""
+    choice = [newest_complete(ckpt_root, log) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    if dist.get_rank() == 0:  # hidden temp dirs are interrupted saves: never loadable
+        for p in glob.glob(os.path.join(ckpt_root, ".step_*.tmp")):
+            warnings.warn(f"removing interrupted checkpoint save {p}")
+            shutil.rmtree(p, ignore_errors=True)
+    return choice[0]

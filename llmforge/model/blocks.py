@@ -1,0 +1,155 @@
+"""Transformer building blocks shared by the Llama and GPT-2 families. No parallelism in here.
+
+Attention uses ``scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU). Projections keep
+``wq/wk/wv/wo`` and ``w1/w2/w3`` names so tensor-parallel plans and checkpoint keys can address them, and
+attention reshapes with ``-1`` heads so it works unchanged when TP leaves a rank with a slice of the heads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    family: str = "llama"          # llama: RoPE + RMSNorm + SwiGLU (+GQA); gpt2: learned positions + LayerNorm + GELU
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 256
+    vocab_size: int = 0
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def bias(self) -> bool:
+        return self.family == "gpt2"
+
+
+def make_norm(args: ModelArgs) -> nn.Module:
+    if args.family == "gpt2":
+        return nn.LayerNorm(args.dim, eps=args.norm_eps)
+    return nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) in the rotate-half layout that Hugging Face Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[1]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        hd = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=args.bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.bias)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=args.bias)
+
+    def forward(self, x, cos=None, sin=None, cache: KVCache | None = None, start_pos: int = 0):
+        bsz, seqlen, _ = x.shape
+        hd = self.args.head_dim
+        q = self.wq(x).view(bsz, seqlen, -1, hd)
+        k = self.wk(x).view(bsz, seqlen, -1, hd)
+        v = self.wv(x).view(bsz, seqlen, -1, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        rep = q.shape[2] // k.shape[2]
+        if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is None or start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # decoding with a cache: query i sits at position start_pos + i
+            kv_len = k.shape[2]
+            mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gated = args.family != "gpt2"
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=args.bias)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=args.bias)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False) if self.gated else None
+
+    def forward(self, x):
+        if self.gated:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = make_norm(args)
+        self.attention = Attention(args)
+        self.ffn_norm = make_norm(args)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def init_linear(module: nn.Linear, std: float) -> None:
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_block(block: TransformerBlock, n_layers: int) -> None:
+    """GPT-2/Megatron scaled init: residual output projections get std 0.02 / sqrt(2 * n_layers)."""
+    out_std = 0.02 / math.sqrt(2 * n_layers)
+    for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1):
+        init_linear(lin, 0.02)
+    if block.feed_forward.w3 is not None:
+        init_linear(block.feed_forward.w3, 0.02)
+    init_linear(block.attention.wo, out_std)
+    init_linear(block.feed_forward.w2, out_std)
+    for norm in (block.attention_norm, block.ffn_norm):
+        norm.reset_parameters()

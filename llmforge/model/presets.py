@@ -1,0 +1,50 @@
+"""Named model shapes. Published parameter counts are checked in tests (meta device, no memory)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .blocks import ModelArgs
+
+PRESETS: dict[str, ModelArgs] = {
+    # Trains in seconds on a CPU; vocab comes from the tokenizer of the data.
+    "tiny": ModelArgs(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=0,
+                      max_seq_len=512),
+    "tiny-gpt2": ModelArgs(family="gpt2", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, vocab_size=0,
+                           max_seq_len=512, tie_embeddings=True),
+    # GPT-2 small: 124,439,808 parameters.
+    "gpt2-124m": ModelArgs(family="gpt2", dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
+                           vocab_size=50257, max_seq_len=1024, tie_embeddings=True),
+    # Llama 3.2 1B: 1,235,814,400 parameters.
+    "llama-1b": ModelArgs(family="llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                          vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True),
+    # Llama 3.1 8B: 8,030,261,248 parameters.
+    "llama-8b": ModelArgs(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                          vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+    # Llama 3.1 70B: 70,553,706,496 parameters.
+    "llama-70b": ModelArgs(family="llama", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                           vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
+}
+
+# Where the config (llmforge.config.ModelConfig) says 0/None, the preset's value is kept.
+_OVERRIDABLE = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
+                "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
+    """Resolve ``model.preset`` + explicit fields (+ the data's vocab size when neither gives one)."""
+    if model_cfg.preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {model_cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    args = dataclasses.replace(PRESETS[model_cfg.preset])
+    for key in _OVERRIDABLE:
+        value = getattr(model_cfg, key)
+        if value not in (0, 0.0, "", None):
+            setattr(args, key, value)
+    if args.vocab_size <= 0:
+        if not vocab_size:
+            raise ValueError("model.vocab_size: the preset has none and no tokenizer was found next to the data")
+        args.vocab_size = vocab_size
+    if args.family not in ("llama", "gpt2"):
+        raise ValueError(f"model.family: {args.family!r} is not llama or gpt2")
+    if args.family == "gpt2" and args.n_kv_heads != args.n_heads:
+        args.n_kv_heads = args.n_heads  # GPT-2 has no grouped-query attention
+    return args

@@ -1,0 +1,92 @@
+"""The decoder: Llama-style or GPT-2-style by ``ModelArgs.family``. Readable top to bottom, no parallel code.
+
+Layers live in a ``ModuleDict`` keyed "0".."L-1" so a pipeline stage can delete the layers it does not own
+(and the embedding/norm/output it does not need, setting them to None) while every parameter keeps its
+fully-qualified name: checkpoints then move freely between layouts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .blocks import KVCache, ModelArgs, TransformerBlock, init_block, make_norm, rope_tables
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("model vocab_size must be > 0 (set model.vocab_size or train on tokenized data)")
+        if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+            raise ValueError(f"dim {args.dim} / n_heads {args.n_heads} / n_kv_heads {args.n_kv_heads} do not divide")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim) if args.family == "gpt2" else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = make_norm(args)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope_device = None
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device=None) -> None:
+        """(Re)initialise parameters and RoPE tables; called after materialising a meta-device model."""
+        if self.args.family != "gpt2":
+            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, buffer_device)
+            self.rope_cos, self.rope_sin = cos, sin
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        if self.pos_embeddings is not None:
+            nn.init.normal_(self.pos_embeddings.weight, std=0.01)
+        for block in self.layers.values():
+            init_block(block, self.args.n_layers)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.args.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=self.args.dim ** -0.5)
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0):
+        """tokens: (batch, seq) ids on the first stage, hidden states (batch, seq, dim) on later pipeline stages.
+        Returns logits (batch, seq, vocab) on the last stage, hidden states elsewhere."""
+        seqlen = tokens.shape[1]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.pos_embeddings is not None:
+            pos = torch.arange(start_pos, start_pos + seqlen, device=h.device)
+            h = h + self.pos_embeddings(pos)
+        cos = sin = None
+        if self.args.family != "gpt2":
+            cos = self.rope_cos[start_pos:start_pos + seqlen]
+            sin = self.rope_sin[start_pos:start_pos + seqlen]
+        for i, block in enumerate(self.layers.values()):
+            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = next(self.parameters())
+        return [KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device)
+                for _ in self.layers]
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Exact count of unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if exclude_embeddings and ("tok_embeddings" in name or "pos_embeddings" in name):
+            continue
+        total += p.numel()
+    return total
+
+
+def flops_per_token(args: ModelArgs, n_params: int, n_embedding_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params (the output projection counts: it is a matmul) plus
+    the attention score/value term 12 * layers * dim * seq_len (PaLM appendix B; what torchtitan uses)."""
+    return 6 * (n_params - n_embedding_params) + 12 * args.n_layers * args.dim * seq_len

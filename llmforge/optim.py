@@ -1,0 +1,52 @@
+"""AdamW with decay/no-decay groups, LR schedules, gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[dict]:
+    """Decay matrices; never decay norms, biases or embeddings (GPT-2/Llama practice)."""
+    decay, no_decay, seen = [], [], set()
+    for part in model_parts:
+        for name, p in part.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.ndim < 2 or "embeddings" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model_parts: list[nn.Module], tcfg, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model_parts, tcfg.weight_decay), **kwargs)
+
+
+def lr_factor(step: int, tcfg) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then cosine / WSD / constant."""
+    warm = tcfg.warmup_steps
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    total, floor = max(tcfg.steps, 1), tcfg.min_lr_ratio
+    if tcfg.schedule == "constant":
+        return 1.0
+    if tcfg.schedule == "wsd":  # warmup-stable-decay: linear decay over the last decay_fraction of steps
+        decay_steps = int(round(total * tcfg.decay_fraction))
+        start = total - decay_steps
+        if step < start or decay_steps == 0:
+            return 1.0
+        return floor + (1 - floor) * max(0.0, (total - step - 1) / decay_steps)
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
