@@ -112,6 +112,8 @@ class Checkpointer:
             self._pending = (fut, tmp, final, dict(trainer_state))
         else:
             dcp.save(state, checkpoint_id=tmp)
+            if os.environ.get("LLMFORGE_FAULT") == f"kill_in_save@{step}":  # reliability-harness hook
+                os.kill(os.getpid(), 9)
             self._finalize(tmp, final, trainer_state)
 
     def wait(self) -> None:

@@ -29,6 +29,14 @@ from llmforge.parallel import build_mesh, parallelize, resolve_dims
 USAGE = "usage: python -m llmforge.train CONFIG.yaml [key=value ...]   (e.g. train.steps=20 parallel.tp=2)"
 
 
+def _fault_steps(kind: str) -> set[int]:
+    """Test hook for the reliability harness: LLMFORGE_FAULT="nan@3,4" or "kill@5" (never set in real runs)."""
+    spec = os.environ.get("LLMFORGE_FAULT", "")
+    if not spec.startswith(kind + "@"):
+        return set()
+    return {int(x) for x in spec.split("@", 1)[1].split(",") if x}
+
+
 class TrainingError(RuntimeError):
     """A run that cannot continue (too many NaN steps, no data...): printed as one line."""
 
@@ -150,7 +158,8 @@ def train(cfg: RunConfig) -> int:
     log(f"model {cfg.model.preset}: {n_params:,} parameters | layout pp{dims.pp} x dp_replicate{dims.dp_replicate}"
         f" x dp_shard{dims.dp_shard} x tp{dims.tp} (zero_stage {cfg.parallel.zero_stage}) | global batch "
         f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens, micro {micro}"
-        f" per rank, {accum} accumulation steps | {device.type}/{info.backend}")
+        f" per rank, {accum} accumulation steps" + (f" | {cfg.parallel.pp_schedule}, {dims.pp_microbatches} "
+        f"microbatches" if dims.pp > 1 else "") + f" | {device.type}/{info.backend}")
     pm = parallelize(model, dims, mesh, cfg, device, loss_fn)
     optimizers = pm.extras.get("optimizers") or [build_optimizer([part], cfg.train, device) for part in pm.parts]
 
@@ -166,6 +175,7 @@ def train(cfg: RunConfig) -> int:
     dp_rank = dp_mesh.get_local_rank()
     G, L = cfg.train.global_batch_size, cfg.data.seq_len
     loss_group = pm.extras.get("loss_group")  # pp group: the loss lives on the last stage
+    nan_steps, kill_steps = _fault_steps("nan"), _fault_steps("kill")
     t_last = time.perf_counter()
     while step < cfg.train.steps:
         lr = cfg.train.lr * lr_factor(step, cfg.train)
@@ -173,7 +183,11 @@ def train(cfg: RunConfig) -> int:
             set_lr(opt, lr)
         batch = train_stream.batch(samples + dp_rank * local_bs, local_bs).to(device)
         loss = forward_backward(pm, batch[:, :-1], batch[:, 1:], micro, accum, amp)
+        if pm.extras.get("finish_grads"):  # gradient all-reduce where DDP does not apply (TP/PP layouts)
+            pm.extras["finish_grads"]()
         loss = loss if pm.is_last else torch.zeros((), device=device)
+        if step + 1 in nan_steps:
+            loss = loss * float("nan")
         if loss_group is not None:
             dist.all_reduce(loss, group=loss_group)
         dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_mesh.get_group())
@@ -205,6 +219,8 @@ def train(cfg: RunConfig) -> int:
             if mem is not None:
                 row["peak_mem_gib"] = mem
             metrics.log(row)
+        if step in kill_steps:
+            os.kill(os.getpid(), 9)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps and valid:
             vl, _ = evaluate(pm, valid, micro, cfg.train.eval_batches, device, amp)
             metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))})
