@@ -347,3 +347,11 @@ class RunConfig:
         need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")
         need(self.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def markdown_keys(cls) -> str:
+    """A markdown table of every key, its default and doc (pasted into the README; a test keeps them in sync)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, _, default, doc in describe(cls):
+        lines.append(f"| `{key}` | `{default!r}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)

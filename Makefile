@@ -1,0 +1,35 @@
+# The README's two commands are `make quickstart` and `make test`. Both are idempotent.
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+NPROC ?= 2
+DATA_OUT ?= outputs/sample
+RUN_DIR ?= runs/quickstart
+# torch==2.13.0 first: it is the CPU wheel on this kind of machine; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install install-test quickstart test test-fast
+
+install:
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e .
+
+# DeepSpeed's CPU ops (shm comm, cpu_adam) are compiled once here so tests never spend minutes JIT-compiling.
+install-test: install
+	$(PIP) install -q -e ".[dev]"
+	$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
+		$(PIP) install -q --no-build-isolation deepspeed==0.19.8
+
+# Sample corpus -> tokenizer + shards -> 2-process data-parallel training -> eval -> a generated sample.
+quickstart: install
+	$(PYTHON) -m data_pipeline run configs/data/sample.yaml output_dir=$(DATA_OUT) workers=$(NPROC)
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m llmforge.train \
+		configs/train/tiny-cpu.yaml data.paths=[$(DATA_OUT)] run_dir=$(RUN_DIR)
+	$(PYTHON) -m llmforge.eval $(RUN_DIR)
+	$(PYTHON) -m llmforge.generate $(RUN_DIR) --prompt "The function" --max-new-tokens 40 --seed 0
+	@echo "results: shards + tokenizer in $(DATA_OUT)/, run in $(RUN_DIR)/ (metrics.jsonl, loss.png, eval.json, checkpoints/)"
+
+test: install-test
+	$(PYTHON) -m pytest tests -q -rs --durations=15
+
+test-fast: install-test
+	$(PYTHON) -m pytest tests -q -m "not slow"
