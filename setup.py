@@ -27,6 +27,7 @@ setup(
         "wandb",
         "megatron-core",
         "trafilatura",
+        "lxml_html_clean",  # trafilatura needs it with lxml >= 5.2
         "langid",
         "matplotlib",
     ],

@@ -165,6 +165,8 @@ class PipelineConfig:
     tasks: int = opt(0, "input tasks (files are dealt round-robin); 0: one per file, at most 64. Outputs depend on it")
     executor: str = opt("local", "local | slurm")
     steps: list[str] = opt(list(STEP_NAMES), "order of the per-document steps (each also has enabled)")
+    keep_work_files: bool = opt(True, "keep work/prepared, signatures, dedup, tokens after success (false: delete "
+                                      "them; markers stay, so a rerun is still a no-op)")
     write_rejects: bool = opt(False, "write work/rejects/*.jsonl.zst with the id and rule of every removed document")
     progress: bool = opt(True, "tqdm progress bars")
     input: InputConfig = opt(InputConfig(), "readers")

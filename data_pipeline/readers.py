@@ -53,16 +53,18 @@ class _ZstdRaw(io.RawIOBase):
 
     def readinto(self, b):
         while not self._buf and not self._done:
-            chunk = self._f.read(1 << 20)
-            if not chunk:
-                if not self._d.eof:
-                    raise CompressionError("truncated zstd stream (file ends inside a frame)")
-                self._done = True
-                break
-            if self._d.eof:  # next frame
-                rest = self._d.unused_data
+            if self._d.eof and self._d.unused_data:  # the next frame already sits in the decoder's leftovers
+                chunk = self._d.unused_data
                 self._d = zstandard.ZstdDecompressor().decompressobj()
-                chunk = rest + chunk
+            else:
+                chunk = self._f.read(1 << 20)
+                if not chunk:
+                    if not self._d.eof:
+                        raise CompressionError("truncated zstd stream (file ends inside a frame)")
+                    self._done = True
+                    break
+                if self._d.eof:  # a new frame starts in this chunk
+                    self._d = zstandard.ZstdDecompressor().decompressobj()
             try:
                 self._buf = self._d.decompress(chunk)
             except zstandard.ZstdError as e:
@@ -286,7 +288,10 @@ class Reader:
             yield doc
 
     def _read_html(self, path, rel):
-        import trafilatura
+        try:
+            import trafilatura
+        except ImportError as e:  # lxml >= 5.2 split its cleaner out; trafilatura's justext needs it
+            raise InputError(f"{path}: reading HTML needs trafilatura ({e}); pip install lxml_html_clean") from None
         data = self._read_file_bytes(path)
         if data is None:
             return

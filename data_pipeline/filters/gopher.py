@@ -3,36 +3,88 @@ Words are whitespace-separated tokens; fractions of characters are relative to `
 from __future__ import annotations
 
 import re
-from collections import Counter
+
+import numpy as np
 
 from . import PUNCTUATION, find_duplicates, words
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash per word n-gram (wrapping uint64 arithmetic; collisions are negligible)."""
+    count = len(word_ids) - n + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    for k in range(n):
+        h = h * _MULT + word_ids[k:k + count] + np.uint64(1)
+    return h
+
+
+class NgramIndex:
+    """Words of one document with vectorised n-gram statistics (the pure-Python scan was the slowest step)."""
+
+    def __init__(self, ws: list[str]):
+        vocab: dict[str, int] = {}
+        self.ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in ws), dtype=np.uint64, count=len(ws))
+        self.cum = np.concatenate([[0], np.cumsum([len(w) for w in ws], dtype=np.int64)])
+
+    def chars(self, i: int, n: int) -> int:
+        return int(self.cum[i + n] - self.cum[i])
+
+    def top_chars(self, n: int) -> int:
+        """Characters of the most frequent n-gram (joined by spaces) times its count; ties go to the earliest
+        n-gram, as Counter.most_common does (datatrove's find_top_duplicate)."""
+        h = _ngram_hashes(self.ids, n)
+        if not len(h):
+            return 0
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        best = counts.max()
+        i = int(first[counts == best].min())
+        return (self.chars(i, n) + n - 1) * int(best)
+
+    def dup_chars(self, n: int) -> int:
+        """Characters (spaces excluded) in n-grams repeating an earlier n-gram; after a repeat the scan jumps n
+        words, so overlapping repeats count once (datatrove's find_all_duplicate). Only positions whose n-gram
+        occurred before are visited in Python; runs of first occurrences are marked in one numpy step."""
+        h = _ngram_hashes(self.ids, n)
+        if not len(h):
+            return 0
+        _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+        inv = inv.ravel()
+        cands = np.flatnonzero(first[inv] != np.arange(len(h))).tolist()
+        if not cands:
+            return 0
+        seen = np.zeros(len(first), dtype=bool)
+        total, i, ci = 0, 0, 0
+        while ci < len(cands):
+            c = cands[ci]
+            if c < i:  # skipped by a jump
+                ci += 1
+                continue
+            if c > i:
+                seen[inv[i:c]] = True
+            g = inv[c]
+            if seen[g]:
+                total += self.chars(c, n)
+                i = c + n
+            else:
+                seen[g] = True
+                i = c + 1
+            ci += 1
+        return total
 
 
 def top_ngram_chars(ws: list[str], n: int) -> int:
-    """Characters covered by the most frequent n-gram times its count (datatrove's find_top_duplicate)."""
-    grams = Counter(" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1))
-    if not grams:
-        return 0
-    gram, count = grams.most_common(1)[0]
-    return len(gram) * count
+    return NgramIndex(ws).top_chars(n)
 
 
 def dup_ngram_chars(ws: list[str], n: int) -> int:
-    """Characters in n-grams that repeat an earlier n-gram; a repeat jumps n words so overlaps count once."""
-    seen, chars, i = set(), 0, 0
-    while i < len(ws) - n + 1:
-        gram = "".join(ws[i:i + n])
-        if gram in seen:
-            chars += len(gram)
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return chars
+    return NgramIndex(ws).dup_chars(n)
 
 
 def gopher_repetition_step(doc: dict, cfg) -> str | None:
@@ -51,13 +103,16 @@ def gopher_repetition_step(doc: dict, cfg) -> str | None:
         return "gopher_repetition.dup_line_frac"
     if dup_chars / len(text) > cfg.dup_line_char_frac:
         return "gopher_repetition.dup_line_char_frac"
-    ws = words(text)
+    index = NgramIndex(words(text))
     for n, frac in sorted((int(k), float(v)) for k, v in cfg.top_n_grams.items()):
-        if top_ngram_chars(ws, n) / len(text) > frac:
+        if index.top_chars(n) / len(text) > frac:
             return f"gopher_repetition.top_{n}_gram"
     for n, frac in sorted((int(k), float(v)) for k, v in cfg.dup_n_grams.items()):
-        if dup_ngram_chars(ws, n) / len(text) > frac:
+        chars = index.dup_chars(n)
+        if chars / len(text) > frac:
             return f"gopher_repetition.dup_{n}_gram"
+        if chars == 0:
+            break  # no repeated n-gram means no repeated longer one either
     return None
 
 

@@ -1,0 +1,146 @@
+"""CLI (console script ``llmforge-data``):
+
+  python -m data_pipeline run CONFIG.yaml [key=value ...]   raw text -> <output_dir>/{shards,tokenizer.model,stats.json,config.yaml}
+  python -m data_pipeline merge OUT_PREFIX IN_PREFIX...       concatenate .bin/.idx shards
+  python -m data_pipeline inspect PREFIX [--n 3]              decode documents back with the tokenizer
+  python -m data_pipeline keys                                list every config key with its default
+  python -m data_pipeline task CONFIG --stage S [--rank R]    one task (what a Slurm array element runs)
+
+Errors print one line ``error: ...`` on stderr: exit 2 for config/usage errors, 1 for data errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# Worker processes already use every core; BLAS threads on top only contend (langid is 3x slower with them).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _cmd_run(args) -> int:
+    from . import config, pipeline, stats
+    cfg = config.load(args.config, args.overrides)
+    t0 = time.perf_counter()
+    result = pipeline.run(cfg, args.config)
+    if result:
+        print(stats.summary(result["stats"], result["walls"], result["task_seconds"], time.perf_counter() - t0,
+                            result["step_seconds"]))
+        print(f"wrote {os.path.join(cfg.output_dir, 'shards')}/, tokenizer.model, stats.json, config.yaml")
+    return 0
+
+
+def _cmd_task(args) -> int:
+    from . import config, pipeline
+    cfg = config.load(args.config, [])
+    rank = args.rank if args.rank is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    pipeline.run_single_task(cfg, args.stage, rank)
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .shards import merge_shards
+    for p in args.inputs:
+        if not os.path.isfile(p + ".idx"):
+            raise FileNotFoundError(f"shard not found: {p}.idx")
+    merge_shards(args.inputs, args.out)
+    print(f"merged {len(args.inputs)} shards into {args.out}.bin/.idx")
+    return 0
+
+
+def _find_tokenizer(prefix: str) -> str:
+    d = os.path.dirname(os.path.abspath(prefix))
+    for cand in (os.path.join(d, "tokenizer.model"), os.path.join(os.path.dirname(d), "tokenizer.model")):
+        if os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError(f"no tokenizer.model next to {prefix} or one folder up (pass --tokenizer)")
+
+
+def _cmd_inspect(args) -> int:
+    import sentencepiece as spm
+    from .shards import IndexedShard
+    prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
+    shard = IndexedShard(prefix)
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer or _find_tokenizer(prefix))
+    print(f"{prefix}: {len(shard)} documents, {shard.num_tokens} tokens, dtype {shard.dtype}")
+    ids_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(prefix))), "doc_ids",
+                            os.path.basename(prefix) + ".txt")
+    doc_ids = open(ids_file, encoding="utf-8").read().splitlines() if os.path.isfile(ids_file) else []
+    for i in range(min(args.n, len(shard))):
+        ids = shard.doc(i).tolist()
+        name = f" id={doc_ids[i]}" if i < len(doc_ids) else ""
+        text = sp.decode(ids)
+        print(f"--- doc {i}{name} ({len(ids)} tokens, ends with eos: {ids[-1] == sp.eos_id()})")
+        print(text if len(text) <= args.chars else text[: args.chars] + " ...")
+    return 0
+
+
+def _cmd_keys(_args) -> int:
+    from llmforge.config import describe
+    from .config import PipelineConfig
+    for key, tp, default, doc in describe(PipelineConfig):
+        print(f"{key:<36} {tp:<10} {default!r:<24} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline", description="llmforge data pipeline")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the pipeline")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t = sub.add_parser("task", help="run one task (used by Slurm arrays)")
+    t.add_argument("config")
+    t.add_argument("--stage", required=True)
+    t.add_argument("--rank", type=int)
+    m = sub.add_parser("merge", help="merge shards")
+    m.add_argument("out")
+    m.add_argument("inputs", nargs="+")
+    i = sub.add_parser("inspect", help="decode documents of a shard")
+    i.add_argument("prefix")
+    i.add_argument("--n", type=int, default=3)
+    i.add_argument("--tokenizer", default="")
+    i.add_argument("--chars", type=int, default=600, help="print at most this many characters per document")
+    sub.add_parser("keys", help="list config keys")
+    return p
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other error
+        raise _UsageError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmforge.config import ConfigError
+    parser = build_parser()
+    parser.__class__ = _Parser
+    for action in parser._subparsers._group_actions[0].choices.values():
+        action.__class__ = _Parser
+    try:
+        args = parser.parse_args(argv)
+        handler = {"run": _cmd_run, "task": _cmd_task, "merge": _cmd_merge, "inspect": _cmd_inspect,
+                   "keys": _cmd_keys}[args.cmd]
+        return handler(args)
+    except (ConfigError, _UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - data errors: one line, no traceback
+        from .executor import PipelineError
+        from .readers import InputError
+        if isinstance(e, (PipelineError, InputError, FileNotFoundError, ValueError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

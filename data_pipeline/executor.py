@@ -1,0 +1,187 @@
+"""Executors: run a pipeline's stages as tasks (rank r of n), locally on ``workers`` processes or as Slurm job
+arrays chained with ``afterok`` dependencies.
+
+A task is done only when its marker ``work/markers/<stage>/<rank>.json`` exists (written last, atomically, and
+holding the task's stats); reruns skip done tasks, so a run killed at any moment resumes to byte-identical
+outputs. Outputs are deterministic functions of (input, config, task count): never of worker count or timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+from .atomic_io import read_json, write_bytes, write_json
+
+
+class PipelineError(Exception):
+    """A failure with a one-line message (file/line/stage named); the CLI prints it without a traceback."""
+
+    keep_work = False  # True: leave work/ in place (logs to read, tasks to resume)
+
+
+class SlurmJobError(PipelineError):
+    keep_work = True
+
+
+def task_error(stage: str, rank: int, e: Exception) -> PipelineError:
+    """One-line error for a failed task: input errors already name file and line; others get stage and rank."""
+    if isinstance(e, PipelineError) or type(e).__name__ == "InputError":
+        return PipelineError(str(e))
+    return PipelineError(f"stage {stage} task {rank}: {type(e).__name__}: {e}")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    n_tasks: int
+    fn: Callable  # fn(ctx, rank) -> JSON-able stats dict
+    warmup: Callable | None = None  # warmup(ctx): load shared models once in the parent, before forking
+
+
+def marker_path(work: str, stage: str, rank: int) -> str:
+    return os.path.join(work, "markers", stage, f"{rank:05d}.json")
+
+
+def is_done(work: str, stage: str, rank: int) -> bool:
+    return os.path.exists(marker_path(work, stage, rank))
+
+
+def stage_results(work: str, stage: str, n: int) -> list[dict]:
+    return [read_json(marker_path(work, stage, r)) for r in range(n)]
+
+
+def run_task(ctx, stage: Stage, rank: int) -> float:
+    """Run one task unless its marker exists; return its seconds (0 when skipped)."""
+    if is_done(ctx.work, stage.name, rank):
+        return 0.0
+    t0 = time.perf_counter()
+    stats = stage.fn(ctx, rank)
+    seconds = time.perf_counter() - t0
+    # Timings live apart from markers so that markers (and stats.json) stay byte-reproducible.
+    write_json(os.path.join(ctx.work, "timings", f"{stage.name}-{rank:05d}.json"), {"seconds": round(seconds, 3)})
+    write_json(marker_path(ctx.work, stage.name, rank), stats)
+    return seconds
+
+
+def remove_temp_files(out: str, work: str) -> None:
+    """Delete leftovers of killed writers (``*.tmp<pid>*``): anywhere under work/, and only at the top of the
+    output folder (which may be shared with other files). Called before any task of this run starts."""
+    for path in glob.glob(os.path.join(work, "**", "*.tmp*"), recursive=True) + glob.glob(os.path.join(out, "*.tmp*")):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+_POOL_CTX = None  # the context seen by forked workers
+
+
+def _pool_task(args):
+    stage, rank = args
+    try:
+        return rank, run_task(_POOL_CTX, stage, rank)
+    except Exception as e:  # noqa: BLE001 - re-raised in the parent with the task named
+        raise task_error(stage.name, rank, e) from None
+
+
+class LocalExecutor:
+    """Stages in order; the pending tasks of a stage on a fork pool of ``workers`` processes."""
+
+    def __init__(self, workers: int, progress: bool = True):
+        self.workers, self.progress = workers, progress
+
+    def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
+        walls = {}
+        for stage in stages:
+            pending = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
+            t0 = time.perf_counter()
+            if pending and stage.warmup:
+                stage.warmup(ctx)
+            with tqdm(total=stage.n_tasks, initial=stage.n_tasks - len(pending), desc=f"{stage.name:>10}",
+                      unit="task", disable=not self.progress, file=sys.stderr, leave=True) as bar:
+                self._run_pending(ctx, stage, pending, bar)
+            walls[stage.name] = time.perf_counter() - t0
+        return walls
+
+    def _run_pending(self, ctx, stage: Stage, pending: list[int], bar) -> None:
+        global _POOL_CTX
+        n_proc = min(self.workers, len(pending))
+        if n_proc <= 1:
+            for r in pending:
+                try:
+                    run_task(ctx, stage, r)
+                except Exception as e:
+                    raise task_error(stage.name, r, e) from e
+                bar.update(1)
+            return
+        _POOL_CTX = ctx  # forked workers inherit it; nothing is pickled but (stage, rank)
+        with multiprocessing.get_context("fork").Pool(n_proc) as pool:
+            for _ in pool.imap_unordered(_pool_task, [(stage, r) for r in pending]):
+                bar.update(1)
+
+
+TASK_SCRIPT = "#!/bin/bash\n# Runs the argv it is given; nothing from the config is interpolated into shell text.\nexec \"$@\"\n"
+
+
+class SlurmExecutor:
+    """Each stage becomes ``sbatch --array=<pending ranks>`` depending (afterok) on the previous stage's job.
+    sbatch gets an argument list; the job script only execs its arguments."""
+
+    def __init__(self, cfg, config_path: str):
+        self.cfg, self.config_path = cfg, os.path.abspath(config_path)
+
+    def sbatch_args(self, ctx, stage: Stage, ranks: list[int], depend: str | None) -> list[str]:
+        s = self.cfg.slurm
+        logs = os.path.join(ctx.work, "slurm", "logs")
+        args = ["sbatch", "--parsable", f"--job-name=data-{stage.name}", f"--array={','.join(map(str, ranks))}"
+                + (f"%{s.max_parallel}" if s.max_parallel else ""), f"--output={logs}/{stage.name}-%a.out",
+                f"--chdir={os.getcwd()}", f"--cpus-per-task={s.cpus_per_task}"]
+        args += [f"--partition={s.partition}"] * bool(s.partition) + [f"--mem={s.mem}"] * bool(s.mem)
+        args += [f"--time={s.time}"] * bool(s.time) + list(s.extra_args)
+        if depend:
+            args.append(f"--dependency=afterok:{depend}")
+        script = os.path.join(ctx.work, "slurm", "task.sh")
+        return args + [script, s.python or sys.executable, "-m", "data_pipeline", "task", self.config_path,
+                       "--stage", stage.name]
+
+    def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
+        os.makedirs(os.path.join(ctx.work, "slurm", "logs"), exist_ok=True)
+        script = os.path.join(ctx.work, "slurm", "task.sh")
+        write_bytes(script, TASK_SCRIPT.encode())
+        os.chmod(script, 0o755)
+        jobs, depend, t0 = [], None, time.perf_counter()
+        for stage in stages:
+            pending = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
+            if not pending:
+                continue
+            out = subprocess.run(self.sbatch_args(ctx, stage, pending, depend), capture_output=True, text=True)
+            if out.returncode != 0:
+                raise PipelineError(f"sbatch for stage {stage.name} failed: {out.stderr.strip() or out.stdout.strip()}")
+            depend = out.stdout.strip().split(";")[0]
+            jobs.append((stage, depend))
+            print(f"submitted {stage.name}: job {depend} ({len(pending)} tasks)", file=sys.stderr)
+        if not self.cfg.slurm.wait or not jobs:
+            return {}
+        ids = ",".join(j for _, j in jobs)
+        while True:
+            q = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T %r"], capture_output=True, text=True)
+            lines = [ln for ln in q.stdout.splitlines() if ln.strip()]
+            if q.returncode == 0 and (not lines or all("DependencyNeverSatisfied" in ln for ln in lines)):
+                break
+            time.sleep(self.cfg.slurm.poll_s)
+        if lines:
+            subprocess.run(["scancel", *[j for _, j in jobs]], capture_output=True)
+        for stage in stages:
+            missing = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
+            if missing:
+                logs = os.path.join(ctx.work, "slurm", "logs", f"{stage.name}-{missing[0]}.out")
+                tail = open(logs, errors="replace").read().strip().splitlines()[-1:] if os.path.exists(logs) else []
+                raise SlurmJobError(f"slurm stage {stage.name} tasks {missing} did not finish; see {logs}"
+                                    + (f": {tail[0]}" if tail else ""))
+        return {"slurm_total": time.perf_counter() - t0}

@@ -1,0 +1,181 @@
+"""The pipeline: stage list, run context, final resharding and stats, and ``run()`` used by the CLI.
+
+Stages (tasks): prepare (T) -> buckets (one per key column) -> clusters (1) -> tokenizer (1) -> tokenize (T)
+-> shard (1) -> finalize (1). T = ``tasks`` (0: one per input file, at most 64) and never depends on ``workers``.
+Everything intermediate lives in ``<output_dir>/work``; the final outputs appear only in the last stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+from llmforge.config import dump_config, to_dict
+
+from . import stats as stats_mod
+from .atomic_io import read_json, write_bytes, write_json
+from .dedup.stages import buckets_task, clusters_task
+from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
+from .prepare import dedup_columns, prepare_task, prepare_warmup
+from .readers import expand_paths
+from .shards import IndexedShard, ShardWriter
+from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
+
+FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml")
+BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
+MAX_AUTO_TASKS = 64
+# Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
+RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "progress", "keep_work_files")
+
+
+class Context:
+    """What every task needs: the config, the input units and the task layout (picklable, cheap)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = cfg.output_dir
+        self.work = os.path.join(cfg.output_dir, "work")
+        self.units = expand_paths(cfg.input)
+        self.n_tasks = cfg.tasks or min(len(self.units), MAX_AUTO_TASKS)
+        self.n_dedup_cols = dedup_columns(cfg)
+        self._prepare_stats = None
+
+    def units_of(self, rank: int):
+        return self.units[rank::self.n_tasks]  # round-robin over sorted files: deterministic
+
+    @property
+    def prepare_stats(self) -> list[dict]:
+        if self._prepare_stats is None:
+            self._prepare_stats = stage_results(self.work, "prepare", self.n_tasks)
+        return self._prepare_stats
+
+
+def build_stages(ctx) -> list[Stage]:
+    stages = [Stage("prepare", ctx.n_tasks, prepare_task, warmup=prepare_warmup)]
+    if ctx.n_dedup_cols:
+        stages += [Stage("buckets", ctx.n_dedup_cols, buckets_task), Stage("clusters", 1, clusters_task)]
+    return stages + [Stage("tokenizer", 1, train_tokenizer_task), Stage("tokenize", ctx.n_tasks, tokenize_task),
+                     Stage("shard", 1, shard_task), Stage("finalize", 1, finalize_task)]
+
+
+def shard_task(ctx, _rank: int) -> dict:
+    """Concatenate the per-task shards, in task order, into ``shards/{train,valid}-NNNNN`` of about
+    ``shards.target_mb`` each. Built in a temp folder and renamed into place as a whole."""
+    tmp = os.path.join(ctx.out, f"shards.tmp{os.getpid()}")
+    tmp_ids = os.path.join(ctx.out, f"doc_ids.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp_ids, exist_ok=True)
+    target = ctx.cfg.shards.target_mb * 1e6
+    out = {}
+    for split in ("train", "valid"):
+        names, k, writer, ids = [], 0, None, []
+        for t in range(ctx.n_tasks):
+            src = IndexedShard(task_shard_prefix(ctx.work, split, t))
+            src_ids = open(task_shard_prefix(ctx.work, split, t) + ".ids", encoding="utf-8").read().splitlines()
+            for i in range(len(src)):
+                if writer is None:
+                    name = f"{split}-{k:05d}"
+                    writer, ids = ShardWriter(os.path.join(tmp, name), src.dtype), []
+                    names.append(name)
+                writer.add_document(src.doc(i))
+                ids.append(src_ids[i])
+                if writer.tokens * writer.dtype.itemsize >= target:
+                    writer.close()
+                    write_bytes(os.path.join(tmp_ids, names[-1] + ".txt"), "".join(x + "\n" for x in ids).encode())
+                    writer, k = None, k + 1
+            del src
+        if writer is not None:
+            writer.close()
+            write_bytes(os.path.join(tmp_ids, names[-1] + ".txt"), "".join(x + "\n" for x in ids).encode())
+        out[split] = names
+    for final, src in (("shards", tmp), ("doc_ids", tmp_ids)):
+        dest = os.path.join(ctx.out, final)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.makedirs(src, exist_ok=True)
+        os.replace(src, dest)
+    return {"shards": out}
+
+
+def finalize_task(ctx, _rank: int) -> dict:
+    stats = stats_mod.collect(ctx, build_stages(ctx))
+    write_json(os.path.join(ctx.out, "stats.json"), stats)
+    dump_config(ctx.cfg, os.path.join(ctx.out, "config.yaml"))
+    return {"ok": True}
+
+
+def fingerprint(ctx) -> str:
+    """Hash of everything that determines the outputs: config (minus runtime keys) and the input files."""
+    cfg = {k: v for k, v in to_dict(ctx.cfg).items() if k not in RUNTIME_KEYS}
+    files = []
+    for kind, path, rel in ctx.units:
+        st = os.stat(path) if os.path.exists(path) else None
+        files.append([kind, rel, st.st_size if st else None, st.st_mtime_ns if st else None])
+    blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_output_dir(ctx) -> bool:
+    """Create/validate ``work/``; if an earlier run used another config or input, start over. Returns whether
+    the output folder was created by this call (so that a failed run can remove it)."""
+    created = not os.path.exists(ctx.out)
+    fp_path = os.path.join(ctx.work, "fingerprint.json")
+    fp = fingerprint(ctx)
+    if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
+        print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
+        clean_outputs(ctx, work_too=True)
+    os.makedirs(ctx.work, exist_ok=True)
+    remove_temp_files(ctx.out, ctx.work)
+    write_json(fp_path, {"fingerprint": fp})
+    dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
+    return created
+
+
+def clean_outputs(ctx, work_too: bool) -> None:
+    for name in FINAL_OUTPUTS + (("work",) if work_too else ()):
+        p = os.path.join(ctx.out, name)
+        shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
+
+
+def run(cfg, config_path: str | None = None) -> dict:
+    """Run (or resume) the whole pipeline; return stats.json's content plus wall times."""
+    ctx = Context(cfg)
+    created = prepare_output_dir(ctx)
+    stages = build_stages(ctx)
+    try:
+        if cfg.executor == "slurm":
+            walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
+            if not cfg.slurm.wait:
+                return {}
+        else:
+            walls = LocalExecutor(cfg.workers, cfg.progress).run(ctx, stages)
+    except PipelineError as e:
+        # A data/config error: no partial output. Interruptions (SIGKILL, Ctrl-C) keep work/ for resuming.
+        if e.keep_work:
+            raise
+        if created:
+            shutil.rmtree(ctx.out, ignore_errors=True)
+        else:
+            clean_outputs(ctx, work_too=True)
+        raise
+    result = {"stats": read_json(os.path.join(ctx.out, "stats.json")), "walls": walls,
+              "task_seconds": stats_mod.task_seconds(ctx, stages), "step_seconds": stats_mod.step_seconds(ctx)}
+    if not cfg.keep_work_files:
+        remove_bulky_work(ctx)
+    return result
+
+
+def remove_bulky_work(ctx) -> None:
+    """Drop intermediate data but keep markers and fingerprint: a rerun stays a no-op."""
+    for name in BULKY_WORK:
+        shutil.rmtree(os.path.join(ctx.work, name), ignore_errors=True)
+
+
+def run_single_task(cfg, stage_name: str, rank: int) -> None:
+    """Entry point of one Slurm array task."""
+    from .executor import run_task
+    ctx = Context(cfg)
+    stage = next((s for s in build_stages(ctx) if s.name == stage_name), None)
+    if stage is None or not 0 <= rank < stage.n_tasks:
+        raise PipelineError(f"no task {rank} in stage {stage_name!r}")
+    run_task(ctx, stage, rank)

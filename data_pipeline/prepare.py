@@ -1,0 +1,117 @@
+"""Stage ``prepare`` (one task per group of input files): read -> per-document steps (clean, filters) in the
+configured order -> kept documents to ``work/prepared/<rank>.jsonl.zst`` plus their dedup keys (MinHash band
+keys and the exact-content hash), sorted per column, to ``work/signatures/<rank>.{keys,order}.npy``."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import numpy as np
+
+from .atomic_io import JsonlZstWriter, save_npy, write_json
+from .dedup.exact import content_hash
+from .dedup.minhash import MinHasher
+from .filters import get_step
+from .readers import Reader
+
+
+def active_steps(cfg) -> list[tuple[str, object, object]]:
+    return [(n, get_step(n), getattr(cfg, n)) for n in cfg.steps if getattr(cfg, n).enabled]
+
+
+def dedup_columns(cfg) -> int:
+    """Key columns per document: one per MinHash band, plus one for the exact hash."""
+    return cfg.dedup.minhash.bands * cfg.dedup.minhash.enabled + int(cfg.dedup.exact.enabled)
+
+
+def prepared_path(work: str, rank: int) -> str:
+    return os.path.join(work, "prepared", f"{rank:05d}.jsonl.zst")
+
+
+def signature_paths(work: str, rank: int) -> tuple[str, str]:
+    base = os.path.join(work, "signatures", f"{rank:05d}")
+    return base + ".keys.npy", base + ".order.npy"
+
+
+def _new_step_stats() -> dict:
+    return {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0, "removed": Counter()}
+
+
+def prepare_warmup(ctx) -> None:
+    if "lang" in ctx.cfg.steps and ctx.cfg.lang.enabled:
+        from .filters.lang import identifier
+        identifier()
+
+
+def prepare_task(ctx, rank: int) -> dict:
+    cfg = ctx.cfg
+    steps = active_steps(cfg)
+    read = Counter()
+    step_stats = {name: _new_step_stats() for name, _, _ in steps}
+    m = cfg.dedup.minhash
+    hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed) if m.enabled else None
+    keys: list[list[int]] = []
+    rejects = JsonlZstWriter(os.path.join(ctx.work, "rejects", f"{rank:05d}.jsonl.zst")) if cfg.write_rejects else None
+    reader = Reader(cfg.input, read)
+    kept_bytes = 0
+    secs = Counter()  # seconds per step: written beside the marker, never into it (markers stay reproducible)
+    clock = time.perf_counter
+    with JsonlZstWriter(prepared_path(ctx.work, rank)) as out:
+        for kind, path, rel in ctx.units_of(rank):
+            read["files"] += 1
+            docs = reader.read(kind, path, rel)
+            while True:
+                t0 = clock()
+                doc = next(docs, None)
+                secs["read"] += clock() - t0
+                if doc is None:
+                    break
+                nbytes = len(doc["text"].encode("utf-8"))
+                read["docs"] += 1
+                read["bytes"] += nbytes
+                rule = None
+                for name, fn, scfg in steps:
+                    st = step_stats[name]
+                    st["docs_in"] += 1
+                    st["bytes_in"] += nbytes
+                    t0 = clock()
+                    rule = fn(doc, scfg)
+                    secs[name] += clock() - t0
+                    if rule:
+                        st["removed"][rule] += 1
+                        break
+                    nbytes = len(doc["text"].encode("utf-8"))
+                    st["docs_out"] += 1
+                    st["bytes_out"] += nbytes
+                if rule:
+                    if rejects:
+                        rejects.write({"id": doc["id"], "rule": rule})
+                    continue
+                out.write(doc)
+                kept_bytes += nbytes
+                t0 = clock()
+                row = hasher.band_keys(doc["text"]) if hasher else []
+                if cfg.dedup.exact.enabled:
+                    row.append(content_hash(doc["text"]))
+                keys.append(row)
+                secs["dedup_keys"] += clock() - t0
+        n_kept = out.count
+    if rejects:
+        rejects.close()
+    _save_signatures(ctx.work, rank, keys, dedup_columns(cfg))
+    write_json(os.path.join(ctx.work, "timings", f"prepare-steps-{rank:05d}.json"),
+               {k: round(v, 3) for k, v in secs.items()})
+    for st in step_stats.values():
+        st["removed"] = dict(sorted(st["removed"].items()))
+    return {"read": dict(sorted(read.items())), "steps": step_stats, "kept_docs": n_kept, "kept_bytes": kept_bytes}
+
+
+def _save_signatures(work: str, rank: int, keys: list[list[int]], ncols: int) -> None:
+    """Per column: keys sorted ascending (stable, so equal keys keep document order) and the document order."""
+    mat = np.array(keys, dtype=np.uint64).reshape(len(keys), ncols).T  # (ncols, n)
+    order = np.argsort(mat, axis=1, kind="stable").astype(np.uint32)
+    sorted_keys = np.take_along_axis(mat, order.astype(np.int64), axis=1)
+    kpath, opath = signature_paths(work, rank)
+    save_npy(kpath, np.ascontiguousarray(sorted_keys))
+    save_npy(opath, np.ascontiguousarray(order))

@@ -1,0 +1,132 @@
+"""Tokenizer training (stage ``tokenizer``) and encoding (stage ``tokenize``) with sentencepiece.
+
+Ids are fixed: unk=0 bos=1 eos=2 pad=3. Training sees a deterministic sample of the kept (cleaned, filtered,
+deduped) training-split text, chosen by a hash of the document id, and writes the model through
+``model_writer`` with a fixed thread count, so the .model bytes depend only on the data and config (a
+sentencepiece model records its model_prefix and num_threads: neither may vary). Each document is encoded
+and followed by EOS; uint16 ids when the vocabulary fits, else int32 (shards.token_dtype)."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import sentencepiece as spm
+import xxhash
+
+from .atomic_io import read_jsonl, write_bytes
+from .dedup.stages import load_removed
+from .executor import PipelineError
+from .prepare import prepared_path
+from .shards import ShardWriter, token_dtype
+
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+TRAIN_THREADS = 2  # recorded in the .model: fixed so the bytes never depend on the machine
+
+
+def hash_fraction(doc_id: str, seed: int) -> float:
+    """Deterministic number in [0, 1) from a document id."""
+    return xxhash.xxh64_intdigest(doc_id.encode("utf-8"), seed) / 2.0 ** 64
+
+
+def is_valid(doc_id: str, cfg) -> bool:
+    return hash_fraction(doc_id, cfg.shards.split_seed) < cfg.shards.valid_fraction
+
+
+def kept_docs(ctx, rank: int):
+    """Documents of one task that survived filtering and dedup, in input order."""
+    removed = load_removed(ctx.work, rank)
+    for i, doc in enumerate(read_jsonl(prepared_path(ctx.work, rank))):
+        if i not in removed:
+            yield doc
+
+
+def model_path(ctx) -> str:
+    return os.path.join(ctx.cfg.output_dir, "tokenizer.model")
+
+
+def _sample_lines(ctx, rate: float, counts: dict):
+    for t in range(ctx.n_tasks):
+        for doc in kept_docs(ctx, t):
+            if is_valid(doc["id"], ctx.cfg) or hash_fraction(doc["id"], ctx.cfg.tokenizer.seed) >= rate:
+                continue
+            counts["docs"] += 1
+            counts["bytes"] += len(doc["text"].encode("utf-8"))
+            for line in doc["text"].split("\n"):
+                if line.strip():
+                    yield line
+
+
+def train_tokenizer_task(ctx, _rank: int) -> dict:
+    tcfg = ctx.cfg.tokenizer
+    if tcfg.model_path:
+        if not os.path.isfile(tcfg.model_path):
+            raise PipelineError(f"tokenizer.model_path: no such file: {tcfg.model_path}")
+        data = open(tcfg.model_path, "rb").read()
+        sp = spm.SentencePieceProcessor(model_proto=data)
+        write_bytes(model_path(ctx), data)
+        return {"trained": False, "source": tcfg.model_path, "vocab_size": sp.vocab_size(),
+                "special_ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}}
+    total = sum(s["kept_bytes"] for s in ctx.prepare_stats)
+    rate = min(1.0, tcfg.sample_bytes / max(1, total))
+    counts = {"docs": 0, "bytes": 0}
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sample_lines(ctx, rate, counts), model_writer=buf,
+            model_type=tcfg.model_type, vocab_size=tcfg.vocab_size, character_coverage=tcfg.character_coverage,
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            allow_whitespace_only_pieces=True, max_sentence_length=tcfg.max_sentence_length,
+            input_sentence_size=0, num_threads=TRAIN_THREADS, minloglevel=2)
+    except RuntimeError as e:
+        raise PipelineError(f"tokenizer training failed on {counts['docs']} sampled documents ({counts['bytes']} "
+                            f"bytes): {str(e).strip().splitlines()[-1]} (lower tokenizer.vocab_size or add data)") from None
+    write_bytes(model_path(ctx), buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    return {"trained": True, "model_type": tcfg.model_type, "vocab_size": sp.vocab_size(),
+            "special_ids": dict(SPECIAL_IDS), "sample_rate": round(rate, 6), "sample_docs": counts["docs"],
+            "sample_bytes": counts["bytes"]}
+
+
+def task_shard_prefix(work: str, split: str, rank: int) -> str:
+    return os.path.join(work, "tokens", f"{split}-{rank:05d}")
+
+
+def tokenize_task(ctx, rank: int) -> dict:
+    cfg = ctx.cfg
+    sp = spm.SentencePieceProcessor(model_file=model_path(ctx))
+    eos = sp.eos_id()
+    dtype = token_dtype(sp.vocab_size())
+    threads = 1 if cfg.workers > 1 else -1  # processes already use the cores; one worker uses every thread
+    writers = {s: ShardWriter(task_shard_prefix(ctx.work, s, rank), dtype) for s in ("train", "valid")}
+    ids_out = {s: [] for s in writers}
+    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in writers}
+    try:
+        batch: list[dict] = []
+
+        def flush():
+            for doc, ids in zip(batch, sp.encode([d["text"] for d in batch], num_threads=threads)):
+                split = "valid" if is_valid(doc["id"], cfg) else "train"
+                ids.append(eos)
+                writers[split].add_document(np.asarray(ids, dtype=dtype))
+                ids_out[split].append(doc["id"])
+                st = stats[split]
+                st["docs"] += 1
+                st["tokens"] += len(ids)
+                st["bytes"] += len(doc["text"].encode("utf-8"))
+            batch.clear()
+
+        for doc in kept_docs(ctx, rank):
+            batch.append(doc)
+            if len(batch) >= cfg.shards.batch_docs:
+                flush()
+        flush()
+        for s, w in writers.items():
+            write_bytes(task_shard_prefix(ctx.work, s, rank) + ".ids", "".join(i + "\n" for i in ids_out[s]).encode())
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return stats
