@@ -26,7 +26,7 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 # Where the config (llmforge.config.ModelConfig) says 0/None, the preset's value is kept.
-_OVERRIDABLE = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
+OVERRIDABLE = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
                 "rope_theta", "norm_eps", "tie_embeddings")
 
 
@@ -35,7 +35,7 @@ def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     if model_cfg.preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {model_cfg.preset!r}; choose one of {sorted(PRESETS)}")
     args = dataclasses.replace(PRESETS[model_cfg.preset])
-    for key in _OVERRIDABLE:
+    for key in OVERRIDABLE:
         value = getattr(model_cfg, key)
         if value not in (0, 0.0, "", None):
             setattr(args, key, value)

@@ -1,0 +1,105 @@
+"""Validation loss of a run's newest checkpoint: ``python -m llmforge.eval RUN_DIR [key=value ...] [--batches N]``.
+
+Prints one JSON line and writes it atomically to ``RUN_DIR/eval.json``: ``loss`` (mean token cross-entropy over
+the validation windows), ``perplexity`` = exp(loss), ``tokens`` (targets scored), ``checkpoint``, ``step``.
+The windows are the ones training validates on (``data.paths`` from the run's config.yaml, overridable) and are
+scored by the same ``train.evaluate``; by default the whole validation split is used, capped at
+``DEFAULT_MAX_TOKENS`` target tokens so a huge split does not run for hours (``--batches 0``: no cap).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+from llmforge.config import ConfigError
+from llmforge.data import build_datasets
+from llmforge.run_loading import RunLoadError, load_run
+
+DEFAULT_MAX_TOKENS = 1 << 20  # ~1M scored tokens: a perplexity good to well under 1% on any real split
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m llmforge.eval",
+                                description="Validation loss/perplexity of a run's newest complete checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.paths=[outputs/sample]")
+    p.add_argument("--batches", default=None,
+                   help="validation batches to score: N, 0 for the whole split, or 'train' for the run's "
+                        "train.eval_batches (default: the whole split up to ~1M tokens)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="sequences per batch (default: train.micro_batch_size, else train.global_batch_size)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--checkpoint", default=None, help="a specific checkpoints/step_N dir (default: newest complete)")
+    return p.parse_intermixed_args(argv)
+
+
+def max_batches(option: str | None, cfg, batch_size: int) -> int:
+    if option is None:
+        return max(1, math.ceil(DEFAULT_MAX_TOKENS / (batch_size * cfg.data.seq_len)))
+    if option == "train":
+        return cfg.train.eval_batches
+    if not option.isdigit():
+        raise ConfigError(f"--batches: expected a number, 0 or 'train', got {option!r}")
+    return int(option)
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_size: int = 0,
+             device: str = "auto", checkpoint: str | None = None) -> dict:
+    from llmforge.distributed import pick_device
+    from llmforge.parallel import ParallelModel
+    from llmforge.train import evaluate, resolve_dtype
+    dev = pick_device(device)
+    run = load_run(run_dir, overrides, device=dev, checkpoint=checkpoint, log=lambda m: print(m, file=sys.stderr))
+    cfg = run.cfg
+    if cfg.data.seq_len > run.model.args.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={run.model.args.max_seq_len}")
+    _, valid = build_datasets(cfg.data, cfg.seed)
+    if not valid:
+        raise ConfigError(f"data.paths={cfg.data.paths}: no validation windows (no shards/valid-* and "
+                          f"data.valid_fraction={cfg.data.valid_fraction})")
+    bs = batch_size or cfg.train.micro_batch_size or cfg.train.global_batch_size
+    n_batches = max_batches(batches, cfg, bs)
+    amp = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if resolve_dtype(cfg, dev) == torch.bfloat16
+           else contextlib.nullcontext)
+    loss, tokens = evaluate(ParallelModel([run.model]), valid, bs, n_batches, dev, amp)
+    if not tokens:
+        raise ConfigError("the validation split produced no tokens")
+    available = sum(len(v) for v in valid) * cfg.data.seq_len
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "checkpoint": os.path.abspath(run.checkpoint),
+            "step": run.step, "seq_len": cfg.data.seq_len, "batch_size": bs, "data_paths": list(cfg.data.paths),
+            "whole_split": tokens == available}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run_eval(a.run_dir, a.overrides, a.batches, a.batch_size, a.device, a.checkpoint)
+        write_json_atomic(os.path.join(a.run_dir, "eval.json"), result)
+    except (RunLoadError, ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("LLMFORGE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from llmforge.distributed import destroy
+        destroy()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Load a training run dir for inference: ``load_run(RUN_DIR) -> LoadedRun(cfg, model, tokenizer, checkpoint, step)``.
+
+Shared by ``llmforge.eval``, ``llmforge.generate`` and ``llmforge.export_hf``. The checkpoint is read with DCP
+into one unsharded model in this process, so a checkpoint saved by any layout (DDP, FSDP2, TP, PP) loads: DCP
+reshards by parameter name. Problems raise :class:`RunLoadError`, whose message is one printable line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llmforge.checkpoint import Checkpointer, newest_complete
+from llmforge.config import RunConfig, load_config
+from llmforge.model.blocks import ModelArgs
+from llmforge.model.presets import model_args
+from llmforge.model.transformer import Transformer
+
+
+class RunLoadError(RuntimeError):
+    """A run dir that cannot be loaded (missing, no config, no complete checkpoint...): printed as one line."""
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: Transformer
+    tokenizer: object | None      # sentencepiece.SentencePieceProcessor, or None when the run had no tokenizer
+    checkpoint: str
+    step: int
+
+    def __iter__(self):  # (cfg, model, tokenizer, checkpoint) unpacking, as the brief's signature promises
+        return iter((self.cfg, self.model, self.tokenizer, self.checkpoint))
+
+
+def load_tokenizer(run_dir: str):
+    path = os.path.join(run_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        return None
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def empty_model(args: ModelArgs, device="cpu") -> Transformer:
+    """A model whose parameters will be overwritten by a checkpoint: built on meta (no random init of every
+    weight, which matters for big presets), materialised, RoPE tables computed, tied weights re-tied."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    if args.tie_embeddings:  # to_empty may give each module its own tensor: tie again explicitly
+        model.output.weight = model.tok_embeddings.weight
+    model.init_weights()  # RoPE buffers (and a defined value for every weight, should a load skip one)
+    return model
+
+
+def ensure_process_group() -> None:
+    """DCP and the checkpoint helpers use the process group API: give a plain process a world-1 gloo group."""
+    if not dist.is_initialized():
+        from llmforge.distributed import init_distributed
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID"):
+            os.environ.pop(key, None)  # inference is one process, whatever launched it
+        init_distributed("cpu", "gloo")
+
+
+def run_config(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
+    if not os.path.isdir(run_dir):
+        raise RunLoadError(f"run dir not found: {run_dir}")
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise RunLoadError(f"{run_dir} has no config.yaml: not a llmforge run dir")
+    cfg = load_config(RunConfig, path, overrides)
+    cfg.run_dir = run_dir  # the folder may have moved since training
+    return cfg
+
+
+def load_run(run_dir: str, overrides: list[str] | None = None, device: str | torch.device = "cpu",
+             checkpoint: str | None = None, log=print) -> LoadedRun:
+    """Config (+ dotted overrides), model with the newest complete checkpoint's weights, tokenizer."""
+    cfg = run_config(run_dir, overrides)
+    if cfg.engine == "deepspeed":  # DeepSpeed's own checkpoint format, not DCP
+        raise RunLoadError(f"{run_dir} was trained with engine=deepspeed: its checkpoints are DeepSpeed's format; "
+                           "consolidate them with deepspeed's zero_to_fp32.py (loading them here is not supported yet)")
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    path = checkpoint or newest_complete(ckpt_root, log=log)
+    if path is None:
+        raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
+    tokenizer = load_tokenizer(run_dir)
+    try:
+        args = model_args(cfg.model, tokenizer.vocab_size() if tokenizer is not None else None)
+    except ValueError as e:
+        raise RunLoadError(f"{run_dir}/config.yaml: {e}") from None
+    model = empty_model(args)
+    ensure_process_group()
+    try:  # model weights only: a checkpoint's optimizer state is not needed for inference
+        state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False)
+    except Exception as e:  # DCP raises several types; name the checkpoint and the first line of the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
+    model.to(device).eval()
+    return LoadedRun(cfg, model, tokenizer, path, int(state.get("step", 0)))
