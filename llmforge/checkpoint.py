@@ -32,10 +32,18 @@ def _model_sd(model_parts):
     return sd
 
 
+def _local_optim(opt):
+    """ZeRO-1 (ZeroRedundancyOptimizer): the optimizer over the parameters this rank owns. Its state dict uses the
+    same per-parameter keys as an unsharded optimizer, each rank contributing its own keys, so the checkpoint
+    loads into any layout (and ZeRO-1 loads from any layout, each rank reading only the keys it owns)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    return opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
+
+
 def _optim_sd(model_parts, optimizers):
     sd = {}
     for part, opt in zip(model_parts, optimizers):
-        sd.update(get_optimizer_state_dict(part, opt, options=_OPTS))
+        sd.update(get_optimizer_state_dict(part, _local_optim(opt), options=_OPTS))
     return sd
 
 
@@ -53,9 +61,14 @@ def _write_atomic(path: str, write) -> None:
 
 
 def _sizes(path: str) -> dict[str, int]:
-    return {os.path.relpath(f, path): os.path.getsize(f)
-            for f in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
-            if os.path.isfile(f) and os.path.basename(f) != "COMPLETE"}
+    """Every file's size (DCP's hidden .metadata included), so the marker vouches for all of them."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            if name != "COMPLETE":
+                out[os.path.relpath(full, path)] = os.path.getsize(full)
+    return dict(sorted(out.items()))
 
 
 def is_complete(path: str) -> tuple[bool, str]:
@@ -80,14 +93,21 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
-def newest_complete(ckpt_root: str, log=print) -> str | None:
-    """Newest checkpoint whose marker vouches for every file; incomplete/corrupt ones are skipped with a warning."""
+def complete_checkpoints(ckpt_root: str, log=print) -> list[str]:
+    """Checkpoints whose marker vouches for every file, newest first; others are skipped with a warning."""
+    out = []
     for _, path in list_checkpoints(ckpt_root):
         ok, why = is_complete(path)
         if ok:
-            return path
-        log(f"warning: skipping checkpoint {path}: {why}")
-    return None
+            out.append(path)
+        else:
+            log(f"warning: skipping checkpoint {path}: {why}")
+    return out
+
+
+def newest_complete(ckpt_root: str, log=print) -> str | None:
+    found = complete_checkpoints(ckpt_root, log)
+    return found[0] if found else None
 
 
 class Checkpointer:
@@ -148,7 +168,7 @@ class Checkpointer:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if load_optimizer:
             for part, opt in zip(model_parts, optimizers):
-                set_optimizer_state_dict(part, opt, state["optim"], options=_OPTS)
+                set_optimizer_state_dict(part, _local_optim(opt), state["optim"], options=_OPTS)
         rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
         if os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
             rng = torch.load(rng_file, weights_only=True)
@@ -159,9 +179,9 @@ class Checkpointer:
             return json.load(f)
 
 
-def find_resume(ckpt_root: str, log=print) -> str | None:
-    """Rank 0 picks the checkpoint and tells the others, so every rank loads the same one."""
-    choice = [newest_complete(ckpt_root, log) if dist.get_rank() == 0 else None]
+def resume_candidates(ckpt_root: str, log=print) -> list[str]:
+    """Rank 0 lists the complete checkpoints (newest first) and tells the others, so every rank tries the same."""
+    choice = [complete_checkpoints(ckpt_root, log) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     if dist.get_rank() == 0:  # hidden temp dirs are interrupted saves: never loadable
         for p in glob.glob(os.path.join(ckpt_root, ".step_*.tmp")):

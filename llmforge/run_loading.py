@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from llmforge.checkpoint import Checkpointer, newest_complete
 from llmforge.config import RunConfig, load_config
@@ -95,7 +96,7 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
     ensure_process_group()
     try:  # model weights only: a checkpoint's optimizer state is not needed for inference
         state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False)
-    except Exception as e:  # DCP raises several types; name the checkpoint and the first line of the cause
+    except (Exception, CheckpointException) as e:  # DCP raises several types (one a BaseException); name the checkpoint and the first line of the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
     model.to(device).eval()

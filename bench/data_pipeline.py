@@ -1,0 +1,288 @@
+"""Data pipeline throughput per core, with baselines measured in the same run.
+
+1. Per-step microbenchmarks, one process, one thread (= per core), on the bundled sample corpus
+   (data_pipeline/sample_corpus) and on a larger synthetic mix built from it (paragraph-shuffled variants,
+   exact and near duplicates, non-English and junk documents): read, clean, each filter, MinHash band keys,
+   exact hash, tokenize -> MB/s and docs/s.
+2. Our MinHash (data_pipeline.dedup.minhash.MinHasher) vs a plain datasketch loop (regex words, 5-gram
+   shingles, 112 permutations, xxh64, scheme="affine64", a new MinHash per document) and the same loop with
+   permutations reused; datatrove's MinhashDedupSignature only if it is importable (never installed here).
+3. Our tokenize stage (data_pipeline.tokenizer.tokenize_task: encode + EOS + shard writer + ids) vs a raw
+   ``sentencepiece.encode`` loop over the same documents with the same model.
+4. The whole CLI (``python -m data_pipeline run``) on 2-3 growing synthetic inputs: wall seconds, MB/s and
+   peak RSS (max over the process and its workers) -> how memory grows with the input.
+
+  python bench/data_pipeline.py [--synthetic-mb 12] [--rss-mb 3 6 12] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, device_name, emit  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+SAMPLE = os.path.join(ROOT, "data_pipeline", "sample_corpus")
+
+
+def read_docs(paths, cfg_overrides=()):
+    from data_pipeline import config
+    from data_pipeline.readers import Reader, expand_paths
+    cfg = config.load(None, [f"input.paths=[{','.join(paths)}]", *cfg_overrides])
+    st = Counter()
+    r = Reader(cfg.input, st)
+    docs = []
+    t0 = time.perf_counter()
+    for kind, path, rel in expand_paths(cfg.input):
+        docs.extend(r.read(kind, path, rel))
+    return cfg, docs, time.perf_counter() - t0
+
+
+def nbytes(docs):
+    return sum(len(d["text"].encode("utf-8")) for d in docs)
+
+
+def make_synthetic(out_dir, sample_docs, target_mb, seed=0, n_files=4):
+    """A mix built from the sample corpus: variants (paragraphs shuffled/dropped, words swapped), exact
+    duplicates, near duplicates, and junk/non-English documents. jsonl.zst files, deterministic."""
+    import zstandard
+    rng = random.Random(seed)
+    texts = [d["text"] for d in sample_docs if len(d["text"]) > 200]
+    vocab = re.findall(r"[A-Za-z]{3,12}", " ".join(texts[:200]))
+    os.makedirs(out_dir, exist_ok=True)
+    writers = [open(os.path.join(out_dir, f"synth-{i:02d}.jsonl.zst"), "wb") for i in range(n_files)]
+    comps = [zstandard.ZstdCompressor(level=3).stream_writer(w) for w in writers]
+    total, i, recent = 0, 0, []
+    while total < target_mb * 1e6:
+        kind = rng.random()
+        if kind < 0.08 and recent:
+            text = rng.choice(recent)  # exact duplicate
+        elif kind < 0.18 and recent:
+            words = rng.choice(recent).split(" ")
+            for _ in range(max(1, len(words) // 50)):
+                words[rng.randrange(len(words))] = rng.choice(vocab)
+            text = " ".join(words)  # near duplicate
+        elif kind < 0.23:
+            text = " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 400)))  # word salad
+        else:
+            paras = rng.choice(texts).split("\n\n")
+            rng.shuffle(paras)
+            paras = paras[: max(1, int(len(paras) * rng.uniform(0.5, 1.0)))]
+            text = "\n\n".join(paras) + f"\n\nVariant {i} notes: " + " ".join(rng.choice(vocab) for _ in range(30)) + "."
+        recent = (recent + [text])[-50:]
+        rec = json.dumps({"text": text, "id": f"s{i}", "source": "synthetic"}) + "\n"
+        comps[i % n_files].write(rec.encode())
+        total += len(text.encode())
+        i += 1
+    for c in comps:
+        c.close()
+    return i, total
+
+
+def per_step(cfg, docs):
+    """Seconds for each per-document step over ``docs`` (each step sees the survivors of the previous ones, as
+    in the pipeline, but to measure every filter on the full set each is also timed on all documents)."""
+    from data_pipeline.dedup.exact import content_hash
+    from data_pipeline.dedup.minhash import MinHasher
+    from data_pipeline.filters import get_step
+    from data_pipeline.prepare import prepare_warmup
+
+    class _Ctx:  # prepare_warmup needs only cfg
+        pass
+    c = _Ctx()
+    c.cfg = cfg
+    prepare_warmup(c)
+    out = {}
+    work = [dict(d) for d in docs]
+    for name in cfg.steps:
+        fn, scfg = get_step(name), getattr(cfg, name)
+        if not scfg.enabled:
+            continue
+        copies = [dict(d) for d in work]
+        b = nbytes(copies)
+        t0 = time.perf_counter()
+        removed = sum(1 for d in copies if fn(d, scfg))
+        dt = time.perf_counter() - t0
+        out[name] = {"s": dt, "docs": len(copies), "bytes": b, "removed": removed}
+        if name == "clean":
+            work = copies  # later steps see cleaned text, like the pipeline
+    m = cfg.dedup.minhash
+    hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed)
+    b = nbytes(work)
+    t0 = time.perf_counter()
+    for d in work:
+        hasher.band_keys(d["text"])
+    out["minhash"] = {"s": time.perf_counter() - t0, "docs": len(work), "bytes": b}
+    t0 = time.perf_counter()
+    for d in work:
+        content_hash(d["text"])
+    out["exact_hash"] = {"s": time.perf_counter() - t0, "docs": len(work), "bytes": b}
+    return out, work
+
+
+def minhash_baselines(texts, ngram=5, num_perm=112, seed=1):
+    import xxhash
+    from datasketch import MinHash
+    word = re.compile(r"\w+", re.UNICODE)
+
+    def shingles(t):
+        ws = word.findall(t.lower())
+        return {" ".join(ws[i:i + ngram]) for i in range(max(1, len(ws) - ngram + 1))}
+
+    t0 = time.perf_counter()
+    for t in texts:  # what a datasketch user writes
+        mh = MinHash(num_perm=num_perm, seed=seed, hashfunc=xxhash.xxh64_intdigest, scheme="affine64")
+        mh.update_batch([s.encode("utf-8") for s in shingles(t)])
+        mh.hashvalues
+    plain = time.perf_counter() - t0
+    tmpl = MinHash(num_perm=num_perm, seed=seed, hashfunc=xxhash.xxh64_intdigest, scheme="affine64")
+    t0 = time.perf_counter()
+    for t in texts:
+        mh = MinHash(num_perm=num_perm, hashfunc=xxhash.xxh64_intdigest, scheme="affine64",
+                     permutations=tmpl.permutations)
+        mh.update_batch([s.encode("utf-8") for s in shingles(t)])
+    reuse = time.perf_counter() - t0
+    res = {"plain_datasketch_s": plain, "datasketch_reused_perms_s": reuse}
+    try:
+        from datatrove.data import Document
+        from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+        sig = MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig())
+        docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+        t0 = time.perf_counter()
+        for d in docs:
+            sig.get_signature(d.text)
+        res["datatrove_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - optional baseline
+        res["datatrove"] = f"not measured ({type(e).__name__}: {str(e)[:80]})"
+    return res
+
+
+def run_pipeline_cli(input_dir, out_dir, workers, extra=()):
+    """The real CLI in a wrapper that reports peak RSS of itself and its (forked) workers."""
+    code = ("import resource,subprocess,sys,json,time;t=time.perf_counter();"
+            "p=subprocess.run([sys.executable,'-m','data_pipeline','run']+sys.argv[1:],capture_output=True,text=True);"
+            "r=max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,0);"
+            "print(json.dumps({'rc':p.returncode,'wall':time.perf_counter()-t,'maxrss_kb':r,'err':p.stderr[-400:]}))")
+    args = [sys.executable, "-c", code, os.path.join(ROOT, "configs", "data", "sample.yaml"),
+            f"input.paths=[{input_dir}]", f"output_dir={out_dir}", f"workers={workers}", "progress=false",
+            "tokenizer.vocab_size=2048", *extra]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def tokenize_compare(sample_docs_dir, workers):
+    """Run the pipeline up to the tokenizer, then time our tokenize task (1 thread) vs a raw encode loop."""
+    import sentencepiece as spm
+    from data_pipeline import config
+    from data_pipeline.pipeline import Context
+    from data_pipeline.tokenizer import kept_docs, model_path, tokenize_task
+    out = tempfile.mkdtemp(prefix="bench-dp-tok-")
+    try:
+        r = run_pipeline_cli(sample_docs_dir, out, workers)
+        if r["rc"] != 0:
+            return {"error": r["err"]}
+        cfg = config.load(os.path.join(out, "work", "config.yaml"), ["workers=2"])  # workers>1: 1 encode thread
+        ctx = Context(cfg)
+        docs = [d["text"] for t in range(ctx.n_tasks) for d in kept_docs(ctx, t)]
+        b = sum(len(x.encode("utf-8")) for x in docs)
+        t0 = time.perf_counter()
+        for t in range(ctx.n_tasks):
+            tokenize_task(ctx, t)
+        ours = time.perf_counter() - t0
+        sp = spm.SentencePieceProcessor(model_file=model_path(ctx))
+        t0 = time.perf_counter()
+        n_tok = 0
+        for x in docs:
+            n_tok += len(sp.encode(x))
+        raw = time.perf_counter() - t0
+        return {"docs": len(docs), "bytes": b, "tokens": n_tok, "vocab": sp.vocab_size(),
+                "ours_s": round(ours, 3), "raw_encode_s": round(raw, 3),
+                "ours_MBps": round(b / ours / 1e6, 2), "raw_encode_MBps": round(b / raw / 1e6, 2),
+                "ratio_ours_vs_raw_time": round(ours / raw, 3)}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--synthetic-mb", type=float, default=12.0)
+    ap.add_argument("--rss-mb", type=float, nargs="+", default=[3.0, 6.0, 12.0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-cli", action="store_true", help="skip the whole-pipeline runs (parts 3 and 4)")
+    a = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench-dp-")
+    result = {"device": device_name(), "note": "per-step figures: one process, one thread = per core"}
+    try:
+        corpora = {}
+        cfg, docs, read_s = read_docs([SAMPLE])
+        corpora["sample"] = (cfg, docs, read_s)
+        synth_dir = os.path.join(tmp, "synth")
+        n, b = make_synthetic(synth_dir, docs, a.synthetic_mb)
+        print(f"synthetic mix: {n} documents, {b / 1e6:.1f} MB", flush=True)
+        corpora["synthetic"] = read_docs([synth_dir])
+        for name, (cfg, docs, read_s) in corpora.items():
+            b = nbytes(docs)
+            steps, kept = per_step(cfg, docs)
+            rows = {"read": {"s": read_s, "docs": len(docs), "bytes": b}, **steps}
+            table = {}
+            for k, v in rows.items():
+                table[k] = {"MBps": round(v["bytes"] / v["s"] / 1e6, 2), "docs_per_s": round(v["docs"] / v["s"], 1),
+                            **({"removed": v["removed"]} if "removed" in v else {})}
+            mh = minhash_baselines([d["text"] for d in kept])
+            kb = nbytes(kept)
+            mh_res = {"ours_MBps": table["minhash"]["MBps"],
+                      "plain_datasketch_MBps": round(kb / mh["plain_datasketch_s"] / 1e6, 2),
+                      "datasketch_reused_perms_MBps": round(kb / mh["datasketch_reused_perms_s"] / 1e6, 2),
+                      "speedup_vs_plain_datasketch": round(mh["plain_datasketch_s"] / steps["minhash"]["s"], 2),
+                      "speedup_vs_reused_perms": round(mh["datasketch_reused_perms_s"] / steps["minhash"]["s"], 2)}
+            if "datatrove_s" in mh:
+                mh_res["datatrove_MBps"] = round(kb / mh["datatrove_s"] / 1e6, 2)
+                mh_res["speedup_vs_datatrove"] = round(mh["datatrove_s"] / steps["minhash"]["s"], 2)
+            else:
+                mh_res["datatrove"] = mh["datatrove"]
+            result[name] = {"docs": len(docs), "MB": round(b / 1e6, 2), "per_step": table, "minhash": mh_res}
+            print(f"{name}: " + ", ".join(f"{k} {v['MBps']} MB/s" for k, v in table.items()), flush=True)
+            print(f"{name}: minhash ours {mh_res['ours_MBps']} MB/s vs plain datasketch "
+                  f"{mh_res['plain_datasketch_MBps']} MB/s (x{mh_res['speedup_vs_plain_datasketch']})", flush=True)
+        if not a.skip_cli:
+            tok = tokenize_compare(SAMPLE, a.workers)
+            result["tokenize_vs_raw_encode"] = tok
+            print(f"tokenize: {tok}", flush=True)
+            growth = []
+            for mb in a.rss_mb:
+                d = os.path.join(tmp, f"rss-{mb}")
+                n, b = make_synthetic(d, corpora["sample"][1], mb, seed=1)
+                out = os.path.join(tmp, f"out-{mb}")
+                r = run_pipeline_cli(d, out, a.workers)
+                shutil.rmtree(out, ignore_errors=True)
+                row = {"input_MB": round(b / 1e6, 2), "docs": n, "rc": r["rc"], "wall_s": round(r["wall"], 2),
+                       "MBps_total": round(b / r["wall"] / 1e6, 3), "peak_rss_MB": round(r["maxrss_kb"] / 1024, 1)}
+                if r["rc"]:
+                    row["error"] = r["err"]
+                growth.append(row)
+                print(f"pipeline CLI on {row['input_MB']} MB: {row['wall_s']} s, peak RSS {row['peak_rss_MB']} MB",
+                      flush=True)
+            result["cli_growth"] = growth
+            if len(growth) >= 2 and growth[0]["peak_rss_MB"]:
+                result["rss_growth_ratio"] = round(growth[-1]["peak_rss_MB"] / growth[0]["peak_rss_MB"], 3)
+                result["input_growth_ratio"] = round(growth[-1]["input_MB"] / growth[0]["input_MB"], 3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    emit("data_pipeline", result)
+
+
+if __name__ == "__main__":
+    main()
