@@ -7,7 +7,7 @@ RUN_DIR ?= runs/quickstart
 # torch==2.13.0 first: it is the CPU wheel on this kind of machine; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-test quickstart test test-fast
+.PHONY: install install-test quickstart test test-fast readme-keys
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -33,3 +33,11 @@ test: install-test
 
 test-fast: install-test
 	$(PYTHON) -m pytest tests -q -m "not slow"
+
+# Regenerate the README's config reference tables from the dataclasses (tests/test_docs.py keeps them in sync).
+readme-keys:
+	$(PYTHON) -c "import re; from llmforge.config import RunConfig, markdown_keys; \
+	from data_pipeline.config import PipelineConfig; r = open('README.md').read().split('\n## Configuration reference')[0]; \
+	r += '\n## Configuration reference\n\nGenerated from the dataclasses (\`make readme-keys\`).\n\n### Trainer keys\n\n' \
+	+ markdown_keys(RunConfig) + '\n\n### Data pipeline keys\n\n' + markdown_keys(PipelineConfig) + '\n'; \
+	open('README.md', 'w').write(r)"
