@@ -144,7 +144,8 @@ def _set_dotted(tree: dict, key: str, value, cls) -> None:
             node[part] = value
             return
         sub_tp = fields[part] if fields is not None else Any
-        if not _is_dataclass_type(sub_tp) and typing.get_origin(sub_tp) is not dict:
+        open_map = sub_tp is dict or sub_tp is Any or typing.get_origin(sub_tp) is dict  # e.g. deepspeed.a.b=1
+        if not _is_dataclass_type(sub_tp) and not open_map:
             raise ConfigError(f"config key '{path}' is a value, not a section (cannot set '{key}')")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -258,7 +259,7 @@ class TrainConfig:
     dtype: str = opt("auto", "fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU); master weights stay fp32")
     log_interval: int = opt(1, "write a metrics.jsonl row every N steps")
     eval_interval: int = opt(0, "validation loss every N steps (0: only at the end)")
-    eval_batches: int = opt(8, "validation micro-batches per evaluation")
+    eval_batches: int = opt(2, "validation windows per evaluation, in global batches (same windows in any layout)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
 

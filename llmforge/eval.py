@@ -42,8 +42,8 @@ def parse_args(argv):
 def max_batches(option: str | None, cfg, batch_size: int) -> int:
     if option is None:
         return max(1, math.ceil(DEFAULT_MAX_TOKENS / (batch_size * cfg.data.seq_len)))
-    if option == "train":
-        return cfg.train.eval_batches
+    if option == "train":  # the windows training's evaluation scores: eval_batches global batches
+        return math.ceil(cfg.train.eval_batches * cfg.train.global_batch_size / batch_size)
     if not option.isdigit():
         raise ConfigError(f"--batches: expected a number, 0 or 'train', got {option!r}")
     return int(option)

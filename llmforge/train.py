@@ -6,6 +6,7 @@ The loop is the same for every layout: parallelism lives in ``llmforge.parallel`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -15,13 +16,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 
-from llmforge.checkpoint import Checkpointer, find_resume
+from llmforge.checkpoint import Checkpointer, resume_candidates
 from llmforge.config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from llmforge.data import build_datasets, find_tokenizer, validation_batches
 from llmforge.distributed import LaunchError, init_distributed
 from llmforge.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib, plot_run
-from llmforge.model.presets import model_args
+from llmforge.model.presets import OVERRIDABLE, model_args
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.optim import build_optimizer, lr_factor, set_lr
 from llmforge.parallel import build_mesh, parallelize, resolve_dims
@@ -71,6 +73,20 @@ def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def resolve_model_args(cfg, tok_path: str | None):
+    """The model shape: from the HF folder when train.init_from_hf is set, else preset + overrides + data vocab.
+    With init_from_hf the resolved shape is written back into cfg.model, so config.yaml rebuilds this model."""
+    if not cfg.train.init_from_hf:
+        return model_args(cfg.model, vocab_from_tokenizer(tok_path))
+    from llmforge.export_hf import hf_model_args
+    margs = hf_model_args(cfg.train.init_from_hf)
+    data_vocab = vocab_from_tokenizer(tok_path)
+    if data_vocab and data_vocab > margs.vocab_size:
+        raise ConfigError(f"train.init_from_hf: the data's tokenizer has {data_vocab} ids, the model {margs.vocab_size}")
+    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
+    return margs
 
 
 def build_model(args, seed: int) -> Transformer:
@@ -130,10 +146,10 @@ def evaluate(pm, valid, micro: int, max_batches: int, device, amp) -> tuple[floa
 def train(cfg: RunConfig) -> int:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     tok_path = find_tokenizer(cfg.data.paths)
-    margs = model_args(cfg.model, vocab_from_tokenizer(tok_path))
+    margs = resolve_model_args(cfg, tok_path)
     if cfg.data.seq_len > margs.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
-    dims = resolve_dims(cfg.parallel, world, margs, cfg.train)  # before any collective
+    dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)  # before any collective
     local_bs, micro, accum = batch_plan(cfg, dims.dp)
     train_stream, valid = build_datasets(cfg.data, cfg.seed)
 
@@ -146,12 +162,15 @@ def train(cfg: RunConfig) -> int:
         if tok_path:
             shutil.copyfile(tok_path, os.path.join(cfg.run_dir, "tokenizer.model.tmp"))
             os.replace(os.path.join(cfg.run_dir, "tokenizer.model.tmp"), os.path.join(cfg.run_dir, "tokenizer.model"))
-    mesh, dp_mesh = build_mesh(dims, device.type)
+    mesh, dp_mesh = build_mesh(dims, device.type, cfg.dist.timeout_s)
     dtype = resolve_dtype(cfg, device)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if (
         dtype == torch.bfloat16 and not cfg.parallel.zero_stage in (2, 3)) else contextlib.nullcontext
 
     model = build_model(margs, cfg.seed)
+    if cfg.train.init_from_hf:  # before parallelize(); resuming a checkpoint later overwrites these weights
+        from llmforge.export_hf import load_hf_into
+        load_hf_into(model, cfg.train.init_from_hf)
     n_params, n_embed = num_params(model), num_params(model) - num_params(model, exclude_embeddings=True)
     fpt = flops_per_token(margs, n_params, n_embed - (margs.vocab_size * margs.dim if margs.tie_embeddings else 0),
                           cfg.data.seq_len)
@@ -161,19 +180,29 @@ def train(cfg: RunConfig) -> int:
         f" per rank, {accum} accumulation steps" + (f" | {cfg.parallel.pp_schedule}, {dims.pp_microbatches} "
         f"microbatches" if dims.pp > 1 else "") + f" | {device.type}/{info.backend}")
     pm = parallelize(model, dims, mesh, cfg, device, loss_fn)
+    del model  # pipeline stages are copies: do not keep the whole model alive
     optimizers = pm.extras.get("optimizers") or [build_optimizer([part], cfg.train, device) for part in pm.parts]
 
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save, rank)
     step, samples, bad = 0, 0, 0
-    resume_path = find_resume(ckpt.root, log) if cfg.checkpoint.resume else None
-    if resume_path:
-        state = ckpt.load(resume_path, pm.parts, optimizers)
-        step, samples = state["step"], state["samples"]
+    resume_path, candidates = None, (resume_candidates(ckpt.root, log) if cfg.checkpoint.resume else [])
+    for path in candidates:  # newest first; one that fails to load is reported and the next older one tried
+        try:
+            state = ckpt.load(path, pm.parts, optimizers)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            log(f"warning: cannot load checkpoint {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+            continue
+        resume_path, step, samples = path, state["step"], state["samples"]
         log(f"resumed from {resume_path} (step {step}, {samples} samples consumed)")
+        break
+    if candidates and resume_path is None:
+        raise TrainingError(f"cannot resume: no checkpoint in {ckpt.root} loads ({', '.join(candidates)}); "
+                            "move them away to start over")
     metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
     peak = device_peak_flops(device)
     dp_rank = dp_mesh.get_local_rank()
     G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    eval_batches = cfg.train.eval_batches * G // micro  # eval_batches global batches: the same windows in any layout
     loss_group = pm.extras.get("loss_group")  # pp group: the loss lives on the last stage
     nan_steps, kill_steps = _fault_steps("nan"), _fault_steps("kill")
     t_last = time.perf_counter()
@@ -222,7 +251,7 @@ def train(cfg: RunConfig) -> int:
         if step in kill_steps:
             os.kill(os.getpid(), 9)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps and valid:
-            vl, _ = evaluate(pm, valid, micro, cfg.train.eval_batches, device, amp)
+            vl, _ = evaluate(pm, valid, micro, eval_batches, device, amp)
             metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
             ckpt.save(step, pm.parts, optimizers, {"step": step, "samples": samples})
@@ -231,13 +260,33 @@ def train(cfg: RunConfig) -> int:
         ckpt.save(step, pm.parts, optimizers, {"step": step, "samples": samples})
     ckpt.wait()
     if valid:
-        vl, n = evaluate(pm, valid, micro, cfg.train.eval_batches, device, amp)
+        vl, n = evaluate(pm, valid, micro, eval_batches, device, amp)
         metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50)), "val_tokens": n})
     metrics.close()
     if rank == 0:
         png = plot_run(cfg.run_dir) if cfg.logging.plot else None
         log(f"done: {step} steps; run dir {os.path.abspath(cfg.run_dir)}" + (f"; plot {png}" if png else ""))
     return 0
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    import re
+    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|timed out|closed by peer|connection reset",
+                                                           str(e), re.I))
+
+
+def collective_error(e: BaseException) -> str:
+    """One line naming this rank, where in llmforge it was waiting, and the backend's reason."""
+    import re
+    import traceback
+    pkg = f"{os.sep}llmforge{os.sep}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if pkg in f.filename]
+    where = (f" in {frames[-1].name} ({frames[-1].filename[frames[-1].filename.rindex(pkg) + 1:]}:"
+             f"{frames[-1].lineno})" if frames else "")
+    reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+    hint = ("; another rank stopped participating or crashed: check its log (dist.timeout_s bounds the wait)"
+            if re.search(r"timed out|timeout|closed by peer|connection reset", reason, re.I) else "")
+    return f"rank {dist.get_rank()} of {dist.get_world_size()}: collective failed{where}: {reason}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank0 or not isinstance(e, ConfigError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a failed/timed-out collective: gloo and NCCL do not say which rank saw it
+        if os.environ.get("LLMFORGE_DEBUG") or not dist.is_initialized() or not is_collective_failure(e):
+            raise
+        print(f"error: {collective_error(e)}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

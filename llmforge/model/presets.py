@@ -37,7 +37,8 @@ def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     args = dataclasses.replace(PRESETS[model_cfg.preset])
     for key in OVERRIDABLE:
         value = getattr(model_cfg, key)
-        if value not in (0, 0.0, "", None):
+        unset = value is None if key == "tie_embeddings" else value in (0, 0.0, "")  # False is a real choice
+        if not unset:
             setattr(args, key, value)
     if args.vocab_size <= 0:
         if not vocab_size:

@@ -4,6 +4,7 @@ PP split → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3,
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -20,48 +21,129 @@ class ParallelDims:
     dp_shard: int
     tp: int
     world_size: int
+    pp_microbatches: int = 1       # pipeline microbatches per optimizer step (pp > 1)
+    pp_stages_per_rank: int = 1    # 2 for the multi-stage schedules (interleaved, looped, zero-bubble V)
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
 
-def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None) -> ParallelDims:
-    """Fill dp_replicate=-1 from the world size and check every constraint; raise ConfigError otherwise."""
-    pp, tp, dps = pcfg.pp, pcfg.tp, pcfg.dp_shard
-    rep = pcfg.dp_replicate
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: str = "none",
+                 seq_len: int | None = None) -> ParallelDims:
+    """Fill dp_replicate=-1 from the world size and check every constraint; raise ConfigError otherwise.
+
+    Pure arithmetic (no collective), so every rank fails the same way before the process group exists.
+    dp_replicate=-1 takes what the world size leaves; with zero_stage 2/3 and dp_shard=1 the leftover goes to
+    dp_shard instead (FSDP over a replicate-only mesh would save no memory, which is never what ZeRO-2/3 asks).
+    """
+    pp, tp, dps, rep, zero = pcfg.pp, pcfg.tp, pcfg.dp_shard, pcfg.dp_replicate, pcfg.zero_stage
     if rep == -1:
-        if world_size % (pp * tp * dps):
-            raise ConfigError(f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard = "
-                              f"{pp}*{tp}*{dps}; launch a multiple of {pp * tp * dps} processes")
+        _check(world_size % (pp * tp * dps) == 0,
+               f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard = {pp}*{tp}*{dps}; "
+               f"launch a multiple of {pp * tp * dps} processes")
         rep = world_size // (pp * tp * dps)
-    if pp * rep * dps * tp != world_size:
-        raise ConfigError(f"world size {world_size} != parallel.pp*dp_replicate*dp_shard*tp = {pp}*{rep}*{dps}*{tp} "
-                          f"= {pp * rep * dps * tp}; change --nproc_per_node or the parallel.* sizes")
+        if zero in (2, 3) and dps == 1:
+            rep, dps = 1, rep
+    _check(pp * rep * dps * tp == world_size,
+           f"world size {world_size} != parallel.pp*dp_replicate*dp_shard*tp = {pp}*{rep}*{dps}*{tp} "
+           f"= {pp * rep * dps * tp}; change --nproc_per_node or the parallel.* sizes")
+    _check(dps == 1 or zero in (2, 3), f"parallel.dp_shard={dps} shards parameters: use parallel.zero_stage=2 or 3")
+    _check(not (zero == 1 and tp > 1), "parallel.zero_stage=1 with parallel.tp>1 is not supported "
+           "(ZeroRedundancyOptimizer cannot broadcast DTensor shards): use zero_stage=2 or 3 with dp_shard")
+    spr = 1
+    if pp > 1:
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+        try:
+            cls = get_schedule_class(pcfg.pp_schedule)
+        except ValueError:
+            raise ConfigError(f"parallel.pp_schedule={pcfg.pp_schedule!r} is unknown; choose one of GPipe, 1F1B, "
+                              "Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV") from None
+        _check(cls.__name__ not in ("PipelineScheduleSingle", "PipelineScheduleMulti"),
+               f"parallel.pp_schedule={pcfg.pp_schedule!r} is an abstract base, not a schedule")
+        spr = 1 if issubclass(cls, PipelineScheduleSingle) else 2
+        _check(not (pcfg.compile and _zero_bubble(pcfg.pp_schedule)),
+               f"parallel.compile=true does not work with the split input/weight backward of "
+               f"{pcfg.pp_schedule}: use 1F1B/Interleaved1F1B or compile=false")
+        _check(not (recompute == "selective" and _zero_bubble(pcfg.pp_schedule)),
+               f"recompute=selective allows one backward per region, but {pcfg.pp_schedule} runs two (input, "
+               f"then weight gradients): use recompute=full or another parallel.pp_schedule")
     if model_args is not None:
         a = model_args
         for name, value in (("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads), ("dim", a.dim),
                             ("ffn_dim", a.ffn_dim)):
-            if value % tp:
-                raise ConfigError(f"parallel.tp={tp} does not divide model {name}={value}")
-        if pp > a.n_layers:
-            raise ConfigError(f"parallel.pp={pp} exceeds model n_layers={a.n_layers}")
-        if pp > 1 and a.tie_embeddings:
-            raise ConfigError("parallel.pp>1 needs untied embeddings (model.tie_embeddings=false): the first and "
-                              "last stages would share a weight")
+            _check(value % tp == 0, f"parallel.tp={tp} does not divide model {name}={value}")
+        _check(pp <= a.n_layers, f"parallel.pp={pp} exceeds model n_layers={a.n_layers}")
+        # multi-stage schedules may give the embedding or the output head a stage of its own
+        _check(pp * spr <= a.n_layers + 2,
+               f"parallel.pp={pp} with {pcfg.pp_schedule} needs {pp * spr} stages but the model has only "
+               f"{a.n_layers} layers (+ embedding and output): lower parallel.pp or use 1F1B/GPipe")
+        _check(not (pp > 1 and a.tie_embeddings),
+               "parallel.pp>1 needs untied embeddings (model.tie_embeddings=false): the first and "
+               "last stages would share a weight")
+    _check(not (seq_len and tp > 1 and pcfg.sequence_parallel and seq_len % tp),
+           f"data.seq_len={seq_len} is not divisible by parallel.tp={tp} (sequence parallelism splits the sequence): "
+           f"change data.seq_len or set parallel.sequence_parallel=false")
+    n_mb = 1
     if tcfg is not None:
         dp = rep * dps
-        if tcfg.global_batch_size % dp:
-            raise ConfigError(f"train.global_batch_size={tcfg.global_batch_size} is not divisible by the "
-                              f"data-parallel size {dp}")
-    return ParallelDims(pp, rep, dps, tp, world_size)
+        _check(tcfg.global_batch_size % dp == 0, f"train.global_batch_size={tcfg.global_batch_size} is not "
+               f"divisible by the data-parallel size {dp}")
+        if pp > 1:
+            n_mb = pipeline_microbatches(pcfg, tcfg.global_batch_size // dp, tcfg.micro_batch_size, pp, spr)
+    return ParallelDims(pp, rep, dps, tp, world_size, n_mb, spr)
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
-    """The 4-D world mesh (pp, dp_replicate, dp_shard, tp) and the flattened data-parallel mesh "dp"."""
+def _zero_bubble(schedule: str) -> bool:
+    return schedule.lower() in ("interleavedzerobubble", "zbvzerobubble", "dualpipev")
+
+
+def pipeline_microbatches(pcfg, local_batch: int, micro_batch: int, pp: int, stages_per_rank: int) -> int:
+    """Microbatches per step: parallel.pp_microbatches, else local batch / train.micro_batch_size, else the fewest
+    that the schedule accepts (the smallest divisor of the local batch >= the number of stages)."""
+    n_stages, name = pp * stages_per_rank, pcfg.pp_schedule
+    where = "parallel.pp_microbatches" if pcfg.pp_microbatches else "local batch / train.micro_batch_size"
+    if pcfg.pp_microbatches:
+        n = pcfg.pp_microbatches
+        _check(not micro_batch or micro_batch * n == local_batch,
+               f"parallel.pp_microbatches={n} x train.micro_batch_size={micro_batch} != per-rank batch {local_batch}")
+    elif micro_batch:
+        _check(local_batch % micro_batch == 0, f"train.micro_batch_size={micro_batch} does not divide the "
+                                               f"per-rank batch {local_batch}")
+        n = local_batch // micro_batch
+    else:
+        n = next((d for d in range(n_stages, local_batch + 1) if local_batch % d == 0), local_batch)
+    _check(local_batch % n == 0, f"{where}: {n} microbatches do not divide the per-rank batch {local_batch}")
+    low = name.lower()
+    if low in ("1f1b", "dualpipev"):
+        need = pp if low == "1f1b" else n_stages
+        _check(n >= need, f"parallel.pp_schedule={name} needs at least {need} microbatches, got {n} ({where}; "
+                          f"per-rank batch {local_batch}): raise train.global_batch_size or set "
+                          f"parallel.pp_microbatches")
+    if low in ("interleaved1f1b", "interleavedzerobubble"):
+        rounds = max(1, n // pp)
+        _check(n % rounds == 0, f"parallel.pp_schedule={name} needs microbatches ({n}) to be a multiple of "
+                                f"microbatches // pp = {rounds}: use a multiple of parallel.pp={pp}")
+    return n
+
+
+def build_mesh(dims: ParallelDims, device_type: str, timeout_s: float | None = None) -> tuple[DeviceMesh, DeviceMesh]:
+    """The 4-D world mesh (pp, dp_replicate, dp_shard, tp) and the flattened data-parallel mesh "dp".
+
+    Sub-groups would otherwise get c10d's default timeout (30 min on gloo) instead of ``dist.timeout_s``."""
     names = ("pp", "dp_replicate", "dp_shard", "tp")
     mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=names)
-    return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    if timeout_s:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+        for group in {id(g): g for g in [*(mesh[n].get_group() for n in names), dp_mesh.get_group()]}.values():
+            _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+    return mesh, dp_mesh
 
 
 @dataclass
@@ -75,16 +157,8 @@ class ParallelModel:
     extras: dict = field(default_factory=dict)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg, device: torch.device, loss_fn=None) -> ParallelModel:
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg, device: torch.device,
+                loss_fn=None) -> ParallelModel:
     """Apply the configured parallelism to ``model`` (already initialised identically on every rank)."""
-    p = cfg.parallel
-    if dims.pp > 1 or dims.tp > 1 or p.zero_stage in (1, 2, 3) or cfg.recompute != "none" or p.compile:
-        from . import apply  # the full composition (TP, PP, FSDP2, recompute, compile)
-        return apply.parallelize_all(model, dims, mesh, cfg, device, loss_fn)
-    model.to(device)
-    if dims.dp_replicate > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, process_group=mesh["dp_replicate"].get_group(),
-                    device_ids=[device.index] if device.type == "cuda" else None)
-        return ParallelModel([model], ddp=True)
-    return ParallelModel([model])
+    from .apply import parallelize_all  # one file per parallelism; apply.py composes them in order
+    return parallelize_all(model, dims, mesh, cfg, device, loss_fn)

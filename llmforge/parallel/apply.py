@@ -1,0 +1,104 @@
+"""The full composition, in one order: PP split → TP/SP → activation recomputation → compile → FSDP2 or DDP.
+
+What the train loop gets back (``ParallelModel``): the local model parts, the pipeline schedule when pp > 1, and
+``extras`` hooks it calls when present: ``set_sync`` (FSDP gradient accumulation), ``finish_grads`` (gradient
+all-reduce for TP/PP layouts without DDP), ``optimizers`` (ZeRO-1), ``loss_group`` (pp group holding the loss),
+``clip_grad_norm`` (norm over DTensor shards and pipeline stages) and ``evaluate`` (validation under PP).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from . import ParallelModel
+from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers
+from .fsdp import apply_fsdp, fsdp_mesh, make_set_sync
+from .recompute import apply_recompute
+from .tensor_parallel import apply_tp, sequence_parallel_stage_io
+
+
+def param_dtype(cfg, device) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda") \
+        else torch.float32
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (parameter names unchanged; identical blocks share the compiled code)."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, loss_fn=None) -> ParallelModel:
+    p = cfg.parallel
+    pipelined = dims.pp > 1
+    if pipelined:
+        from . import pipeline
+        pp_rank = mesh["pp"].get_local_rank()
+        ids, parts = pipeline.split_model(model, dims, p.pp_schedule, pp_rank)
+        n_stages = dims.pp * dims.pp_stages_per_rank
+        firsts, lasts = [i == 0 for i in ids], [i == n_stages - 1 for i in ids]
+    else:
+        parts, firsts, lasts = [model], [True], [True]
+    del model
+
+    for part, first, last in zip(parts, firsts, lasts):
+        part.to(device)
+        if dims.tp > 1:
+            apply_tp(part, mesh["tp"], p.sequence_parallel)
+            if pipelined and p.sequence_parallel:
+                sequence_parallel_stage_io(part, mesh["tp"], first, last)
+        apply_recompute(part, cfg.recompute, cfg.recompute_every)
+        if p.compile:
+            apply_compile(part)
+
+    extras: dict = {}
+    ddp = False
+    if p.zero_stage in (2, 3):
+        dp_mesh = fsdp_mesh(mesh, dims)
+        parts = [apply_fsdp(part, dp_mesh, p.zero_stage, pipelined, param_dtype(cfg, device)) for part in parts]
+        extras["set_sync"] = make_set_sync(parts, p.zero_stage)
+    elif dims.dp_replicate > 1:
+        group = mesh["dp_replicate"].get_group()
+        if not pipelined and dims.tp == 1:
+            parts, ddp = [apply_ddp(parts[0], group, device)], True
+        else:
+            extras["finish_grads"] = GradAllReduce(parts, group)
+    if p.zero_stage == 1:
+        extras["optimizers"] = zero1_optimizers(parts, cfg.train, mesh["dp_replicate"].get_group())
+
+    pp_group = mesh["pp"].get_group() if pipelined else None
+    if pipelined or dims.tp > 1 or p.zero_stage in (2, 3):
+        extras["clip_grad_norm"] = lambda max_norm: clip_grad_norm(parts, max_norm, pp_group)
+    pm = ParallelModel(parts, ddp=ddp, extras=extras)
+    if pipelined:
+        from . import pipeline
+        pm.schedule = pipeline.build_schedule(parts, ids, dims, p.pp_schedule, device, loss_fn, pp_group)
+        pm.is_first, pm.is_last = any(firsts), any(lasts)
+        extras["loss_group"] = pp_group
+        extras["evaluate"] = pipeline.make_evaluate(parts, ids, dims, p.pp_schedule, pp_group)
+    return pm
+
+
+@torch.no_grad()
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Global L2 gradient norm over every shard (TP/FSDP DTensors, plain replicated tensors, pipeline stages);
+    clip to ``max_norm`` when it is > 0. Returns the norm before clipping (identical on every rank)."""
+    groups: dict = {}  # plain tensors and DTensors of each (mesh, placements): foreach kernels need uniform lists
+    for p in (p for part in parts for p in part.parameters() if p.grad is not None):
+        key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+        groups.setdefault(key, []).append(p)
+    device = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # DTensor norms reduce over their mesh
+        sq += norm.float().to(device) ** 2
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = sq.sqrt()
+    if max_norm > 0:
+        for params in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,43 @@
+"""ZeRO-2 / ZeRO-3 / HSDP with FSDP2 (``fully_shard``): each block is one communication unit, then the root.
+
+- zero_stage 3: parameters are re-sharded after forward (gathered again for backward): ~1/N of the parameters
+  live between layers. zero_stage 2: the gathered parameters stay until backward (one all-gather per step).
+  Gradients and optimizer state are sharded in both. Under pipeline parallelism parameters are never re-sharded
+  after forward: each microbatch would all-gather again, and zero-bubble schedules (split input/weight
+  backward) compute wrong weight gradients with reshard_after_forward=True.
+- HSDP: with dp_replicate > 1 the mesh is 2-D (replicate, shard): shard within a group, all-reduce across groups.
+- bf16: parameters are cast to bf16 for compute, gradients reduced in fp32, master weights stay fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def fsdp_mesh(mesh: DeviceMesh, dims) -> DeviceMesh:
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, zero_stage: int, pipelined: bool,
+               param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    reshard = zero_stage == 3 and not pipelined
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+    # the root (embeddings, final norm, output): its parameters are needed again at the start of backward
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
+    return model
+
+
+def make_set_sync(parts: list[nn.Module], zero_stage: int):
+    """Gradient accumulation hook for the train loop: ``set_sync(last_microbatch)``.
+
+    ZeRO-2 accumulates unsharded gradients locally and reduce-scatters once, on the last microbatch (fewer
+    collectives, ZeRO-1-like gradient memory during accumulation). ZeRO-3 reduce-scatters every microbatch
+    into the sharded gradient (memory stays at 1/N)."""
+    def set_sync(last: bool) -> None:
+        for part in parts:
+            part.set_requires_gradient_sync(last or zero_stage == 3)
+    return set_sync
