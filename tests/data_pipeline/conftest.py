@@ -11,9 +11,8 @@ import pytest
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does: processes, not BLAS threads
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from corpus import document, make_corpus, near_duplicate, write_jsonl  # noqa: E402
+from tests.data_pipeline.corpus import document, make_corpus, near_duplicate, write_jsonl  # noqa: E402,F401
 
 BASE = ["tokenizer.vocab_size=320", "progress=false", "shards.valid_fraction=0.1"]
 

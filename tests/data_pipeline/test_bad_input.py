@@ -6,8 +6,8 @@ import gzip
 import json
 import pytest
 import zstandard
-from conftest import BASE, cli
-from corpus import document, write_jsonl
+from tests.data_pipeline.conftest import BASE, cli
+from tests.data_pipeline.corpus import document, write_jsonl
 
 from data_pipeline.__main__ import main
 

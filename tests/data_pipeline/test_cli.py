@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from conftest import cli
+from tests.data_pipeline.conftest import cli
 
 from data_pipeline.shards import IndexedShard
 

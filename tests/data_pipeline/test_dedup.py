@@ -6,8 +6,8 @@ import json
 import os
 
 import numpy as np
-from conftest import kept_ids, run_inproc, tree_hashes
-from corpus import document, near_duplicate
+from tests.data_pipeline.conftest import kept_ids, run_inproc, tree_hashes
+from tests.data_pipeline.corpus import document, near_duplicate
 
 from data_pipeline.dedup.exact import content_hash
 from data_pipeline.dedup.minhash import MinHasher, bucket_pairs, jaccard, shingles

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import sentencepiece as spm
-from conftest import kept_ids
+from tests.data_pipeline.conftest import kept_ids
 
 from data_pipeline.atomic_io import read_jsonl
 from data_pipeline.tokenizer import is_valid

@@ -6,7 +6,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus import write_jsonl
+from tests.data_pipeline.corpus import write_jsonl
 
 from data_pipeline.config import ConfigError, InputConfig
 from data_pipeline.readers import Reader, expand_paths

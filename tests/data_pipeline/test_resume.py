@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import BASE, ROOT, run_inproc, tree_hashes
+from tests.data_pipeline.conftest import BASE, ROOT, run_inproc, tree_hashes
 
 SKIP = ("work/timings", "config.yaml", "work/config.yaml")  # run-time only / records output_dir
 

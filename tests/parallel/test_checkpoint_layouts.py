@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import final_params, losses, max_rel, param_max_diff
+from tests.parallel.conftest import final_params, losses, max_rel, param_max_diff
 
 CASES = {  # name: ((processes, overrides) saving, (processes, overrides) resuming)
     "dp2_to_tp2": ((2, ["parallel.dp_replicate=2"]), (2, ["parallel.tp=2"])),                      # dp 2 -> 1

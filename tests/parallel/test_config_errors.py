@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BASE, CONFIG, ROOT
+from tests.parallel.conftest import BASE, CONFIG, ROOT
 
 
 def _check_one_line(stderr: str, *needles: str) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIG, ROOT, losses, max_rel
+from tests.parallel.conftest import CONFIG, ROOT, losses, max_rel
 
 COMMON = ["model.vocab_size=64", "seed=11", "train.steps=8", "train.eval_interval=0", "checkpoint.interval=0",
           "logging.plot=false"]

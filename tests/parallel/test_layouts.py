@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import final_params, losses, max_rel, param_max_diff, val_loss
+from tests.parallel.conftest import final_params, losses, max_rel, param_max_diff, val_loss
 
 PP2 = ["parallel.pp=2"]
 TP2 = ["parallel.tp=2"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import CONFIG, run_fn
+from tests.parallel.conftest import CONFIG, run_fn
 
 
 def _local_bytes(t) -> int:

@@ -9,8 +9,8 @@ from llmforge.model.presets import PRESETS
 from llmforge.parallel import resolve_dims
 from llmforge.parallel.pipeline import split_units, stage_ids
 
-from conftest import CONFIG
-from test_layouts import assert_matches_reference
+from tests.parallel.conftest import CONFIG
+from tests.parallel.test_layouts import assert_matches_reference
 
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
 

@@ -19,8 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "tests", "data_pipeline"))
-from corpus import make_corpus  # noqa: E402
+from tests.data_pipeline.corpus import make_corpus  # noqa: E402
 
 pytestmark = pytest.mark.slow
 OVERRIDES = ["workers=2", "tasks=4", "tokenizer.vocab_size=320", "progress=false", "shards.valid_fraction=0.1"]
