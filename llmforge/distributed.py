@@ -66,7 +66,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl":
         # Flight Recorder: a hang dumps the last collectives of every rank (who stalled, in which op).
-        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
         os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -20,8 +20,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmforge.checkpoint import Checkpointer, resume_candidates
 from llmforge.config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from llmforge.data import build_datasets, find_tokenizer, validation_batches
+from llmforge.data import find_tokenizer, validation_batches
 from llmforge.distributed import LaunchError, init_distributed
+from llmforge.megatron_data import build_run_datasets
 from llmforge.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib, plot_run
 from llmforge.model.presets import OVERRIDABLE, model_args
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
@@ -151,7 +152,7 @@ def train(cfg: RunConfig) -> int:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
     dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)  # before any collective
     local_bs, micro, accum = batch_plan(cfg, dims.dp)
-    train_stream, valid = build_datasets(cfg.data, cfg.seed)
+    train_stream, valid = build_run_datasets(cfg, margs.vocab_size)  # data.backend: native | megatron
 
     info = init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
     rank, device = info.rank, info.device

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from tests.data_pipeline.conftest import BASE, ROOT, kept_ids, run_inproc, tree_hashes
-from tests.data_pipeline.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = pytest.mark.slow
 SKIP = ("work/timings", "config.yaml", "work/config.yaml", "work/slurm")

@@ -1,0 +1,1 @@
+"""Launchers: torchrun wrapper, Slurm batch scripts, DeepSpeed hostfiles (see launch/README.md)."""
