@@ -125,6 +125,11 @@ def clip_grad_norm(pm, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def eval_batch_count(cfg, micro: int) -> int:
+    """train.eval_batches global batches, scored in micro batches: the same windows in any layout and engine."""
+    return cfg.train.eval_batches * cfg.train.global_batch_size // micro
+
+
 @torch.no_grad()
 def evaluate(pm, valid, micro: int, max_batches: int, device, amp) -> tuple[float, int]:
     """Mean token cross-entropy over the validation windows (every rank evaluates the same batches)."""
@@ -199,11 +204,14 @@ def train(cfg: RunConfig) -> int:
     if candidates and resume_path is None:
         raise TrainingError(f"cannot resume: no checkpoint in {ckpt.root} loads ({', '.join(candidates)}); "
                             "move them away to start over")
+    if resume_path and step >= cfg.train.steps:  # rerunning a finished run changes nothing (idempotent)
+        log(f"run already finished at step {step} (train.steps={cfg.train.steps}): {os.path.abspath(cfg.run_dir)}")
+        return 0
     metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
     peak = device_peak_flops(device)
     dp_rank = dp_mesh.get_local_rank()
     G, L = cfg.train.global_batch_size, cfg.data.seq_len
-    eval_batches = cfg.train.eval_batches * G // micro  # eval_batches global batches: the same windows in any layout
+    eval_batches = eval_batch_count(cfg, micro)
     loss_group = pm.extras.get("loss_group")  # pp group: the loss lives on the last stage
     nan_steps, kill_steps = _fault_steps("nan"), _fault_steps("kill")
     t_last = time.perf_counter()
@@ -257,12 +265,11 @@ def train(cfg: RunConfig) -> int:
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
             ckpt.save(step, pm.parts, optimizers, {"step": step, "samples": samples})
         t_last = time.perf_counter()  # eval and checkpoint time is not step time
-    if not resume_path or step > int(os.path.basename(resume_path).split("_")[1]):
-        ckpt.save(step, pm.parts, optimizers, {"step": step, "samples": samples})
-    ckpt.wait()
-    if valid:
+    if valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
         vl, n = evaluate(pm, valid, micro, eval_batches, device, amp)
         metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50)), "val_tokens": n})
+    ckpt.save(step, pm.parts, optimizers, {"step": step, "samples": samples})
+    ckpt.wait()
     metrics.close()
     if rank == 0:
         png = plot_run(cfg.run_dir) if cfg.logging.plot else None

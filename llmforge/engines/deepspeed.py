@@ -337,7 +337,7 @@ def train(cfg) -> int:
                 row["peak_mem_gib"] = mem
             metrics.log(row)
         if evaluator and t.eval_interval and step % t.eval_interval == 0 and step < t.steps and valid:
-            vl, _ = T.evaluate(evaluator, valid, micro, t.eval_batches, device, contextlib.nullcontext)
+            vl, _ = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
             metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
             save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
@@ -345,7 +345,7 @@ def train(cfg) -> int:
     if not resumed or step > resumed_step:
         save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
     if evaluator and valid:
-        vl, n = T.evaluate(evaluator, valid, micro, t.eval_batches, device, contextlib.nullcontext)
+        vl, n = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
         metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50)), "val_tokens": n})
     metrics.close()
     if rank == 0:

@@ -85,7 +85,7 @@ def test_stats_add_up(pipeline_run):
 
 def test_stages_off_given_tokenizer_and_order(pipeline_run, dup_corpus, tmp_path):
     """Steps and dedup switched off run no such stage; tokenizer.model_path is copied byte for byte."""
-    from conftest import run_inproc
+    from tests.data_pipeline.conftest import run_inproc
     out, _, planted = pipeline_run
     corpus, _ = dup_corpus
     new = str(tmp_path / "o")
@@ -102,7 +102,7 @@ def test_stages_off_given_tokenizer_and_order(pipeline_run, dup_corpus, tmp_path
 
 
 def test_unigram_tokenizer_and_multiple_shards(dup_corpus, tmp_path):
-    from conftest import run_inproc
+    from tests.data_pipeline.conftest import run_inproc
     from data_pipeline.shards import IndexedShard
     corpus, _ = dup_corpus
     out = str(tmp_path / "u")

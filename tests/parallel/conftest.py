@@ -41,6 +41,9 @@ def _child(rank: int, world: int, port: int, argv: list[str], log: str, patch) -
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # pytest's capture replaces sys.stdout/err with objects that bypass fd 1/2: point them at the log
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     rc = 1
     try:
         if world > 1:
