@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +84,20 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|timed out|closed by peer|connection reset",
+                                                           str(e), re.I))
+
+
+def collective_error(e: BaseException) -> str:
+    """One line naming this rank, where in llmforge it was waiting, and the backend's reason."""
+    pkg = f"{os.sep}llmforge{os.sep}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if pkg in f.filename]
+    where = (f" in {frames[-1].name} ({frames[-1].filename[frames[-1].filename.rindex(pkg) + 1:]}:"
+             f"{frames[-1].lineno})" if frames else "")
+    reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+    hint = ("; another rank stopped participating or crashed: check its log (dist.timeout_s bounds the wait)"
+            if re.search(r"timed out|timeout|closed by peer|connection reset", reason, re.I) else "")
+    return f"rank {dist.get_rank()} of {dist.get_world_size()}: collective failed{where}: {reason}{hint}"

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from llmforge.checkpoint import Checkpointer, resume_candidates
 from llmforge.config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from llmforge.data import find_tokenizer, validation_batches
-from llmforge.distributed import LaunchError, init_distributed
+from llmforge.distributed import LaunchError, collective_error, init_distributed, is_collective_failure
 from llmforge.megatron_data import build_run_datasets
 from llmforge.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib, plot_run
 from llmforge.model.presets import OVERRIDABLE, model_args
@@ -275,26 +275,6 @@ def train(cfg: RunConfig) -> int:
         png = plot_run(cfg.run_dir) if cfg.logging.plot else None
         log(f"done: {step} steps; run dir {os.path.abspath(cfg.run_dir)}" + (f"; plot {png}" if png else ""))
     return 0
-
-
-def is_collective_failure(e: BaseException) -> bool:
-    import re
-    return isinstance(e, dist.DistError) or bool(re.search(r"gloo|nccl|timed out|closed by peer|connection reset",
-                                                           str(e), re.I))
-
-
-def collective_error(e: BaseException) -> str:
-    """One line naming this rank, where in llmforge it was waiting, and the backend's reason."""
-    import re
-    import traceback
-    pkg = f"{os.sep}llmforge{os.sep}"
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if pkg in f.filename]
-    where = (f" in {frames[-1].name} ({frames[-1].filename[frames[-1].filename.rindex(pkg) + 1:]}:"
-             f"{frames[-1].lineno})" if frames else "")
-    reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
-    hint = ("; another rank stopped participating or crashed: check its log (dist.timeout_s bounds the wait)"
-            if re.search(r"timed out|timeout|closed by peer|connection reset", reason, re.I) else "")
-    return f"rank {dist.get_rank()} of {dist.get_world_size()}: collective failed{where}: {reason}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
