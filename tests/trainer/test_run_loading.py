@@ -45,7 +45,7 @@ def test_fsdp2_checkpoint_loads_into_one_process(llama_run, tmp_path):
     args = load_run(llama_run).model.args
     if dist.is_initialized():  # forked children must not inherit this process's group
         dist.destroy_process_group()
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after the suite loaded deepspeed/megatron can segfault
     procs = [ctx.Process(target=_save_sharded, args=(r, 2, args, run_dir, str(tmp_path / "init"))) for r in range(2)]
     for p in procs:
         p.start()
