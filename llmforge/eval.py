@@ -19,7 +19,7 @@ import torch
 
 from llmforge.config import ConfigError
 from llmforge.data import build_datasets
-from llmforge.run_loading import RunLoadError, load_run
+from llmforge.run_loading import load_run, run_cli
 
 DEFAULT_MAX_TOKENS = 1 << 20  # ~1M scored tokens: a perplexity good to well under 1% on any real split
 
@@ -86,19 +86,13 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         result = run_eval(a.run_dir, a.overrides, a.batches, a.batch_size, a.device, a.checkpoint)
         write_json_atomic(os.path.join(a.run_dir, "eval.json"), result)
-    except (RunLoadError, ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("LLMFORGE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from llmforge.distributed import destroy
-        destroy()
-    print(json.dumps(result))
-    return 0
+        print(json.dumps(result))
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -258,20 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted config overrides (rarely needed)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype in model.safetensors")
     a = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    from llmforge.config import ConfigError
-    from llmforge.distributed import destroy
-    from llmforge.run_loading import RunLoadError
-    try:
+    from llmforge.run_loading import run_cli
+
+    def body() -> int:
         ckpt, note = export_run(a.run_dir, a.out_dir, a.dtype, a.overrides)
-    except (RunLoadError, ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        if os.environ.get("LLMFORGE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy()
-    print(f"exported {ckpt} -> {os.path.abspath(a.out_dir)} ({note})")
-    return 0
+        print(f"exported {ckpt} -> {os.path.abspath(a.out_dir)} ({note})")
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

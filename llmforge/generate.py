@@ -8,13 +8,12 @@ A run without a tokenizer (synthetic data) takes and prints token ids: ``--promp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from llmforge.config import ConfigError
-from llmforge.run_loading import RunLoadError, load_run
+from llmforge.run_loading import load_run, run_cli
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -81,33 +80,29 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if a.max_new_tokens < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-            raise ConfigError("--max-new-tokens and --top-k must be >= 0, --top-p in (0, 1]")
-        from llmforge.distributed import pick_device
-        cfg, model, tok, _ = load_run(a.run_dir, a.overrides, device=pick_device(a.device),
-                                      log=lambda m: print(m, file=sys.stderr))
-        if tok is not None:
-            eos = tok.eos_id() if tok.eos_id() >= 0 else None
-            ids = ([eos] if eos is not None else []) + tok.encode(a.prompt)
-        else:
-            eos = None
-            try:
-                ids = [int(t) for t in a.prompt.replace(",", " ").split()]
-            except ValueError:
-                raise ConfigError("this run has no tokenizer.model: give --prompt as token ids, e.g. \"5 17 3\"") from None
-            if any(not 0 <= i < model.args.vocab_size for i in ids):
-                raise ConfigError(f"--prompt: token ids must be in [0, {model.args.vocab_size})")
-        new = generate(model, ids, a.max_new_tokens, 0.0 if a.greedy else a.temperature, a.top_k, a.top_p, eos,
-                       cfg.seed if a.seed is None else a.seed)
-    except (RunLoadError, ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("LLMFORGE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from llmforge.distributed import destroy
-        destroy()
+    return run_cli(lambda: _generate_cli(a))
+
+
+def _generate_cli(a) -> int:
+    """Validate options, load the run, sample, print the text (token ids when the run has no tokenizer)."""
+    if a.max_new_tokens < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        raise ConfigError("--max-new-tokens and --top-k must be >= 0, --top-p in (0, 1]")
+    from llmforge.distributed import pick_device
+    cfg, model, tok, _ = load_run(a.run_dir, a.overrides, device=pick_device(a.device),
+                                  log=lambda m: print(m, file=sys.stderr))
+    if tok is not None:
+        eos = tok.eos_id() if tok.eos_id() >= 0 else None
+        ids = ([eos] if eos is not None else []) + tok.encode(a.prompt)
+    else:
+        eos = None
+        try:
+            ids = [int(t) for t in a.prompt.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError("this run has no tokenizer.model: give --prompt as token ids, e.g. \"5 17 3\"") from None
+        if any(not 0 <= i < model.args.vocab_size for i in ids):
+            raise ConfigError(f"--prompt: token ids must be in [0, {model.args.vocab_size})")
+    new = generate(model, ids, a.max_new_tokens, 0.0 if a.greedy else a.temperature, a.top_k, a.top_p, eos,
+                   cfg.seed if a.seed is None else a.seed)
     if tok is None:
         print(" ".join(map(str, ids + new)), flush=True)
     else:  # decode prompt+continuation together: sentencepiece drops a leading space when decoding alone

@@ -7,6 +7,7 @@ reshards by parameter name. Problems raise :class:`RunLoadError`, whose message 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from llmforge.checkpoint import Checkpointer, newest_complete
-from llmforge.config import RunConfig, load_config
+from llmforge.config import ConfigError, RunConfig, load_config
 from llmforge.model.blocks import ModelArgs
 from llmforge.model.presets import model_args
 from llmforge.model.transformer import Transformer
@@ -101,3 +102,18 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
         raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, int(state.get("step", 0)))
+
+
+def run_cli(body) -> int:
+    """Run an inference CLI's body: expected failures (no run, no checkpoint, bad option...) become one
+    ``error:`` line and exit status 2 (a traceback only with LLMFORGE_DEBUG=1); the process group is torn down."""
+    from llmforge.distributed import destroy
+    try:
+        return body()
+    except (RunLoadError, ConfigError, FileNotFoundError, ValueError, OSError) as e:
+        if os.environ.get("LLMFORGE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()

@@ -1,7 +1,6 @@
 """Model: published parameter counts on the meta device, presets load, FLOPs formula, GQA/family details."""
 import dataclasses
 import glob
-import os
 
 import pytest
 import torch
@@ -49,7 +48,7 @@ def test_model_package_has_no_parallel_code():
 def test_rope_is_a_rotation_and_relative():
     cos, sin = rope_tables(16, 32, 10000.0)
     q, k = torch.randn(1, 32, 1, 16), torch.randn(1, 32, 1, 16)
-    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    qr = apply_rope(q, cos, sin)
     assert torch.allclose(qr.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
     # <R_m q, R_n k> depends only on m - n: shift both by 5 positions
     q0 = q[:, :1].expand(1, 32, 1, 16)
