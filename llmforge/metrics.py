@@ -45,6 +45,26 @@ def peak_memory_gib(device: torch.device) -> float | None:
         return None
 
 
+class StepMetrics:
+    """Builds the metrics.jsonl row of a training step (the same keys for every engine)."""
+
+    def __init__(self, global_batch: int, seq_len: int, n_devices: int, flops_per_token: float, device):
+        self.tokens_per_step, self.seq_len, self.n_devices = global_batch * seq_len, seq_len, n_devices
+        self.fpt, self.device, self.peak = flops_per_token, device, device_peak_flops(device)
+
+    def row(self, step: int, loss: float, lr: float, grad_norm: float, samples: int, dt: float, skipped: bool) -> dict:
+        tps = self.tokens_per_step / dt
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+               "tokens": samples * self.seq_len, "step_time_s": dt, "skipped": skipped}
+        m = mfu(tps / self.n_devices, self.fpt, self.peak)
+        if m is not None:
+            row["mfu"] = m
+        mem = peak_memory_gib(self.device)
+        if mem is not None:
+            row["peak_mem_gib"] = mem
+        return row
+
+
 class MetricsLogger:
     """Writes on rank 0 only. ``metrics.jsonl`` rows are appended and flushed each step."""
 

@@ -23,7 +23,7 @@ from llmforge.config import ConfigError, RunConfig, dump_config, load_config, to
 from llmforge.data import find_tokenizer, validation_batches
 from llmforge.distributed import LaunchError, collective_error, init_distributed, is_collective_failure
 from llmforge.megatron_data import build_run_datasets
-from llmforge.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib, plot_run
+from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.model.presets import OVERRIDABLE, model_args
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.optim import build_optimizer, lr_factor, set_lr
@@ -208,9 +208,9 @@ def train(cfg: RunConfig) -> int:
         log(f"run already finished at step {step} (train.steps={cfg.train.steps}): {os.path.abspath(cfg.run_dir)}")
         return 0
     metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
-    peak = device_peak_flops(device)
+    step_metrics = StepMetrics(cfg.train.global_batch_size, cfg.data.seq_len, dims.world_size, fpt, device)
     dp_rank = dp_mesh.get_local_rank()
-    G, L = cfg.train.global_batch_size, cfg.data.seq_len
+    G = cfg.train.global_batch_size
     eval_batches = eval_batch_count(cfg, micro)
     loss_group = pm.extras.get("loss_group")  # pp group: the loss lives on the last stage
     nan_steps, kill_steps = _fault_steps("nan"), _fault_steps("kill")
@@ -247,16 +247,7 @@ def train(cfg: RunConfig) -> int:
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-            tps = G * L / dt
-            row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tps,
-                   "tokens": samples * L, "step_time_s": dt, "skipped": not finite}
-            m = mfu(tps / dims.world_size, fpt, peak)
-            if m is not None:
-                row["mfu"] = m
-            mem = peak_memory_gib(device)
-            if mem is not None:
-                row["peak_mem_gib"] = mem
-            metrics.log(row)
+            metrics.log(step_metrics.row(step, loss_val, lr, grad_norm.item(), samples, dt, skipped=not finite))
         if step in kill_steps:
             os.kill(os.getpid(), 9)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps and valid:

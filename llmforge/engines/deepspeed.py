@@ -35,7 +35,7 @@ from llmforge.config import ConfigError, dump_config, to_dict
 from llmforge.data import find_tokenizer
 from llmforge.megatron_data import build_run_datasets
 from llmforge.distributed import init_distributed
-from llmforge.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gib, plot_run
+from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.model.presets import model_args
 from llmforge.model.transformer import flops_per_token, num_params
 from llmforge.optim import lr_factor, param_groups
@@ -283,10 +283,10 @@ def train(cfg) -> int:
             log(f"resumed from {resumed} (step {step}, {samples} samples consumed)")
     resumed_step = step
     metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
-    peak = device_peak_flops(device)
+    step_metrics = StepMetrics(t.global_batch_size, cfg.data.seq_len, world, fpt, device)
     dp_rank = engine.grid.get_data_parallel_rank() if pp > 1 else rank
     dp_group = engine.grid.get_data_parallel_group() if pp > 1 else None
-    G, L, bad = t.global_batch_size, cfg.data.seq_len, 0
+    G, bad = t.global_batch_size, 0
     evaluator = ParallelModel([engine], extras={"evaluate": _pipe_eval(engine)} if pp > 1 else {})
     t_last = time.perf_counter()
     while step < t.steps:
@@ -326,16 +326,8 @@ def train(cfg) -> int:
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         if step % t.log_interval == 0 or step == t.steps:
-            tps = G * L / dt
-            row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                   "tokens": samples * L, "step_time_s": dt, "skipped": False}  # DeepSpeed applied the step
-            m = mfu(tps / world, fpt, peak)
-            if m is not None:
-                row["mfu"] = m
-            mem = peak_memory_gib(device)
-            if mem is not None:
-                row["peak_mem_gib"] = mem
-            metrics.log(row)
+            # skipped is False: DeepSpeed has already applied the step
+            metrics.log(step_metrics.row(step, loss_val, lr, grad_norm, samples, dt, skipped=False))
         if evaluator and t.eval_interval and step % t.eval_interval == 0 and step < t.steps and valid:
             vl, _ = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
             metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))})
