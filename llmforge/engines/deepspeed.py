@@ -281,7 +281,9 @@ def train(cfg) -> int:
         step, samples, resumed = resume(engine, root, rank, log)
         if resumed:
             log(f"resumed from {resumed} (step {step}, {samples} samples consumed)")
-    resumed_step = step
+    if resumed and step >= t.steps:  # rerunning a finished run changes nothing (idempotent)
+        log(f"run already finished at step {step} (train.steps={t.steps}): {os.path.abspath(cfg.run_dir)}")
+        return 0
     metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
     step_metrics = StepMetrics(t.global_batch_size, cfg.data.seq_len, world, fpt, device)
     dp_rank = engine.grid.get_data_parallel_rank() if pp > 1 else rank
@@ -334,11 +336,10 @@ def train(cfg) -> int:
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
             save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
         t_last = time.perf_counter()
-    if not resumed or step > resumed_step:
-        save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
-    if evaluator and valid:
+    if evaluator and valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
         vl, n = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
         metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50)), "val_tokens": n})
+    save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
     metrics.close()
     if rank == 0:
         png = plot_run(cfg.run_dir) if cfg.logging.plot else None
