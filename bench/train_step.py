@@ -69,10 +69,7 @@ def bench_preset(preset, args, device, info):
     # ---- llmforge
     model = T.build_model(margs, cfg.seed)
     bare_model = copy.deepcopy(model).to(device)  # identical initial weights for the baseline
-    n_params = num_params(model)
-    n_embed = n_params - num_params(model, exclude_embeddings=True)
-    fpt = flops_per_token(margs, n_params, n_embed - (margs.vocab_size * margs.dim if margs.tie_embeddings else 0),
-                          cfg.data.seq_len)
+    n_params, fpt = num_params(model), flops_per_token(model, cfg.data.seq_len)
     pm = parallelize(model, dims, mesh, cfg, device, T.loss_fn)
     opts = pm.extras.get("optimizers") or [build_optimizer([p], cfg.train, device) for p in pm.parts]
     group = dp_mesh.get_group()

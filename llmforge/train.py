@@ -177,9 +177,7 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.init_from_hf:  # before parallelize(); resuming a checkpoint later overwrites these weights
         from llmforge.export_hf import load_hf_into
         load_hf_into(model, cfg.train.init_from_hf)
-    n_params, n_embed = num_params(model), num_params(model) - num_params(model, exclude_embeddings=True)
-    fpt = flops_per_token(margs, n_params, n_embed - (margs.vocab_size * margs.dim if margs.tie_embeddings else 0),
-                          cfg.data.seq_len)
+    n_params, fpt = num_params(model), flops_per_token(model, cfg.data.seq_len)
     log(f"model {cfg.model.preset}: {n_params:,} parameters | layout pp{dims.pp} x dp_replicate{dims.dp_replicate}"
         f" x dp_shard{dims.dp_shard} x tp{dims.tp} (zero_stage {cfg.parallel.zero_stage}) | global batch "
         f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens, micro {micro}"

@@ -251,9 +251,7 @@ def train(cfg) -> int:
             os.replace(os.path.join(cfg.run_dir, "tokenizer.model.tmp"), os.path.join(cfg.run_dir, "tokenizer.model"))
 
     model = T.build_model(margs, cfg.seed)
-    n_params, n_embed = num_params(model), num_params(model) - num_params(model, exclude_embeddings=True)
-    fpt = flops_per_token(margs, n_params, n_embed - (margs.vocab_size * margs.dim if margs.tie_embeddings else 0),
-                          cfg.data.seq_len)
+    n_params, fpt = num_params(model), flops_per_token(model, cfg.data.seq_len)
     net = pipeline_module(model, pp) if pp > 1 else model
     groups = param_groups([net], cfg.train.weight_decay)
     t = cfg.train

@@ -86,7 +86,11 @@ def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total
 
 
-def flops_per_token(args: ModelArgs, n_params: int, n_embedding_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params (the output projection counts: it is a matmul) plus
-    the attention score/value term 12 * layers * dim * seq_len (PaLM appendix B; what torchtitan uses)."""
-    return 6 * (n_params - n_embedding_params) + 12 * args.n_layers * args.dim * seq_len
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params plus the attention score/value term
+    12 * layers * dim * seq_len (PaLM appendix B; what torchtitan uses). The output projection is a matmul and
+    always counts, also when it shares its weight with the (counted-once) input embedding."""
+    args = model.args
+    n_embed = num_params(model) - num_params(model, exclude_embeddings=True)
+    matmul_params = num_params(model) - n_embed + (args.vocab_size * args.dim if args.tie_embeddings else 0)
+    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len

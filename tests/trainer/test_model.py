@@ -36,7 +36,9 @@ def test_flops_per_token_matches_hand_count():
     # per layer: q 64*64, k/v 64*32 each (2 kv heads of 16), o 64*64, mlp 3*64*176, two norms of 64
     per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176 + 2 * 64
     assert n == embed + 2 * per_layer + 64 + 100 * 64
-    assert flops_per_token(a, n, embed, 128) == 6 * (n - embed) + 12 * 2 * 64 * 128
+    assert flops_per_token(m, 128) == 6 * (n - embed) + 12 * 2 * 64 * 128
+    tied = Transformer(dataclasses.replace(a, tie_embeddings=True))  # the output matmul still counts
+    assert flops_per_token(tied, 128) == flops_per_token(m, 128)
 
 
 def test_model_package_has_no_parallel_code():
