@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Optional, Union
@@ -262,6 +263,10 @@ class TrainConfig:
     eval_batches: int = opt(2, "validation windows per evaluation, in global batches (same windows in any layout)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
+    init_from: str = opt("", "fine-tuning: start from an llmforge run dir (its newest complete checkpoint, any layout) "
+                             "or a Hugging Face folder; the model shape comes from it (llmforge/sft.py)")
+    freeze: list[str] = opt([], "parameter groups kept fixed: embeddings | head (final norm + output) | blocks:K "
+                                "(the first K blocks) | block:I")
 
 
 @dataclasses.dataclass
@@ -348,6 +353,9 @@ class RunConfig:
         need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")
         need(self.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        for name in t.freeze:
+            need(re.fullmatch(r"embeddings|head|blocks:\d+|block:\d+", name) is not None, "train.freeze",
+                 f"unknown group {name!r}; valid: embeddings, head, blocks:K (the first K), block:I")
 
 
 def markdown_keys(cls) -> str:

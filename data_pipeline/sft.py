@@ -1,0 +1,325 @@
+"""Supervised fine-tuning (SFT) data: chat rows -> chat-template token shards + a per-token loss mask.
+
+Enabled by ``sft.enabled: true`` (preset ``configs/data/sft.yaml``). Rows are ``{"prompt", "response"}`` (an
+optional ``"system"``) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
+A malformed row (missing field, unknown role, empty response, last message not the assistant's, longer than
+``sft.max_tokens`` after ``sft.truncation``) is reported as ``file:line: ...`` and fails the run or is counted
+under ``read_errors`` per ``input.on_error``, exactly like the pretraining reader.
+
+The chat template (``TEMPLATE`` below; written to ``OUT/chat_template.json`` with an equivalent Jinja string so
+training, eval, generate and the Hugging Face export all use one definition)::
+
+    </s><|system|>\\n{system}\\n<|user|>\\n{prompt}\\n<|assistant|>\\n{response}</s><|user|>\\n...
+
+Every conversation starts with EOS (the document separator of pretraining, where the model has learnt that
+documents begin) and each assistant turn ends with EOS (generation stops there). Text between two EOS tokens is
+encoded as one piece of text *without* sentencepiece's dummy-prefix space: that is exactly how a Hugging Face
+tokenizer encodes text that follows a special token, so ``apply_chat_template`` reproduces our ids.
+
+Loss mask: 1 on the tokens of assistant contents and on the EOS that ends them, 0 elsewhere (template, system,
+user). Found from sentencepiece's byte offsets, so a token is a response token when it starts in (or overlaps)
+the response. Outputs beside the usual ones: ``loss_mask/<shard name>.bin/.idx`` (Megatron MMIDIDX, uint8, the
+same document lengths as ``shards/<shard name>``) and ``chat_template.json``. The token shards themselves are
+plain Megatron shards (one conversation per document).
+
+Cleaning in SFT mode is per message and keeps inner whitespace (code indentation matters in responses):
+Unicode normalisation (``clean.normalization``), control characters removed, CRLF -> LF, outer whitespace
+stripped. Exact dedup hashes the rendered conversation; the quality filters see the rendered text when listed
+in ``steps`` (the preset lists none).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import unicodedata
+
+import numpy as np
+
+from .atomic_io import read_json, write_bytes, write_json
+from .executor import PipelineError
+from .readers import Reader
+from .shards import IndexedShard, ShardWriter, token_dtype
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_NAME = "llmforge-chat-v1"
+TEMPLATE_FILE = "chat_template.json"
+MASK_DIR = "loss_mask"
+# Jinja form of ``render`` (Hugging Face chat_template); tests check that both give the same ids.
+JINJA = ("{{ eos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+         "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
+
+
+def header(role: str) -> str:
+    return f"<|{role}|>\n"
+
+
+def render(messages: list[dict], eos: str = "</s>", add_generation_prompt: bool = False) -> str:
+    """The conversation as text (what the Jinja template renders)."""
+    out = [eos]
+    for m in messages:
+        out.append(header(m["role"]) + m["content"] + (eos if m["role"] == "assistant" else "\n"))
+    if add_generation_prompt:
+        out.append(header("assistant"))
+    return "".join(out)
+
+
+def _no_dummy_prefix(model_bytes: bytes):
+    """A sentencepiece processor that does not prepend '▁' to the text (HF's behaviour after a special token)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_bytes)
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+class ChatTemplate:
+    """Encodes conversations with the template: ``encode(messages) -> (ids, mask)``, ``encode_prompt``."""
+
+    def __init__(self, tokenizer_path: str):
+        with open(tokenizer_path, "rb") as f:
+            self.sp = _no_dummy_prefix(f.read())
+        self.eos_id, self.pad_id, self.bos_id = self.sp.eos_id(), self.sp.pad_id(), self.sp.bos_id()
+        if self.eos_id < 0:
+            raise PipelineError(f"{tokenizer_path}: the tokenizer has no EOS token (the chat template needs one)")
+        self.eos = self.sp.id_to_piece(self.eos_id)
+
+    def _segment(self, text: str, response_start: int | None, ids: list, mask: list) -> None:
+        """Encode one text segment (between EOS tokens); tokens from byte ``response_start`` on get mask 1."""
+        if not text:
+            return
+        for p in self.sp.encode(text, return_type="proto").pieces:
+            ids.append(p.id)
+            mask.append(int(response_start is not None and (p.begin >= response_start or p.end > response_start)))
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        ids, mask, text = [self.eos_id], [0], ""
+        for m in messages:
+            if m["role"] == "assistant":
+                text += header("assistant")
+                start = len(text.encode("utf-8"))
+                self._segment(text + m["content"], start, ids, mask)
+                ids.append(self.eos_id)
+                mask.append(1)
+                text = ""
+            else:
+                text += header(m["role"]) + m["content"] + "\n"
+        if add_generation_prompt:
+            text += header("assistant")
+        self._segment(text, None, ids, mask)
+        return ids, mask
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Ids that ask the model for the next assistant turn (generation / HF add_generation_prompt=True)."""
+        return self.encode(messages, add_generation_prompt=True)[0]
+
+    def describe(self) -> dict:
+        """What ``chat_template.json`` holds (everything a consumer needs besides the tokenizer)."""
+        return {"name": TEMPLATE_NAME, "jinja": JINJA, "roles": list(ROLES), "eos_token": self.eos,
+                "eos_id": self.eos_id, "pad_id": self.pad_id, "bos_id": self.bos_id,
+                "dummy_prefix": False, "loss_mask": "assistant contents and the EOS that ends each of them"}
+
+
+def load_template(folder: str) -> dict | None:
+    path = os.path.join(folder, TEMPLATE_FILE)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def clean_message(text: str, normalization: str) -> str:
+    if normalization != "none":
+        text = unicodedata.normalize(normalization, text)
+    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def parse_row(rec, scfg) -> list[dict]:
+    """A row -> messages; raises ValueError with a one-line reason for a malformed row."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if scfg.messages_key in rec:
+        msgs = rec[scfg.messages_key]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{scfg.messages_key!r} must be a non-empty list of {{role, content}} objects")
+        out = []
+        for i, m in enumerate(msgs):
+            where = f"{scfg.messages_key}[{i}]"
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"{where}: expected an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"{where}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"{where}: content is {type(m['content']).__name__}, not a string")
+            out.append({"role": m["role"], "content": m["content"]})
+    elif scfg.prompt_key in rec or scfg.response_key in rec:
+        for key in (scfg.prompt_key, scfg.response_key):
+            if key not in rec:
+                raise ValueError(f"missing field {key!r}")
+            if not isinstance(rec[key], str):
+                raise ValueError(f"field {key!r} is {type(rec[key]).__name__}, not a string")
+        out = [{"role": "user", "content": rec[scfg.prompt_key]},
+               {"role": "assistant", "content": rec[scfg.response_key]}]
+        system = rec.get(scfg.system_key)
+        if system is not None:
+            if not isinstance(system, str):
+                raise ValueError(f"field {scfg.system_key!r} is {type(system).__name__}, not a string")
+            out.insert(0, {"role": "system", "content": system})
+    else:
+        raise ValueError(f"missing field {scfg.prompt_key!r}/{scfg.response_key!r} or {scfg.messages_key!r}; "
+                         f"fields: {sorted(rec)[:10]}")
+    return out
+
+
+def check_messages(msgs: list[dict]) -> None:
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (nothing would be learnt from the rest)")
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant" and not m["content"]:
+            raise ValueError(f"empty response (assistant message {i})")
+        if m["role"] == "user" and not m["content"]:
+            raise ValueError(f"empty prompt (user message {i})")
+
+
+def encode_row(template: ChatTemplate, msgs: list[dict], scfg) -> tuple[list[int], list[int]]:
+    """Ids and mask of a conversation, with sft.max_tokens / sft.truncation applied (ValueError if unusable)."""
+    ids, mask = template.encode(msgs)
+    if scfg.max_tokens and len(ids) > scfg.max_tokens:
+        if scfg.truncation != "right":
+            raise ValueError(f"{len(ids)} tokens exceed sft.max_tokens={scfg.max_tokens} (sft.truncation=none)")
+        ids, mask = ids[:scfg.max_tokens], mask[:scfg.max_tokens]
+        if not any(mask):
+            raise ValueError(f"no response token within sft.max_tokens={scfg.max_tokens} (sft.truncation=right)")
+    return ids, mask
+
+
+class SFTReader(Reader):
+    """The pretraining readers (jsonl/.gz/.zst, parquet, HF datasets) with chat rows instead of a text field.
+    Documents carry the rendered conversation as ``text`` (for dedup and stats) and the cleaned messages in meta."""
+
+    def __init__(self, cfg, stats):
+        super().__init__(cfg.input, stats)
+        self.full = cfg
+        self.template = ChatTemplate(cfg.tokenizer.model_path)
+
+    def _make(self, doc_id: str, rec, where: str):
+        scfg = self.full.sft
+        try:
+            msgs = parse_row(rec, scfg)
+            if self.full.clean.enabled:
+                msgs = [{"role": m["role"], "content": clean_message(m["content"], self.full.clean.normalization)}
+                        for m in msgs]
+            check_messages(msgs)
+            encode_row(self.template, msgs, scfg)  # length check here, where file:line is known
+        except ValueError as e:
+            return self._bad(where, str(e))
+        meta = {k: rec[k] for k in self.cfg.metadata_keys if k in rec}
+        if self.cfg.id_key and self.cfg.id_key in rec:
+            meta["source_id"] = rec[self.cfg.id_key]
+        meta["messages"] = msgs
+        return {"id": doc_id, "text": render(msgs, self.template.eos), "meta": meta}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def mask_prefix(work: str, split: str, rank: int) -> str:
+    return os.path.join(work, "tokens", "loss_mask", f"{split}-{rank:05d}")
+
+
+def tokenizer_task(ctx, rank: int) -> dict:
+    """Copy the given tokenizer (SFT never trains one) and write chat_template.json beside it."""
+    from .tokenizer import model_path, train_tokenizer_task
+    if not ctx.cfg.tokenizer.model_path:
+        raise PipelineError("sft.enabled needs tokenizer.model_path (the pretraining tokenizer)")
+    stats = train_tokenizer_task(ctx, rank)
+    write_json(os.path.join(ctx.out, TEMPLATE_FILE), ChatTemplate(model_path(ctx)).describe())
+    return stats
+
+
+def tokenize_task(ctx, rank: int) -> dict:
+    """Like the pretraining tokenize stage, one conversation per document, plus the per-task loss-mask shards."""
+    from .tokenizer import is_valid, kept_docs, model_path, task_shard_prefix
+    cfg = ctx.cfg
+    template = ChatTemplate(model_path(ctx))
+    dtype = token_dtype(template.sp.vocab_size())
+    writers = {s: ShardWriter(task_shard_prefix(ctx.work, s, rank), dtype) for s in ("train", "valid")}
+    masks = {s: ShardWriter(mask_prefix(ctx.work, s, rank), np.uint8) for s in writers}
+    ids_out = {s: [] for s in writers}
+    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "loss_tokens": 0} for s in writers}
+    try:
+        for doc in kept_docs(ctx, rank):
+            split = "valid" if is_valid(doc["id"], cfg) else "train"
+            ids, mask = encode_row(template, doc["meta"]["messages"], cfg.sft)
+            writers[split].add_document(np.asarray(ids, dtype=dtype))
+            masks[split].add_document(np.asarray(mask, dtype=np.uint8))
+            ids_out[split].append(doc["id"])
+            st = stats[split]
+            st["docs"] += 1
+            st["tokens"] += len(ids)
+            st["loss_tokens"] += int(sum(mask))
+            st["bytes"] += len(doc["text"].encode("utf-8"))
+        for s in writers:
+            write_bytes(task_shard_prefix(ctx.work, s, rank) + ".ids", "".join(i + "\n" for i in ids_out[s]).encode())
+            masks[s].close()
+            writers[s].close()
+    except BaseException:
+        for w in (*writers.values(), *masks.values()):
+            w.abort()
+        raise
+    return stats
+
+
+def loss_mask_task(ctx, _rank: int) -> dict:
+    """``loss_mask/<name>`` for every final ``shards/<name>``: the per-task masks in the order shard_task wrote
+    the documents (tasks in order), cut at the same document counts; built in a temp folder, renamed into place."""
+    import shutil
+    tmp = os.path.join(ctx.out, f"{MASK_DIR}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    names = {}
+    for split in ("train", "valid"):
+        finals = [p[:-4] for p in sorted(glob.glob(os.path.join(ctx.out, "shards", f"{split}-*.idx")))]
+        sources = [IndexedShard(mask_prefix(ctx.work, split, t)) for t in range(ctx.n_tasks)]
+        docs = ((src, i) for src in sources for i in range(len(src)))
+        for final in finals:
+            tokens = IndexedShard(final)
+            with ShardWriter(os.path.join(tmp, os.path.basename(final)), np.uint8) as w:
+                for j in range(len(tokens)):
+                    src, i = next(docs)
+                    if src.lengths[i] != tokens.lengths[j]:
+                        raise PipelineError(f"loss mask of {final} document {j} has {src.lengths[i]} entries for "
+                                            f"{tokens.lengths[j]} tokens")
+                    w.add_document(src.doc(i))
+        names[split] = [os.path.basename(f) for f in finals]
+    dest = os.path.join(ctx.out, MASK_DIR)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return {"loss_mask": names}
+
+
+def finalize_task(ctx, rank: int) -> dict:
+    """The pipeline's finalize, then stats.json gains an ``sft`` section (loss tokens per split, template)."""
+    from .executor import stage_results
+    from .pipeline import finalize_task as base_finalize
+    out = base_finalize(ctx, rank)
+    path = os.path.join(ctx.out, "stats.json")
+    stats = read_json(path)
+    tok = stage_results(ctx.work, "tokenize", ctx.n_tasks)
+    stats["sft"] = {"template": TEMPLATE_NAME, "loss_tokens": {s: sum(t[s]["loss_tokens"] for t in tok)
+                                                               for s in ("train", "valid")}}
+    write_json(path, stats)
+    return out
+
+
+def sft_stages(stages: list) -> list:
+    """The pretraining stage list with SFT's tokenizer/tokenize/finalize tasks and a loss_mask stage after shard."""
+    from .executor import Stage
+    out = []
+    for s in stages:
+        if s.name in ("tokenizer", "tokenize", "finalize"):
+            s = Stage(s.name, s.n_tasks, {"tokenizer": tokenizer_task, "tokenize": tokenize_task,
+                                          "finalize": finalize_task}[s.name])
+        out.append(s)
+        if s.name == "shard":
+            out.append(Stage("loss_mask", 1, loss_mask_task))
+    return out
