@@ -7,6 +7,7 @@ temporary name first; the rename is the commit point, so a crash never leaves a 
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -17,12 +18,32 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from llmforge.safe_pickle import SafeFileSystemReader, load_metadata
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved or loaded, as one printable line naming the file (a ValueError, so every
+    CLI's one-line error path reports it)."""
+
+
+def _disk_full(e: BaseException, depth: int = 0) -> bool:
+    """Whether ``e`` (or what it wraps: causes, DCP's per-rank failures) is ENOSPC / EDQUOT."""
+    if depth > 5 or e is None:
+        return False
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    for inner in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
+        if _disk_full(inner[0] if isinstance(inner, tuple) else inner, depth + 1):
+            return True
+    return _disk_full(e.__cause__, depth + 1) or _disk_full(e.__context__, depth + 1)
 
 
 def _model_sd(model_parts):
@@ -58,6 +79,11 @@ def _write_atomic(path: str, write) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:  # closed here, so a write error (disk full) raises now, not at garbage collection
+        json.dump(obj, f, indent=1)
 
 
 def _sizes(path: str) -> dict[str, int]:
@@ -123,6 +149,22 @@ class Checkpointer:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
+        try:
+            self._save(step, tmp, final, model_parts, optimizers, trainer_state)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            self._failed(e, step, tmp, final)
+
+    def _failed(self, e: BaseException, step: int, tmp: str, final: str):
+        """A failed save leaves nothing behind (a half-written temp folder would hold the space the next save needs);
+        a full disk becomes one line saying what to do, other errors propagate unchanged."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise CheckpointError(f"disk full while saving checkpoint step {step} to {final} (the partial save was "
+                                  f"removed; the newest complete checkpoint is intact): free space under "
+                                  f"{self.root} and rerun the same command to resume") from None
+        raise e
+
+    def _save(self, step: int, tmp: str, final: str, model_parts, optimizers, trainer_state: dict) -> None:
         state = {"model": _model_sd(model_parts), "optim": _optim_sd(model_parts, optimizers)}
         rng = _rng_state()
         _write_atomic(os.path.join(tmp, f"rng-rank{dist.get_rank()}.pt"), lambda p: (
@@ -142,15 +184,17 @@ class Checkpointer:
             return
         fut, tmp, final, state = self._pending
         self._pending = None
-        fut.result()
-        self._finalize(tmp, final, state)
+        try:
+            fut.result()
+            self._finalize(tmp, final, state)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            self._failed(e, state.get("step", -1), tmp, final)
 
     def _finalize(self, tmp: str, final: str, trainer_state: dict) -> None:
         dist.barrier()
         if self.rank == 0:
-            _write_atomic(os.path.join(tmp, "trainer_state.json"),
-                          lambda p: json.dump(trainer_state, open(p, "w"), indent=1))
-            _write_atomic(os.path.join(tmp, "COMPLETE"), lambda p: json.dump({"sizes": _sizes(tmp)}, open(p, "w")))
+            _write_atomic(os.path.join(tmp, "trainer_state.json"), lambda p: _dump_json(trainer_state, p))
+            _write_atomic(os.path.join(tmp, "COMPLETE"), lambda p: _dump_json({"sizes": _sizes(tmp)}, p))
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -158,25 +202,39 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True) -> dict:
-        """Load into the (possibly parallelised) model parts and optimizers; return trainer_state."""
+    def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+        """Load into the (possibly parallelised) model parts and optimizers; return trainer_state. Inference passes
+        ``load_rng=False``: the RNG state matters only to a resumed training run."""
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint not found: {path}")
+        # The metadata is a pickle: read it through the allow-list first (a crafted file is refused here, in one
+        # line naming it), and let DCP read it the same way, never with plain pickle.load.
+        load_metadata(os.path.join(path, ".metadata"))
         state = {"model": _model_sd(model_parts)}
         if load_optimizer:
             state["optim"] = _optim_sd(model_parts, optimizers)
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))
         for part in model_parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if load_optimizer:
             for part, opt in zip(model_parts, optimizers):
                 set_optimizer_state_dict(part, _local_optim(opt), state["optim"], options=_OPTS)
         rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
-        if os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            return json.load(f)
+        if load_rng and os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+                torch.set_rng_state(rng["torch"])
+                if "cuda" in rng and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(rng["cuda"])
+            except Exception as e:  # noqa: BLE001 - torch's message advises weights_only=False: never for a checkpoint
+                raise CheckpointError(f"{rng_file}: not a readable RNG state (garbled or truncated: "
+                                      f"{type(e).__name__})") from None
+        state_file = os.path.join(path, "trainer_state.json")
+        try:
+            with open(state_file) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{state_file}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def resume_candidates(ckpt_root: str, log=print) -> list[str]:

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from llmforge.checkpoint import Checkpointer, newest_complete
+from llmforge.checkpoint import CheckpointError, Checkpointer, newest_complete
 from llmforge.config import ConfigError, RunConfig, load_config
 from llmforge.model.blocks import ModelArgs
 from llmforge.model.presets import model_args
 from llmforge.model.transformer import Transformer
+from llmforge.safe_pickle import UnsafePickleError
 
 
 class RunLoadError(RuntimeError):
@@ -85,6 +86,8 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
         raise RunLoadError(f"{run_dir} was trained with engine=deepspeed: its checkpoints are DeepSpeed's format; "
                            "consolidate them with deepspeed's zero_to_fp32.py (loading them here is not supported yet)")
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    if checkpoint and not os.path.isdir(checkpoint):
+        raise RunLoadError(f"--checkpoint {checkpoint}: not found")
     path = checkpoint or newest_complete(ckpt_root, log=log)
     if path is None:
         raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
@@ -96,8 +99,11 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
     model = empty_model(args)
     ensure_process_group()
     try:  # model weights only: a checkpoint's optimizer state is not needed for inference
-        state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False)
+        state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False,
+                                                                    load_rng=False)
     except (Exception, CheckpointException) as e:  # DCP raises several types (one a BaseException); name the checkpoint and the first line of the cause
+        if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file
+            raise RunLoadError(str(e)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
     model.to(device).eval()
