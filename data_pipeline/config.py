@@ -27,6 +27,8 @@ class InputConfig:
     on_error: str = opt("fail", "fail: stop at a bad record naming file:line | skip: count it under 'read_errors'")
     max_doc_chars: int = opt(5_000_000, "a document longer than this is a bad record (on_error decides)")
     min_doc_chars: int = opt(1, "shorter documents (after reading) are dropped and counted as 'empty'")
+    task_mb: float = opt(32.0, "with tasks=0: one task per this many MB of a plain jsonl or parquet file (split "
+                               "by byte range / row group), plus one per other file; at most 64")
 
 
 @dataclasses.dataclass
@@ -124,6 +126,9 @@ class DedupConfig:
     exact: ExactDedupConfig = opt(ExactDedupConfig(), "exact dedup")
     minhash: MinHashConfig = opt(MinHashConfig(), "near dedup")
     write_clusters: bool = opt(True, "write work/dedup/clusters.jsonl.zst (member ids per duplicate cluster)")
+    cluster_tasks: int = opt(0, "bucket tasks, each a range of bucket keys (partitioned union-find, then one "
+                                "merge); 0: one per dedup.cluster_task_mb of input, at most 64. No output depends on it")
+    cluster_task_mb: float = opt(1000.0, "with cluster_tasks=0: MB of input (on disk) per bucket task")
 
 
 @dataclasses.dataclass
@@ -162,7 +167,8 @@ class SlurmConfig:
 class PipelineConfig:
     output_dir: str = opt("outputs/data", "where shards/, tokenizer.model, stats.json, config.yaml and work/ go")
     workers: int = opt(2, "local worker processes (does not change any output)")
-    tasks: int = opt(0, "input tasks (files are dealt round-robin); 0: one per file, at most 64. Outputs depend on it")
+    tasks: int = opt(0, "input tasks, each a contiguous range of the input (big jsonl/parquet files are split); "
+                        "0: automatic (input.task_mb). Outputs do not depend on it")
     executor: str = opt("local", "local | slurm")
     steps: list[str] = opt(list(STEP_NAMES), "order of the per-document steps (each also has enabled)")
     keep_work_files: bool = opt(True, "keep work/prepared, signatures, dedup, tokens after success (false: delete "
@@ -189,6 +195,9 @@ class PipelineConfig:
         need(bool(self.input.paths) or bool(self.input.hf_dataset), "input.paths", "no input given")
         need(self.workers >= 1, "workers", "must be >= 1")
         need(self.tasks >= 0, "tasks", "must be >= 0")
+        need(self.input.task_mb > 0, "input.task_mb", "must be > 0")
+        need(self.dedup.cluster_tasks >= 0, "dedup.cluster_tasks", "must be >= 0")
+        need(self.dedup.cluster_task_mb > 0, "dedup.cluster_task_mb", "must be > 0")
         need(self.executor in ("local", "slurm"), "executor", f"{self.executor!r} is not local or slurm")
         for s in self.steps:
             need(s in STEP_NAMES, "steps", f"unknown step {s!r}; valid: {', '.join(STEP_NAMES)}")

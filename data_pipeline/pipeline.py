@@ -1,7 +1,8 @@
 """The pipeline: stage list, run context, final resharding and stats, and ``run()`` used by the CLI.
 
-Stages (tasks): prepare (T) -> buckets (one per key column) -> clusters (1) -> tokenizer (1) -> tokenize (T)
--> shard (1) -> finalize (1). T = ``tasks`` (0: one per input file, at most 64) and never depends on ``workers``.
+Stages (tasks): prepare (T) -> buckets (P key ranges, dedup/stages.py) -> clusters (1) -> tokenizer (1) -> tokenize (T)
+-> shard (1) -> finalize (1). T = ``tasks`` (0: automatic, task_plan.auto_tasks) and never depends on ``workers``;
+tasks read contiguous pieces of the input, so no output depends on T either.
 Everything intermediate lives in ``<output_dir>/work``; the final outputs appear only in the last stages.
 """
 from __future__ import annotations
@@ -19,12 +20,12 @@ from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
+from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
 from .shards import IndexedShard, ShardWriter
 from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
 
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml")
 BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
-MAX_AUTO_TASKS = 64
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
 RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "progress", "keep_work_files")
 
@@ -37,12 +38,15 @@ class Context:
         self.out = cfg.output_dir
         self.work = os.path.join(cfg.output_dir, "work")
         self.units = expand_paths(cfg.input)
-        self.n_tasks = cfg.tasks or min(len(self.units), MAX_AUTO_TASKS)
+        self.n_tasks = cfg.tasks or auto_tasks(self.units, cfg.input.task_mb)
+        self.pieces = plan_tasks(self.units, self.n_tasks)  # contiguous in input order: outputs ignore n_tasks
         self.n_dedup_cols = dedup_columns(cfg)
+        self.n_cluster_tasks = cfg.dedup.cluster_tasks or auto_cluster_tasks(self.units, cfg.dedup.cluster_task_mb)
         self._prepare_stats = None
 
     def units_of(self, rank: int):
-        return self.units[rank::self.n_tasks]  # round-robin over sorted files: deterministic
+        """Pieces ``(kind, path, rel, lo, hi)`` of task ``rank`` (task_plan.py)."""
+        return self.pieces[rank]
 
     @property
     def prepare_stats(self) -> list[dict]:
@@ -54,7 +58,7 @@ class Context:
 def build_stages(ctx) -> list[Stage]:
     stages = [Stage("prepare", ctx.n_tasks, prepare_task, warmup=prepare_warmup)]
     if ctx.n_dedup_cols:
-        stages += [Stage("buckets", ctx.n_dedup_cols, buckets_task), Stage("clusters", 1, clusters_task)]
+        stages += [Stage("buckets", ctx.n_cluster_tasks, buckets_task), Stage("clusters", 1, clusters_task)]
     return stages + [Stage("tokenizer", 1, train_tokenizer_task), Stage("tokenize", ctx.n_tasks, tokenize_task),
                      Stage("shard", 1, shard_task), Stage("finalize", 1, finalize_task)]
 

@@ -58,9 +58,9 @@ def prepare_task(ctx, rank: int) -> dict:
     secs = Counter()  # seconds per step: written beside the marker, never into it (markers stay reproducible)
     clock = time.perf_counter
     with JsonlZstWriter(prepared_path(ctx.work, rank)) as out:
-        for kind, path, rel in ctx.units_of(rank):
-            read["files"] += 1
-            docs = reader.read(kind, path, rel)
+        for kind, path, rel, lo, hi in ctx.units_of(rank):
+            read["files"] += lo == 0  # a file split over tasks is counted by the piece holding its start
+            docs = reader.read(kind, path, rel, lo, hi)
             while True:
                 t0 = clock()
                 doc = next(docs, None)

@@ -79,6 +79,20 @@ class _ZstdRaw(io.RawIOBase):
         super().close()
 
 
+def count_newlines(path: str, end: int) -> int:
+    """Newlines in bytes [0, end) of a plain file: the line number a byte-range piece starts after (a memchr
+    scan at GB/s, against MB/s for the filters that follow)."""
+    n = 0
+    with open(path, "rb") as f:
+        while end > 0:
+            chunk = f.read(min(end, 8 << 20))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            end -= len(chunk)
+    return n
+
+
 def open_binary(path: str):
     """Binary line-readable stream for plain, .gz and .zst files."""
     if path.endswith(".gz"):
@@ -181,23 +195,40 @@ class Reader:
             meta["source_id"] = rec[self.cfg.id_key]
         return {"id": doc_id, "text": text, "meta": meta}
 
-    def read(self, kind: str, path: str, rel: str) -> Iterator[dict]:
+    def read(self, kind: str, path: str, rel: str, lo: int = 0, hi: int | None = None) -> Iterator[dict]:
+        """Documents of one unit, or of one piece of it: bytes [lo, hi) of a plain jsonl file (the lines that
+        start there) or row groups [lo, hi) of a parquet file (see task_plan.py). Ids never depend on the piece."""
+        if kind in ("jsonl", "parquet"):
+            return getattr(self, f"_read_{kind}")(path, rel, lo, hi)
         return getattr(self, f"_read_{kind}")(path, rel)
 
-    def _read_jsonl(self, path, rel):
+    def _read_jsonl(self, path, rel, lo=0, hi=None):
         limit = self.cfg.max_doc_chars * 4 + 4096  # utf-8 worst case plus JSON overhead
         lineno = 0
         try:
             with open_binary(path) as f:
-                while True:
+                pos = 0
+                if lo > 0:  # a byte range of a plain file: skip the line that began in the previous piece
+                    lineno = count_newlines(path, lo - 1)
+                    f.seek(lo - 1)
+                    pos = lo - 1
+                    while True:
+                        part = f.readline(limit)
+                        pos += len(part)
+                        if not part or part.endswith(b"\n"):
+                            lineno += bool(part)
+                            break
+                while hi is None or pos < hi:
                     line = f.readline(limit)
                     if not line:
                         break
+                    pos += len(line)
                     lineno += 1
                     where = f"{path}:{lineno}"
                     if len(line) >= limit and not line.endswith(b"\n"):
                         while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
                             line = f.readline(limit)
+                            pos += len(line)
                         self._bad(where, f"line longer than {limit} bytes (input.max_doc_chars={self.cfg.max_doc_chars})")
                         continue
                     if not line.strip():
@@ -219,7 +250,7 @@ class Reader:
             # Documents before the damage were already yielded; the rest of the file is unreadable.
             self._bad(f"{path}:{lineno + 1}", f"truncated or corrupt compressed file ({e})")
 
-    def _read_parquet(self, path, rel):
+    def _read_parquet(self, path, rel, lo=0, hi=None):
         import pyarrow.parquet as pq
         try:
             pf = pq.ParquetFile(path)
@@ -227,10 +258,15 @@ class Reader:
             return self._bad(path, f"not a readable parquet file ({e})")
         names = pf.schema_arrow.names
         if self.cfg.text_key not in names:
+            if lo > 0:  # reported once, by the piece holding row group 0
+                return None
             return self._bad(path, f"missing text column {self.cfg.text_key!r} (input.text_key); columns: {names}")
         cols = [c for c in dict.fromkeys([self.cfg.text_key, *self.cfg.metadata_keys, self.cfg.id_key]) if c in names]
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        groups = range(lo, pf.num_row_groups if hi is None else min(hi, pf.num_row_groups))
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))  # row ids count from the file's start
+        if not groups:
+            return None
+        for batch in pf.iter_batches(batch_size=1024, columns=cols, row_groups=list(groups)):
             for rec in batch.to_pylist():
                 doc = self._make(f"{rel}:{row}", rec, f"{path}:row {row}")
                 row += 1

@@ -1,11 +1,10 @@
 """MinHash LSH with datasketch: word n-gram shingles, xxh64 hashing (``scheme="affine64"``, which datasketch 2.x
 requires for a 64-bit hash function), ``bands x rows`` permutations, one 64-bit key per band.
 
-The bucket stage is a streaming k-way merge of per-task sorted band keys (as datatrove does), so memory stays
-bounded by the number of tasks, not the number of documents."""
+Buckets are found per key range (dedup/stages.py): each range of every band is a slice of the per-task sorted
+band keys, so one bucket task holds about 1/``cluster_tasks`` of the keys."""
 from __future__ import annotations
 
-import heapq
 import re
 
 import numpy as np
@@ -43,24 +42,24 @@ class MinHasher:
         return [xxhash.xxh64_intdigest(hv[b * r:(b + 1) * r].tobytes()) for b in range(self.bands)]
 
 
-def _column_stream(keys: np.ndarray, order: np.ndarray, task: int, chunk: int = 65536):
-    """(key, docref) pairs of one task's sorted column, read in chunks from a memmap."""
-    for s in range(0, len(keys), chunk):
-        for k, i in zip(keys[s:s + chunk].tolist(), order[s:s + chunk].tolist()):
-            yield k, (task << 32) | i
+def bucket_edges(keys: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Buckets of one band (documents with equal keys): for each member but the first (smallest global
+    document index) an edge ``(head, member)``. Vectorised; ``docs`` are global indices (input order)."""
+    if len(keys) < 2:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    order = np.lexsort((docs, keys))
+    k, d = keys[order], docs[order]
+    starts = np.ones(len(k), bool)
+    starts[1:] = k[1:] != k[:-1]
+    head_pos = np.maximum.accumulate(np.where(starts, np.arange(len(k)), 0))
+    member = ~starts
+    return d[head_pos[member]].astype(np.uint64), d[member].astype(np.uint64)
 
 
-def bucket_pairs(columns: list[tuple[int, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Merge per-task sorted ``(task, keys, order)`` columns; for every key shared by several documents emit
-    pairs (smallest docref, other docref). Returns an (n, 2) uint64 array, rows sorted."""
-    merged = heapq.merge(*(_column_stream(k, o, t) for t, k, o in columns))
-    pairs: list[tuple[int, int]] = []
-    cur_key, first = None, None
-    for key, ref in merged:
-        if key == cur_key:
-            pairs.append((first, ref) if first < ref else (ref, first))
-            first = min(first, ref)
-        else:
-            cur_key, first = key, ref
-    arr = np.array(sorted(set(pairs)), dtype=np.uint64).reshape(-1, 2)
-    return arr
+def pair_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A fixed 64-bit mix (splitmix64) of a document pair: picks the precision sample independently of tasks."""
+    with np.errstate(over="ignore"):
+        z = a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ b.astype(np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

@@ -10,8 +10,8 @@ from tests.data_pipeline.conftest import kept_ids, run_inproc, tree_hashes
 from tests.data_pipeline.corpus import document, near_duplicate
 
 from data_pipeline.dedup.exact import content_hash
-from data_pipeline.dedup.minhash import MinHasher, bucket_pairs, jaccard, shingles
-from data_pipeline.dedup.unionfind import UnionFind
+from data_pipeline.dedup.minhash import MinHasher, bucket_edges, jaccard, shingles
+from data_pipeline.dedup.unionfind import components, forest
 
 
 def test_minhash_collides_for_near_duplicates_only():
@@ -32,20 +32,18 @@ def test_exact_hash_normalises_case_and_space():
     assert content_hash("hello world") != content_hash("hello world!")
 
 
-def test_bucket_merge_streams_sorted_columns():
-    # two tasks; key 5 shared by (0,1) and (1,0); key 9 by (0,2),(1,1),(1,2)
-    cols = [(0, np.array([1, 5, 9], np.uint64), np.array([0, 1, 2], np.uint32)),
-            (1, np.array([5, 9, 9], np.uint64), np.array([0, 1, 2], np.uint32))]
-    pairs = bucket_pairs(cols).tolist()
-    r = lambda t, i: (t << 32) | i  # noqa: E731
-    assert pairs == sorted([[r(0, 1), r(1, 0)], [r(0, 2), r(1, 1)], [r(0, 2), r(1, 2)]])
+def test_bucket_edges_link_each_member_to_the_first_document():
+    keys = np.array([9, 5, 1, 9, 5, 9, 7], np.uint64)
+    docs = np.array([40, 11, 3, 12, 30, 25, 8], np.uint64)  # global indices (input order)
+    head, member = bucket_edges(keys, docs)
+    assert sorted(zip(head.tolist(), member.tolist())) == [(11, 30), (12, 25), (12, 40)]
 
 
-def test_union_find_clusters():
-    uf = UnionFind()
-    for a, b in [(5, 3), (3, 9), (1, 2)]:
-        uf.union(a, b)
-    assert sorted(uf.clusters().values()) == [[1, 2], [3, 5, 9]]
+def test_components_root_is_smallest_node():
+    nodes, labels, roots = components(np.array([5, 3, 1], np.uint64), np.array([3, 9, 2], np.uint64))
+    assert nodes.tolist() == [1, 2, 3, 5, 9] and roots[labels].tolist() == [1, 1, 3, 3, 3]
+    node, root = forest(np.array([5, 3, 1], np.uint64), np.array([3, 9, 2], np.uint64))
+    assert list(zip(node.tolist(), root.tolist())) == [(2, 1), (5, 3), (9, 3)]
 
 
 def test_kept_ids_independent_of_workers_and_tasks(dup_corpus, tmp_path):
@@ -56,7 +54,7 @@ def test_kept_ids_independent_of_workers_and_tasks(dup_corpus, tmp_path):
         run_inproc(corpus, outs[name], *extra)
     ids = {k: kept_ids(v) for k, v in outs.items()}
     assert ids["w1"] == ids["w2"]
-    assert sorted(ids["t2"]) == sorted(ids["w1"])  # another task count: same set (order follows tasks)
+    assert ids["t2"] == ids["w1"]  # another task count: same documents in the same order
     assert planted["exact"] not in ids["t2"] and planted["originals"][0] in ids["t2"]
     # same input + config + task count: every output byte identical, whatever the worker count (the resolved
     # config.yaml records output_dir and workers themselves, so it is left out)
