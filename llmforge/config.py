@@ -164,6 +164,27 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys silently (``lr`` twice: one is ignored); refuse instead."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges may repeat keys on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if seen is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen})", key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
     """Load ``cls`` from a YAML file and dotted overrides; validate; return the instance."""
     raw: dict = {}
@@ -172,7 +193,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -195,8 +216,9 @@ def dump_config(cfg, path: str) -> None:
     """Write the resolved config as YAML, atomically (temp name + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    resolved = cfg.resolved_dict() if hasattr(cfg, "resolved_dict") else to_dict(cfg)
     with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(resolved, f, sort_keys=False)
     os.replace(tmp, path)
 
 
@@ -321,6 +343,13 @@ class RunConfig:
     deepspeed: dict = opt({}, "raw DeepSpeed config merged over the generated one (engine: deepspeed)")
 
     def validate(self) -> None:
+    def resolved_dict(self) -> dict:
+        """What ``dump_config`` writes: relative ``data.paths`` made absolute (against the working directory of
+        the command that wrote it), so the run's config.yaml works from any folder (eval, generate, resume)."""
+        out = to_dict(self)
+        out["data"]["paths"] = [os.path.abspath(os.path.expanduser(p)) for p in self.data.paths]
+        return out
+
         """Checks that need no world size; layout checks against the world live in llmforge.parallel."""
         def need(ok, key, msg):
             if not ok:

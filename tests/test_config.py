@@ -1,4 +1,5 @@
 """Config loading, dotted overrides, validation errors, resolved dump, and their CLI behaviour."""
+import dataclasses
 import os
 
 import pytest
@@ -59,7 +60,8 @@ def test_dump_roundtrip(tmp_path):
     cfg = load_config(RunConfig, TINY, ["train.steps=3"])
     path = tmp_path / "run" / "config.yaml"
     dump_config(cfg, str(path))
-    assert load_config(RunConfig, str(path)) == cfg
+    resolved = [os.path.abspath(p) for p in cfg.data.paths]  # stored absolute: the run works from any folder
+    assert load_config(RunConfig, str(path)) == dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=resolved))
     assert yaml.safe_load(path.read_text())["train"]["steps"] == 3
     assert not [p for p in os.listdir(path.parent) if "tmp" in p]
 
