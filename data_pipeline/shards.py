@@ -9,12 +9,14 @@ trainer reads them with :class:`IndexedShard`.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 
 import numpy as np
 
 MAGIC = b"MMIDIDX\x00\x00"
+STATS_EXT = ".stats.json"  # sidecar: max token id, counts
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
@@ -35,22 +37,27 @@ class ShardWriter:
         self._bin = open(self._tmp + ".bin", "wb")
         self.lengths: list[int] = []
         self.tokens = 0
+        self.max_id = -1
 
     def add_document(self, ids) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
         self._bin.write(arr.tobytes(order="C"))
         self.lengths.append(len(arr))
         self.tokens += len(arr)
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
 
     def close(self) -> None:
         self._bin.close()
         write_index(self._tmp + ".idx", self.dtype, self.lengths)
+        write_sidecar(self._tmp + STATS_EXT, self.dtype, self.tokens, len(self.lengths), self.max_id)
+        os.replace(self._tmp + STATS_EXT, self.prefix + STATS_EXT)  # first: a stale one never outlives its .bin
         os.replace(self._tmp + ".bin", self.prefix + ".bin")
         os.replace(self._tmp + ".idx", self.prefix + ".idx")
 
     def abort(self) -> None:
         self._bin.close()
-        for ext in (".bin", ".idx"):
+        for ext in (".bin", ".idx", STATS_EXT):
             if os.path.exists(self._tmp + ext):
                 os.remove(self._tmp + ext)
 
@@ -59,6 +66,29 @@ class ShardWriter:
 
     def __exit__(self, exc_type, *_):
         self.abort() if exc_type else self.close()
+
+
+def write_sidecar(path: str, dtype, tokens: int, documents: int, max_id: int) -> None:
+    """``PREFIX.stats.json`` beside .bin/.idx (the MMIDIDX format has no room for it): the largest token id, so a
+    trainer checks data against its model's vocabulary without reading every token."""
+    with open(path, "w") as f:
+        json.dump({"dtype": np.dtype(dtype).name, "documents": documents, "max_token_id": max_id, "tokens": tokens},
+                  f, sort_keys=True)
+        f.write("\n")
+
+
+def shard_max_id(prefix: str) -> int:
+    """Largest token id in a shard (-1 if empty): from its stats sidecar when that matches the .bin's size, else
+    by reading the tokens (shards written by other tools)."""
+    shard = IndexedShard(prefix)
+    try:
+        with open(shard.prefix + STATS_EXT) as f:
+            meta = json.load(f)
+        if meta["tokens"] == shard.num_tokens and meta["dtype"] == shard.dtype.name:
+            return int(meta["max_token_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return int(shard.tokens.max()) if shard.num_tokens else -1
 
 
 def write_index(path: str, dtype, lengths, doc_idx=None) -> None:

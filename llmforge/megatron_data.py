@@ -131,7 +131,11 @@ def build_megatron_datasets(data_cfg, seed: int, num_samples: int, valid_samples
 
 
 def build_run_datasets(cfg, vocab_size: int | None = None):
-    """(train stream, validation list) for a RunConfig, dispatching on ``data.backend`` (native | megatron)."""
+    """(train stream, validation list) for a RunConfig, dispatching on ``data.backend`` (native | megatron).
+    First the data is checked against itself and the model (one tokenizer, no id >= vocab_size): callers run this
+    before any collective, so a bad blend fails in one line on every rank alike."""
+    from llmforge.data_checks import check_data
+    check_data(cfg.data, vocab_size or cfg.model.vocab_size)
     if cfg.data.backend == "megatron":
         return build_megatron_datasets(cfg.data, cfg.seed, cfg.train.steps * cfg.train.global_batch_size,
                                        vocab_size=vocab_size)
