@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
-        "dev": ["pytest", "pytest-timeout", "transformers"],
+        "ray": ["ray>=2.52,<3"],  # data pipeline executor=ray (CPU wheel; pulls no torch)
+        "dev": ["pytest", "pytest-timeout", "transformers", "ray>=2.52,<3"],
     },
     entry_points={
         "console_scripts": [

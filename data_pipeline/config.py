@@ -164,12 +164,23 @@ class SlurmConfig:
 
 
 @dataclasses.dataclass
+class RayConfig:
+    address: str = opt("", "Ray cluster: empty = RAY_ADDRESS, else a cluster started here by `ray start`, else a new "
+                           "local instance with `workers` CPUs | auto (an existing cluster only) | HOST:6379 | "
+                           "ray://HOST:10001 (Ray Client)")
+    num_cpus_per_task: float = opt(1.0, "CPUs Ray reserves for each task (sets how many run at once)")
+    max_retries: int = opt(3, "Ray retries of a task whose worker died (tasks are idempotent)")
+    object_store_mb: int = opt(256, "object store of a local instance started here (tasks pass only small objects)")
+    log_to_driver: bool = opt(False, "stream the Ray workers' stdout/stderr to this terminal")
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     output_dir: str = opt("outputs/data", "where shards/, tokenizer.model, stats.json, config.yaml and work/ go")
     workers: int = opt(2, "local worker processes (does not change any output)")
     tasks: int = opt(0, "input tasks, each a contiguous range of the input (big jsonl/parquet files are split); "
                         "0: automatic (input.task_mb). Outputs do not depend on it")
-    executor: str = opt("local", "local | slurm")
+    executor: str = opt("local", "local | slurm | ray")
     steps: list[str] = opt(list(STEP_NAMES), "order of the per-document steps (each also has enabled)")
     keep_work_files: bool = opt(True, "keep work/prepared, signatures, dedup, tokens after success (false: delete "
                                       "them; markers stay, so a rerun is still a no-op)")
@@ -187,6 +198,7 @@ class PipelineConfig:
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer training")
     shards: ShardConfig = opt(ShardConfig(), "token shards")
     slurm: SlurmConfig = opt(SlurmConfig(), "Slurm executor")
+    ray: RayConfig = opt(RayConfig(), "Ray executor (data_pipeline/ray_executor.py)")
 
     def validate(self) -> None:
         def need(ok, key, msg):
@@ -198,7 +210,8 @@ class PipelineConfig:
         need(self.input.task_mb > 0, "input.task_mb", "must be > 0")
         need(self.dedup.cluster_tasks >= 0, "dedup.cluster_tasks", "must be >= 0")
         need(self.dedup.cluster_task_mb > 0, "dedup.cluster_task_mb", "must be > 0")
-        need(self.executor in ("local", "slurm"), "executor", f"{self.executor!r} is not local or slurm")
+        need(self.executor in ("local", "slurm", "ray"), "executor", f"{self.executor!r} is not local, slurm or ray")
+        need(self.ray.num_cpus_per_task > 0, "ray.num_cpus_per_task", "must be > 0")
         for s in self.steps:
             need(s in STEP_NAMES, "steps", f"unknown step {s!r}; valid: {', '.join(STEP_NAMES)}")
         need(len(set(self.steps)) == len(self.steps), "steps", "a step is listed twice")

@@ -27,7 +27,7 @@ from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml")
 BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
-RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "progress", "keep_work_files")
+RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files")
 
 
 class Context:
@@ -151,6 +151,9 @@ def run(cfg, config_path: str | None = None) -> dict:
             walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
             if not cfg.slurm.wait:
                 return {}
+        elif cfg.executor == "ray":
+            from .ray_executor import RayExecutor  # ray is an optional dependency (extra "ray")
+            walls = RayExecutor(cfg).run(ctx, stages)
         else:
             walls = LocalExecutor(cfg.workers, cfg.progress).run(ctx, stages)
     except PipelineError as e:

@@ -1,0 +1,120 @@
+"""Ray executor (``executor=ray``): the same stages, tasks and done markers as the local and Slurm executors,
+each pending task of a stage submitted as a Ray task, stage after stage.
+
+Where it runs (``ray.address``): empty = ``RAY_ADDRESS`` if set, else the cluster most recently started on this
+machine with ``ray start``, else a new local Ray instance with ``workers`` CPUs (stopped at the end); ``auto`` =
+an existing cluster only; ``HOST:6379`` = a cluster's GCS address; ``ray://HOST:10001`` = Ray Client. Workers
+must be able to import this package and see ``output_dir`` and the inputs at the same paths (a shared file
+system): tasks exchange nothing but their files and markers, exactly as Slurm array tasks do. A worker that dies
+is retried (``ray.max_retries``): tasks write atomically and skip themselves once their marker exists.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from .executor import PipelineError, Stage, is_done, run_task, task_error
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RayJobError(PipelineError):
+    """Ray itself failed (cluster unreachable, worker or node lost after retries): work/ stays for a rerun."""
+
+    keep_work = True
+
+
+def _ray_task(ctx, stage: Stage, rank: int, cwd: str) -> str | None:
+    """Runs on a Ray worker; returns None or the task's one-line error (raised by the driver, not re-pickled)."""
+    os.chdir(cwd)  # config paths (inputs, output_dir) are relative to where the run was started
+    try:
+        run_task(ctx, stage, rank)
+        return None
+    except Exception as e:  # noqa: BLE001 - reported by the driver with the task named
+        return str(task_error(stage.name, rank, e))
+
+
+def _send_token_if_any() -> None:
+    """`ray start` turns token authentication on by itself when a token exists (~/.ray/auth_token), but Ray
+    enables it in a driver only for a cluster it finds without an address. Given an address, send the token
+    whenever one exists (a cluster without authentication accepts it too), unless RAY_AUTH_MODE says otherwise."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            os.path.exists(os.path.join(os.path.expanduser("~"), ".ray", "auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray" in sys.modules:  # already imported: refresh its cached config, as ray.init does for a local cluster
+            from ray._raylet import Config
+            Config.initialize("")
+
+
+class RayExecutor:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def _connect(self) -> bool:
+        """ray.init for ``ray.address``; returns whether this call started a new local instance."""
+        if self.cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            _send_token_if_any()  # before Ray reads its config
+        try:
+            import ray
+        except ImportError:
+            raise PipelineError("executor=ray needs Ray: pip install 'llmforge[ray]' (or pip install ray)") from None
+        rc = self.cfg.ray
+        env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               # lets a cluster on this machine import the package even when it is not pip-installed
+               "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
+        kw = dict(runtime_env={"env_vars": env}, log_to_driver=rc.log_to_driver, configure_logging=False)
+        address = rc.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            try:
+                ray.init(address=address, **kw)
+            except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line either way
+                raise RayJobError(f"ray.address={address}: cannot connect to a Ray cluster "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+            return False
+        # No address: a cluster started on this machine with `ray start` if there is one, else a new instance.
+        try:
+            ray.init(address="auto", **kw)
+            return False
+        except (ConnectionError, RuntimeError):
+            pass
+        ray.init(num_cpus=self.cfg.workers, include_dashboard=False, object_store_memory=rc.object_store_mb << 20,
+                 **kw)
+        return True
+
+    def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
+        import ray
+        self._connect()
+        rc = self.cfg.ray
+        remote = ray.remote(_ray_task).options(num_cpus=rc.num_cpus_per_task, max_retries=rc.max_retries)
+        walls: dict[str, float] = {}
+        refs: dict = {}
+        try:
+            ctx_ref = ray.put(ctx)
+            for stage in stages:
+                pending = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
+                t0 = time.perf_counter()
+                refs = {remote.remote(ctx_ref, stage, r, os.getcwd()): r for r in pending}
+                with tqdm(total=stage.n_tasks, initial=stage.n_tasks - len(pending), desc=f"{stage.name:>10}",
+                          unit="task", disable=not self.cfg.progress, file=sys.stderr, leave=True) as bar:
+                    while refs:
+                        done, _ = ray.wait(list(refs), num_returns=1)
+                        rank = refs.pop(done[0])
+                        try:
+                            err = ray.get(done[0])
+                        except ray.exceptions.RayError as e:
+                            raise RayJobError(f"ray: stage {stage.name} task {rank} failed: "
+                                              f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}") from None
+                        if err:
+                            raise PipelineError(err)
+                        bar.update(1)
+                walls[stage.name] = time.perf_counter() - t0
+        finally:
+            for ref in refs:  # an error or Ctrl-C: stop the rest of the stage
+                ray.cancel(ref, force=True)
+            ray.shutdown()  # disconnects from a cluster; also stops a local instance that _connect started
+        return walls
