@@ -28,7 +28,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmforge import train as T  # noqa: E402
+from llmforge.distributed import resolve_dtype  # noqa: E402
+from llmforge.engines.native import build_model  # noqa: E402
+from llmforge.loss import loss_fn  # noqa: E402
+from llmforge.run_plan import batch_plan  # noqa: E402
 from llmforge.config import load_config, RunConfig  # noqa: E402
 from llmforge.distributed import init_distributed  # noqa: E402
 from llmforge.metrics import device_peak_flops  # noqa: E402
@@ -61,17 +64,17 @@ def bench_preset(preset, args, device, info):
         raise SystemExit(f"--seq-len {cfg.data.seq_len} > max_seq_len {margs.max_seq_len} of {preset}")
     dims = resolve_dims(cfg.parallel, 1, margs, cfg.train)
     mesh, dp_mesh = build_mesh(dims, device.type)
-    local, micro, accum = T.batch_plan(cfg, dims.dp)
-    dtype = T.resolve_dtype(cfg, device)
+    local, micro, accum = batch_plan(cfg, dims.dp)
+    dtype = resolve_dtype(cfg.train.dtype, device)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
         else contextlib.nullcontext
 
     # ---- llmforge
-    model = T.build_model(margs, cfg.seed)
+    model = build_model(margs, cfg.seed)
     bare_model = copy.deepcopy(model).to(device)  # identical initial weights for the baseline
     n_params, fpt = num_params(model), flops_per_token(model, cfg.data.seq_len)
-    pm = parallelize(model, dims, mesh, cfg, device, T.loss_fn)
-    opts = pm.extras.get("optimizers") or [build_optimizer([p], cfg.train, device) for p in pm.parts]
+    pm = parallelize(model, dims, mesh, cfg, device, loss_fn)
+    opts = pm.zero1_optimizers or [build_optimizer([p], cfg.train, device) for p in pm.parts]
     group = dp_mesh.get_group()
     state = {"step": 0}
 
@@ -83,9 +86,9 @@ def bench_preset(preset, args, device, info):
         lr = cfg.train.lr * lr_factor(state["step"], cfg.train)
         for o in opts:
             set_lr(o, lr)
-        loss = T.forward_backward(pm, x, y, micro, accum, amp)
+        loss = pm.forward_backward(x, y, micro, accum, amp, loss_fn)
         dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=group)
-        gn = T.clip_grad_norm(pm, cfg.train.grad_clip)
+        gn = pm.clip_grad_norm(cfg.train.grad_clip)
         loss.item()
         if bool(torch.isfinite(loss).item() and torch.isfinite(gn).item()):
             for o in opts:

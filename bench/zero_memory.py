@@ -66,7 +66,9 @@ def _worker(rank, world, port, stage, margs_kw, batch, seq, q):
                           MASTER_PORT=str(port))
         import torch
         torch.set_num_threads(1)
-        from llmforge import train as T
+        from llmforge.engines.native import build_model
+        from llmforge.loss import loss_fn
+        from llmforge.run_plan import batch_plan
         from llmforge.config import RunConfig, load_config
         from llmforge.distributed import init_distributed
         from llmforge.model.blocks import ModelArgs
@@ -80,29 +82,28 @@ def _worker(rank, world, port, stage, margs_kw, batch, seq, q):
         dims = resolve_dims(cfg.parallel, world, margs, cfg.train)
         info = init_distributed("cpu", "gloo", 120)
         mesh, dp_mesh = build_mesh(dims, "cpu")
-        model = T.build_model(margs, cfg.seed)
-        pm = parallelize(model, dims, mesh, cfg, info.device, T.loss_fn)
-        opts = pm.extras.get("optimizers") or [build_optimizer([p], cfg.train, info.device) for p in pm.parts]
-        local, micro, accum = T.batch_plan(cfg, dims.dp)
+        model = build_model(margs, cfg.seed)
+        pm = parallelize(model, dims, mesh, cfg, info.device, loss_fn)
+        opts = pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in pm.parts]
+        local, micro, accum = batch_plan(cfg, dims.dp)
         g = torch.Generator().manual_seed(rank)
         data = torch.randint(0, margs.vocab_size, (local, seq + 1), generator=g)
         params = {id(p): p for part in pm.parts for p in part.parameters()}
         param_bytes = sum(_local_bytes(p) for p in params.values())
         # one forward, to see what stays gathered between forward and backward
         model0 = pm.parts[0]
-        if pm.extras.get("set_sync"):
-            pm.extras["set_sync"](True)
+        if pm.set_sync is not None:
+            pm.set_sync(True)
         out = model0(data[:micro, :-1])
         held = _unsharded_after_forward(pm.parts)
-        loss = T.loss_fn(out, data[:micro, 1:])
+        loss = loss_fn(out, data[:micro, 1:])
         loss.backward()
         for o in opts:
             o.zero_grad(set_to_none=True)
         # one real step
-        T.forward_backward(pm, data[:, :-1], data[:, 1:], micro, accum, __import__("contextlib").nullcontext)
-        if pm.extras.get("finish_grads"):
-            pm.extras["finish_grads"]()
-        T.clip_grad_norm(pm, 1.0)
+        pm.forward_backward(data[:, :-1], data[:, 1:], micro, accum, __import__("contextlib").nullcontext, loss_fn)
+        pm.finish_grads()
+        pm.clip_grad_norm(1.0)
         grad_bytes = sum(_local_bytes(p.grad) for p in params.values() if p.grad is not None)
         for o in opts:
             o.step()

@@ -301,6 +301,7 @@ class ParallelConfig:
     pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")
     pp_microbatches: int = opt(0, "pipeline microbatches per step (0: local batch / micro_batch_size)")
     sequence_parallel: bool = opt(True, "shard norms/dropout activations along the sequence under TP")
+    loss_parallel: bool = opt(False, "under TP keep the logits sharded over the vocabulary; the loss runs on shards")
     compile: bool = opt(False, "torch.compile each transformer block")
 
 
@@ -342,7 +343,6 @@ class RunConfig:
     dist: DistConfig = opt(DistConfig(), "device and process group")
     deepspeed: dict = opt({}, "raw DeepSpeed config merged over the generated one (engine: deepspeed)")
 
-    def validate(self) -> None:
     def resolved_dict(self) -> dict:
         """What ``dump_config`` writes: relative ``data.paths`` made absolute (against the working directory of
         the command that wrote it), so the run's config.yaml works from any folder (eval, generate, resume)."""
@@ -350,6 +350,7 @@ class RunConfig:
         out["data"]["paths"] = [os.path.abspath(os.path.expanduser(p)) for p in self.data.paths]
         return out
 
+    def validate(self) -> None:
         """Checks that need no world size; layout checks against the world live in llmforge.parallel."""
         def need(ok, key, msg):
             if not ok:

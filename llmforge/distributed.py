@@ -101,3 +101,10 @@ def collective_error(e: BaseException) -> str:
     hint = ("; another rank stopped participating or crashed: check its log (dist.timeout_s bounds the wait)"
             if re.search(r"timed out|timeout|closed by peer|connection reset", reason, re.I) else "")
     return f"rank {dist.get_rank()} of {dist.get_world_size()}: collective failed{where}: {reason}{hint}"
+
+
+def resolve_dtype(train_dtype: str, device: torch.device) -> torch.dtype:
+    """``train.dtype`` → the compute dtype: bf16 when asked, or ``auto`` on CUDA; fp32 otherwise."""
+    if train_dtype == "bf16" or (train_dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32

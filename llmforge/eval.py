@@ -1,5 +1,9 @@
 """Validation loss of a run's newest checkpoint: ``python -m llmforge.eval RUN_DIR [key=value ...] [--batches N]``.
 
+Benchmarks instead: ``python -m llmforge.eval RUN_DIR --tasks T1,T2 [--include-path DIR] [--limit N]
+[--num-fewshot K]`` runs lm-evaluation-harness tasks (llmforge.benchmarks; shipped ones in llmforge/eval_tasks)
+offline and writes ``RUN_DIR/eval_tasks.json`` (per task and metric) beside eval.json.
+
 Prints one JSON line and writes it atomically to ``RUN_DIR/eval.json``: ``loss`` (mean token cross-entropy over
 the validation windows), ``perplexity`` = exp(loss), ``tokens`` (targets scored), ``checkpoint``, ``step``.
 The windows are the ones training validates on (``data.paths`` from the run's config.yaml, overridable) and are
@@ -36,6 +40,12 @@ def parse_args(argv):
                    help="sequences per batch (default: train.micro_batch_size, else train.global_batch_size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoints/step_N dir (default: newest complete)")
+    b = p.add_argument_group("benchmarks (lm-evaluation-harness; writes eval_tasks.json instead of eval.json)")
+    b.add_argument("--tasks", default=None, help="comma-separated task names, e.g. sample_valid_bpb,sample_next_line_mc")
+    b.add_argument("--include-path", action="append", default=[], help="a folder of lm-eval task YAML files (repeatable)")
+    b.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    b.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    b.add_argument("--bootstrap-iters", type=int, default=0, help="bootstrap resamples for stderr (0: none)")
     return p.parse_intermixed_args(argv)
 
 
@@ -61,7 +71,7 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
              device: str = "auto", checkpoint: str | None = None) -> dict:
     from llmforge.distributed import pick_device
     from llmforge.parallel import ParallelModel
-    from llmforge.train import evaluate, resolve_dtype
+    from llmforge.distributed import resolve_dtype
     dev = pick_device(device)
     run = load_run(run_dir, overrides, device=dev, checkpoint=checkpoint, log=lambda m: print(m, file=sys.stderr))
     cfg = run.cfg
@@ -73,9 +83,9 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
                           f"data.valid_fraction={cfg.data.valid_fraction})")
     bs = batch_size or cfg.train.micro_batch_size or cfg.train.global_batch_size
     n_batches = max_batches(batches, cfg, bs)
-    amp = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if resolve_dtype(cfg, dev) == torch.bfloat16
+    amp = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if resolve_dtype(cfg.train.dtype, dev) == torch.bfloat16
            else contextlib.nullcontext)
-    loss, tokens = evaluate(ParallelModel([run.model]), valid, bs, n_batches, dev, amp)
+    loss, tokens = ParallelModel([run.model]).evaluate(valid, bs, n_batches, dev, amp)
     if not tokens:
         raise ConfigError("the validation split produced no tokens")
     available = sum(len(v) for v in valid) * cfg.data.seq_len
@@ -88,11 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
+        if a.tasks is not None:
+            return _tasks(a)
         result = run_eval(a.run_dir, a.overrides, a.batches, a.batch_size, a.device, a.checkpoint)
         write_json_atomic(os.path.join(a.run_dir, "eval.json"), result)
         print(json.dumps(result))
         return 0
     return run_cli(body)
+
+
+def _tasks(a) -> int:
+    from llmforge.benchmarks import run_tasks_on_run
+    if a.overrides or a.batches is not None:
+        raise ConfigError("--tasks takes no config overrides or --batches (benchmarks bring their own data)")
+    names = [t for t in a.tasks.split(",") if t.strip()]
+    result = run_tasks_on_run(a.run_dir, [t.strip() for t in names], a.include_path, a.limit, a.num_fewshot,
+                              a.batch_size or 16, a.device, a.checkpoint, a.bootstrap_iters)
+    write_json_atomic(os.path.join(a.run_dir, "eval_tasks.json"), result)
+    print(json.dumps({"eval_tasks": os.path.join(a.run_dir, "eval_tasks.json"), **result["metrics"]}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -82,9 +82,8 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
              checkpoint: str | None = None, log=print) -> LoadedRun:
     """Config (+ dotted overrides), model with the newest complete checkpoint's weights, tokenizer."""
     cfg = run_config(run_dir, overrides)
-    if cfg.engine == "deepspeed":  # DeepSpeed's own checkpoint format, not DCP
-        raise RunLoadError(f"{run_dir} was trained with engine=deepspeed: its checkpoints are DeepSpeed's format; "
-                           "consolidate them with deepspeed's zero_to_fp32.py (loading them here is not supported yet)")
+    if cfg.engine == "deepspeed":  # DeepSpeed's own checkpoint format, consolidated with its utilities
+        return _load_deepspeed_run(cfg, run_dir, device, checkpoint)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if checkpoint and not os.path.isdir(checkpoint):
         raise RunLoadError(f"--checkpoint {checkpoint}: not found")
@@ -108,6 +107,27 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
         raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, int(state.get("step", 0)))
+
+
+def _model_for(cfg, run_dir: str):
+    tokenizer = load_tokenizer(run_dir)
+    try:
+        args = model_args(cfg.model, tokenizer.vocab_size() if tokenizer is not None else None)
+    except ValueError as e:
+        raise RunLoadError(f"{run_dir}/config.yaml: {e}") from None
+    return empty_model(args), tokenizer
+
+
+def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None) -> LoadedRun:
+    from llmforge.engines.deepspeed_weights import DeepSpeedLoadError, load_into
+    model, tokenizer = _model_for(cfg, run_dir)
+    try:
+        path, step = load_into(model, os.path.join(run_dir, "checkpoints"), checkpoint)
+    except DeepSpeedLoadError as e:
+        raise RunLoadError(str(e)) from None
+    ensure_process_group()
+    model.to(device).eval()
+    return LoadedRun(cfg, model, tokenizer, path, step)
 
 
 def run_cli(body) -> int:

@@ -11,8 +11,12 @@ cpu``) switches to DeepSpeed's own optimizer (FusedAdam / DeepSpeedCPUAdam) with
 
 Checkpoints: ``run_dir/checkpoints/step_N`` written by ``save_checkpoint``; the ``latest`` file, rewritten
 atomically after every rank finished, is the commit point; auto-resume loads it (model, optimizer, step,
-samples consumed). Launch: ``deepspeed --num_gpus N --no_local_rank --module llmforge.train CONFIG engine=
-deepspeed`` (or torchrun / srun: the process group comes from llmforge.distributed either way).
+samples consumed). ``llmforge.eval``/``generate``/``export_hf`` consolidate them with DeepSpeed's own
+``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module llmforge.train CONFIG
+engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.
+
+The loop is llmforge.trainer.Trainer, shared with the native engine. Every config key either has its effect here
+or is refused before start: see ``KEY_POLICY`` (a test walks every key of the config dataclasses against it).
 """
 from __future__ import annotations
 
@@ -24,22 +28,18 @@ import os
 import re
 import shutil
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from llmforge import train as T
-from llmforge.config import ConfigError, dump_config, to_dict
-from llmforge.data import find_tokenizer
-from llmforge.megatron_data import build_run_datasets
-from llmforge.distributed import init_distributed
-from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
-from llmforge.model.presets import model_args
-from llmforge.model.transformer import flops_per_token, num_params
-from llmforge.optim import lr_factor, param_groups
-from llmforge.parallel import ParallelModel
+from llmforge.config import ConfigError
+from llmforge.distributed import resolve_dtype
+from llmforge.loss import loss_fn
+from llmforge.optim import param_groups
+from llmforge.run_plan import batch_plan
+
+from .base import Engine, TrainingError
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
 KNOWN_KEYS = set("""
@@ -102,7 +102,7 @@ def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
         hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown DeepSpeed config key '{PREFIX}{unknown[0]}'{hint}")
     pp, dp = ds_dims(cfg, world)
-    _, micro, accum = T.batch_plan(cfg, dp)
+    _, micro, accum = batch_plan(cfg, dp)
     t = cfg.train
     conf = {
         "train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": micro,
@@ -169,7 +169,7 @@ class _Head(nn.Module):
 def pipeline_module(model, pp: int):
     from deepspeed.pipe import PipelineModule
     layers = [_Embed(model), *[_Block(b, model) for b in model.layers.values()], _Head(model)]
-    module = PipelineModule(layers=layers, num_stages=pp, loss_fn=T.loss_fn, partition_method="uniform")
+    module = PipelineModule(layers=layers, num_stages=pp, loss_fn=loss_fn, partition_method="uniform")
     # DeepSpeed sums gradient norms over the stages of a pipeline only for parameters marked model-parallel
     # (Megatron's attribute); unmarked ones count on stage 0 alone, which clips with a wrong norm. Every
     # parameter here lives on exactly one stage, so the mark is true.
@@ -215,134 +215,171 @@ def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
     dist.barrier()
     path, client = engine.load_checkpoint(root, tag=tag[0])
     if path is None:
-        raise T.TrainingError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag[0])}")
+        raise TrainingError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag[0])}")
     return int(client["step"]), int(client["samples"]), os.path.join(root, tag[0])
 
 
-# ------------------------------------------------------------------------------------------ the loop
-def train(cfg) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    import deepspeed
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    tok_path = find_tokenizer(cfg.data.paths)
-    margs = model_args(cfg.model, T.vocab_from_tokenizer(tok_path))
-    pp, dp = ds_dims(cfg, world)
-    if pp > 1 and margs.tie_embeddings:
-        raise ConfigError("parallel.pp>1 needs untied embeddings (model.tie_embeddings=false)")
-    local_bs, micro, accum = T.batch_plan(cfg, dp)
-    stream, valid = build_run_datasets(cfg, margs.vocab_size)  # data.backend: native | megatron
+# ------------------------------------------------------------------------------------------ the engine
+def _innermost_optimizer(opt):
+    """The torch optimizer that DeepSpeed's wrappers (ZeRO, BF16_Optimizer) finally call ``step`` on."""
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
 
-    info = init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
-    for k, v in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
-        os.environ.setdefault(k, str(v))  # DeepSpeed reads these (plain python / srun leave some unset)
-    deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
-    rank, device = info.rank, info.device
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    dtype = T.resolve_dtype(cfg, device)
-    conf = ds_config(cfg, world, dtype)
-    if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        tmp = os.path.join(cfg.run_dir, "deepspeed_config.json.tmp")
-        json.dump(conf, open(tmp, "w"), indent=1)
-        os.replace(tmp, os.path.join(cfg.run_dir, "deepspeed_config.json"))
-        if tok_path:
-            shutil.copyfile(tok_path, os.path.join(cfg.run_dir, "tokenizer.model.tmp"))
-            os.replace(os.path.join(cfg.run_dir, "tokenizer.model.tmp"), os.path.join(cfg.run_dir, "tokenizer.model"))
 
-    model = T.build_model(margs, cfg.seed)
-    n_params, fpt = num_params(model), flops_per_token(model, cfg.data.seq_len)
-    net = pipeline_module(model, pp) if pp > 1 else model
-    groups = param_groups([net], cfg.train.weight_decay)
-    t = cfg.train
-    client_opt = None if "optimizer" in conf else torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    own_schedule = "scheduler" not in conf
-    from deepspeed.utils import groups as ds_groups
-    ds_groups.mpu = None  # a pipeline grid left by an earlier engine in this process must not leak into this one
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=client_opt, model_parameters=groups, config=conf)
-    norm_box = [None]
-    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
-        from deepspeed.runtime.utils import clip_grad_norm_  # record the norm DeepSpeed computes when clipping
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
 
-        def clip_and_record():
-            norm_box[0] = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping() or 1e30, mpu=engine.mpu)
-        engine.clip_fp32_gradients = clip_and_record
-        if not engine.gradient_clipping():
-            engine._config.gradient_clipping = 1e30  # never clips (coefficient 1): only measures
-    log(f"model {cfg.model.preset}: {n_params:,} parameters | deepspeed {deepspeed.__version__} ZeRO-{conf['zero_optimization']['stage']}"
-        f" pp{pp} x dp{dp} | global batch {t.global_batch_size} seq = {t.global_batch_size * cfg.data.seq_len} tokens,"
-        f" micro {micro} per rank, {accum} accumulation steps | {device.type}/{info.backend}")
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from .deepspeed_policy import check_config
+        check_config(cfg)
 
-    root = os.path.join(cfg.run_dir, "checkpoints")
-    step, samples, resumed = 0, 0, None
-    if cfg.checkpoint.resume:
-        step, samples, resumed = resume(engine, root, rank, log)
-        if resumed:
-            log(f"resumed from {resumed} (step {step}, {samples} samples consumed)")
-    if resumed and step >= t.steps:  # rerunning a finished run changes nothing (idempotent)
-        log(f"run already finished at step {step} (train.steps={t.steps}): {os.path.abspath(cfg.run_dir)}")
-        return 0
-    metrics = MetricsLogger(cfg.run_dir, rank, cfg.logging, to_dict(cfg), resume_step=step)
-    step_metrics = StepMetrics(t.global_batch_size, cfg.data.seq_len, world, fpt, device)
-    dp_rank = engine.grid.get_data_parallel_rank() if pp > 1 else rank
-    dp_group = engine.grid.get_data_parallel_group() if pp > 1 else None
-    G, bad = t.global_batch_size, 0
-    evaluator = ParallelModel([engine], extras={"evaluate": _pipe_eval(engine)} if pp > 1 else {})
-    t_last = time.perf_counter()
-    while step < t.steps:
-        lr = t.lr * lr_factor(step, t)
-        if own_schedule:
-            for g in engine.optimizer.param_groups:
-                g["lr"] = lr
-        else:
-            lr = engine.get_lr()[0]
-        batch = stream.batch(samples + dp_rank * local_bs, local_bs).to(device)
-        norm_box[0] = None
-        if pp > 1:
-            micro_batches = iter([(batch[i * micro:(i + 1) * micro, :-1], batch[i * micro:(i + 1) * micro, 1:])
-                                  for i in range(accum)])
-            loss = engine.train_batch(data_iter=micro_batches).detach().float()
-        else:
-            total = torch.zeros((), device=device)
-            for i in range(accum):
-                mb = batch[i * micro:(i + 1) * micro]
-                loss = T.loss_fn(engine(mb[:, :-1]), mb[:, 1:])
-                engine.backward(loss)
-                engine.step()
-                total += loss.detach().float()
-            loss = total / accum
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp_group)
-        grad_norm = norm_box[0] if norm_box[0] is not None else engine.get_global_grad_norm()
-        grad_norm = float(grad_norm.item() if torch.is_tensor(grad_norm) else (grad_norm if grad_norm is not None else math.nan))
-        loss_val = loss.item()
-        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
-        bad = 0 if finite else bad + 1
-        if not finite:
-            log(f"warning: step {step + 1}: non-finite loss/grad ({loss_val}); {bad} in a row")
-        step, samples = step + 1, samples + G
-        if bad >= t.max_bad_steps:
-            raise T.TrainingError(f"{bad} consecutive steps with non-finite loss (train.max_bad_steps="
-                                  f"{t.max_bad_steps}); lower train.lr or check the data")
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        if step % t.log_interval == 0 or step == t.steps:
-            # skipped is False: DeepSpeed has already applied the step
-            metrics.log(step_metrics.row(step, loss_val, lr, grad_norm, samples, dt, skipped=False))
-        if evaluator and t.eval_interval and step % t.eval_interval == 0 and step < t.steps and valid:
-            vl, _ = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
-            metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))})
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
-            save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
-        t_last = time.perf_counter()
-    if evaluator and valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
-        vl, n = T.evaluate(evaluator, valid, micro, T.eval_batch_count(cfg, micro), device, contextlib.nullcontext)
-        metrics.log({"step": step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50)), "val_tokens": n})
-    save(engine, root, step, {"step": step, "samples": samples}, cfg.checkpoint.keep, rank)
-    metrics.close()
-    if rank == 0:
-        png = plot_run(cfg.run_dir) if cfg.logging.plot else None
-        log(f"done: {step} steps (deepspeed); run dir {os.path.abspath(cfg.run_dir)}" + (f"; plot {png}" if png else ""))
-    return 0
+    @staticmethod
+    def resolve_layout(cfg, world: int, margs):
+        pp, dp = ds_dims(cfg, world)
+        if pp > 1 and margs.tie_embeddings:
+            raise ConfigError("parallel.pp>1 needs untied embeddings (model.tie_embeddings=false)")
+        n_mb = cfg.parallel.pp_microbatches
+        if pp > 1 and n_mb:  # DeepSpeed's pipeline runs gradient_accumulation_steps micro batches per step
+            local = cfg.train.global_batch_size // dp
+            if local % n_mb or (cfg.train.micro_batch_size and cfg.train.micro_batch_size * n_mb != local):
+                raise ConfigError(f"parallel.pp_microbatches={n_mb} does not split the per-rank batch {local} "
+                                  f"(train.micro_batch_size={cfg.train.micro_batch_size})")
+            cfg.train.micro_batch_size = local // n_mb
+        return (pp, dp), dp
+
+    def __init__(self, cfg, plan, info):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        import deepspeed
+        from deepspeed.utils import groups as ds_groups
+        from llmforge.engines.native import build_model
+        from llmforge.model.transformer import flops_per_token, num_params
+        from llmforge.parallel.apply import apply_compile
+        from llmforge.parallel.recompute import apply_recompute
+        for k, v in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
+            os.environ.setdefault(k, str(v))  # DeepSpeed reads these (plain python / srun leave some unset)
+        deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+        self.cfg, self.plan, self.device, self.rank = cfg, plan, info.device, info.rank
+        self.pp, self.dp = plan.layout
+        self.conf = ds_config(cfg, info.world_size, resolve_dtype(cfg.train.dtype, info.device))
+        model = build_model(plan.margs, cfg.seed)
+        if cfg.train.init_from_hf:
+            from llmforge.export_hf import load_hf_into
+            load_hf_into(model, cfg.train.init_from_hf)
+        self.n_params, self.flops_per_token = num_params(model), flops_per_token(model, cfg.data.seq_len)
+        apply_recompute(model, cfg.recompute, cfg.recompute_every)
+        if cfg.parallel.compile:
+            apply_compile(model)
+        net = pipeline_module(model, self.pp) if self.pp > 1 else model
+        groups = param_groups([net], cfg.train.weight_decay)
+        t = cfg.train
+        client = None if "optimizer" in self.conf else torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                                                                          eps=t.eps)
+        self.own_schedule = "scheduler" not in self.conf
+        ds_groups.mpu = None  # a pipeline grid left by an earlier engine in this process must not leak into this one
+        self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=client, model_parameters=groups,
+                                                    config=self.conf)
+        self._install_step_gate()
+        self._install_norm_probe()
+        self.dp_rank = self.engine.grid.get_data_parallel_rank() if self.pp > 1 else info.rank
+        self.dp_group = self.engine.grid.get_data_parallel_group() if self.pp > 1 else None
+        self.root = os.path.join(cfg.run_dir, "checkpoints")
+        self.version = deepspeed.__version__
+
+    def _install_step_gate(self) -> None:
+        """Make the innermost optimizer step skippable: DeepSpeed has no skip for bf16/fp32, but every ZeRO
+        stage and wrapper ends in this one call, so skipping it leaves weights and Adam state untouched."""
+        inner = _innermost_optimizer(self.engine.optimizer)
+        original, self._skip = inner.step, False
+
+        def step(*args, **kwargs):
+            if self.pp > 1:  # train_batch steps inside: decide here, on gradients finite on every rank
+                ok = all(bool(torch.isfinite(p.grad).all()) for g in inner.param_groups for p in g["params"]
+                         if p.grad is not None)
+                flag = torch.tensor(int(ok), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                self._skip = not bool(flag.item())
+            return None if self._skip else original(*args, **kwargs)
+        inner.step = step
+
+    def _install_norm_probe(self) -> None:
+        self._norm_box = [None]
+        engine = self.engine
+        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+            from deepspeed.runtime.utils import clip_grad_norm_  # record the norm DeepSpeed computes when clipping
+
+            def clip_and_record():
+                self._norm_box[0] = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping() or 1e30,
+                                                    mpu=engine.mpu)
+            engine.clip_fp32_gradients = clip_and_record
+            if not engine.gradient_clipping():
+                engine._config.gradient_clipping = 1e30  # never clips (coefficient 1): only measures
+
+    def describe(self) -> str:
+        p = self.plan
+        return (f"deepspeed {self.version} ZeRO-{self.conf['zero_optimization']['stage']} pp{self.pp} x dp{self.dp} | "
+                f"micro {p.micro} per rank, {p.accum} accumulation steps")
+
+    def write_run_files(self, run_dir: str) -> None:
+        tmp = os.path.join(run_dir, "deepspeed_config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.conf, f, indent=1)
+        os.replace(tmp, os.path.join(run_dir, "deepspeed_config.json"))
+
+    def set_lr(self, lr: float) -> float:
+        if not self.own_schedule:
+            return self.engine.get_lr()[0]
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Non-PP: every micro batch's backward and all but the last ``engine.step()`` (DeepSpeed steps the
+        optimizer only at the accumulation boundary, which ``optim_step`` reaches). PP: ``train_batch`` runs the
+        whole step, so the gate skips on non-finite gradients itself."""
+        micro, accum, self._norm_box[0] = self.plan.micro, self.plan.accum, None
+        mbs = [batch[i * micro:(i + 1) * micro] for i in range(accum)]
+        if self.pp > 1:
+            loss = self.engine.train_batch(data_iter=iter([(mb[:, :-1], mb[:, 1:]) for mb in mbs]))
+            return loss.detach().float()
+        total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(mbs):
+            loss = loss_fn(self.engine(mb[:, :-1]), mb[:, 1:])
+            self.engine.backward(loss)
+            if i < accum - 1:
+                self.engine.step()
+            total += loss.detach().float()
+        loss = total / accum
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.dp_group)
+        return loss
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        return None  # DeepSpeed clips inside engine.step() (gradient_clipping = train.grad_clip)
+
+    def optim_step(self, apply: bool) -> bool:
+        if self.pp > 1:  # train_batch has already stepped, or skipped (see _install_step_gate)
+            return apply and not self._skip
+        self._skip = not apply
+        self.engine.step()
+        self._skip = False
+        return apply
+
+    def grad_norm(self) -> float:
+        norm = self._norm_box[0] if self._norm_box[0] is not None else self.engine.get_global_grad_norm()
+        return float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else math.nan))
+
+    def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
+        from llmforge.parallel import ParallelModel
+        pm = ParallelModel([self.engine], eval_fn=_pipe_eval(self.engine) if self.pp > 1 else None)
+        return pm.evaluate(valid, self.plan.micro, max_batches, self.device, contextlib.nullcontext)
+
+    def save(self, step: int, state: dict) -> None:
+        save(self.engine, self.root, step, state, self.cfg.checkpoint.keep, self.rank)
+
+    def load_latest(self, log) -> dict | None:
+        step, samples, path = resume(self.engine, self.root, self.rank, log)
+        return None if path is None else {"step": step, "samples": samples, "path": path}
 
 
 def _pipe_eval(engine):
@@ -361,10 +398,10 @@ def _pipe_eval(engine):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llmforge.engines.deepspeed CONFIG [k=v ...]``: llmforge.train with engine=deepspeed, accepting
-    the ``--local_rank=N`` argument the deepspeed launcher adds (its value is also in LOCAL_RANK)."""
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    return T.main(argv[:1] + ["engine=deepspeed"] + argv[1:])
+    """``python -m llmforge.engines.deepspeed CONFIG [k=v ...]``: llmforge.train with engine=deepspeed."""
+    from llmforge.train import main as train_main, strip_launcher_args
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    return train_main(argv[:1] + ["engine=deepspeed"] + argv[1:])
 
 
 if __name__ == "__main__":

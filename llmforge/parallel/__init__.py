@@ -5,13 +5,15 @@ PP split → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3,
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llmforge.config import ConfigError
+
+from .parallel_model import ParallelModel  # noqa: E402  (re-exported: the engines import it from here)
 
 
 @dataclass
@@ -144,17 +146,6 @@ def build_mesh(dims: ParallelDims, device_type: str, timeout_s: float | None = N
         for group in {id(g): g for g in [*(mesh[n].get_group() for n in names), dp_mesh.get_group()]}.values():
             _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
     return mesh, dp_mesh
-
-
-@dataclass
-class ParallelModel:
-    """What the training loop drives: one module per local pipeline stage (one, without PP)."""
-    parts: list[nn.Module]
-    schedule: object = None          # torch.distributed.pipelining schedule when pp > 1
-    is_first: bool = True            # this rank feeds token ids (first pipeline stage)
-    is_last: bool = True             # this rank computes the loss (last pipeline stage)
-    ddp: bool = False                # gradients synchronised by DDP (no_sync during accumulation)
-    extras: dict = field(default_factory=dict)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, cfg, device: torch.device,

@@ -1,9 +1,8 @@
 """The full composition, in one order: PP split → TP/SP → activation recomputation → compile → FSDP2 or DDP.
 
-What the train loop gets back (``ParallelModel``): the local model parts, the pipeline schedule when pp > 1, and
-``extras`` hooks it calls when present: ``set_sync`` (FSDP gradient accumulation), ``finish_grads`` (gradient
-all-reduce for TP/PP layouts without DDP), ``optimizers`` (ZeRO-1), ``loss_group`` (pp group holding the loss),
-``clip_grad_norm`` (norm over DTensor shards and pipeline stages) and ``evaluate`` (validation under PP).
+What the engine gets back is a ``ParallelModel`` (parallel_model.py): the local model parts, the pipeline
+schedule when pp > 1, and the typed hooks this layout needs (FSDP accumulation sync, gradient all-reduce for
+TP/PP without DDP, ZeRO-1 optimizers, the pp loss group, clipping over shards, validation under PP).
 """
 from __future__ import annotations
 
@@ -12,16 +11,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from llmforge.distributed import resolve_dtype
+
 from . import ParallelModel
 from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers
 from .fsdp import apply_fsdp, fsdp_mesh, make_set_sync
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tp, sequence_parallel_stage_io
-
-
-def param_dtype(cfg, device) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda") \
-        else torch.float32
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -30,8 +26,13 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, loss_fn=None) -> ParallelModel:
+def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, loss_fn=None,
+                    materialize=None) -> ParallelModel:
+    """``model`` is either materialised (moved to ``device``) or on the meta device (parallel/build.py): then
+    ``materialize(parts)`` allocates and fills this rank's shards after FSDP, before DDP / ZeRO-1 / the
+    schedule; with ``device`` = meta (the dry run) nothing is allocated and DDP is not wrapped."""
     p = cfg.parallel
+    on_meta = next(model.parameters()).is_meta
     pipelined = dims.pp > 1
     if pipelined:
         from . import pipeline
@@ -44,40 +45,43 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     del model
 
     for part, first, last in zip(parts, firsts, lasts):
-        part.to(device)
+        if not on_meta:
+            part.to(device)
         if dims.tp > 1:
-            apply_tp(part, mesh["tp"], p.sequence_parallel)
+            apply_tp(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
             if pipelined and p.sequence_parallel:
                 sequence_parallel_stage_io(part, mesh["tp"], first, last)
         apply_recompute(part, cfg.recompute, cfg.recompute_every)
         if p.compile:
             apply_compile(part)
 
-    extras: dict = {}
-    ddp = False
+    pm = ParallelModel(parts)
     if p.zero_stage in (2, 3):
         dp_mesh = fsdp_mesh(mesh, dims)
-        parts = [apply_fsdp(part, dp_mesh, p.zero_stage, pipelined, param_dtype(cfg, device)) for part in parts]
-        extras["set_sync"] = make_set_sync(parts, p.zero_stage)
-    elif dims.dp_replicate > 1:
+        dtype = resolve_dtype(cfg.train.dtype, device)
+        parts = [apply_fsdp(part, dp_mesh, p.zero_stage, pipelined, dtype) for part in parts]
+        pm.parts = parts
+        pm.set_sync = make_set_sync(parts, p.zero_stage)
+    if materialize is not None:
+        materialize(pm.parts)
+    if p.zero_stage in (0, 1) and dims.dp_replicate > 1:
         group = mesh["dp_replicate"].get_group()
-        if not pipelined and dims.tp == 1:
-            parts, ddp = [apply_ddp(parts[0], group, device)], True
+        if not pipelined and dims.tp == 1 and torch.device(device).type != "meta":
+            pm.parts, pm.ddp = [apply_ddp(parts[0], group, device)], True
         else:
-            extras["finish_grads"] = GradAllReduce(parts, group)
+            pm.grad_sync = GradAllReduce(parts, group)
     if p.zero_stage == 1:
-        extras["optimizers"] = zero1_optimizers(parts, cfg.train, mesh["dp_replicate"].get_group())
+        pm.zero1_optimizers = zero1_optimizers(pm.parts, cfg.train, mesh["dp_replicate"].get_group())
 
     pp_group = mesh["pp"].get_group() if pipelined else None
     if pipelined or dims.tp > 1 or p.zero_stage in (2, 3):
-        extras["clip_grad_norm"] = lambda max_norm: clip_grad_norm(parts, max_norm, pp_group)
-    pm = ParallelModel(parts, ddp=ddp, extras=extras)
+        pm.clip_fn = lambda max_norm: clip_grad_norm(pm.parts, max_norm, pp_group)
     if pipelined:
         from . import pipeline
-        pm.schedule = pipeline.build_schedule(parts, ids, dims, p.pp_schedule, device, loss_fn, pp_group)
+        pm.schedule = pipeline.build_schedule(pm.parts, ids, dims, p.pp_schedule, device, loss_fn, pp_group)
         pm.is_first, pm.is_last = any(firsts), any(lasts)
-        extras["loss_group"] = pp_group
-        extras["evaluate"] = pipeline.make_evaluate(parts, ids, dims, p.pp_schedule, pp_group)
+        pm.loss_group = pp_group
+        pm.eval_fn = pipeline.make_evaluate(pm.parts, ids, dims, p.pp_schedule, pp_group)
     return pm
 
 

@@ -4,7 +4,8 @@ Per block: wq/wk/wv and w1/w3 are column-parallel (each rank computes a slice of
 units), wo and w2 are row-parallel (partial sums reduced). The model reshapes attention with ``-1`` heads, so it
 runs unchanged on the local heads. Token (and GPT-2 position) embeddings are vocab-/row-parallel; the output
 head is column-parallel over the vocabulary and gathers the logits (``Replicate``), so the loss function is the
-ordinary one and identical on every TP rank.
+ordinary one and identical on every TP rank; with ``parallel.loss_parallel`` it returns them sharded over the
+vocabulary instead (a DTensor) and ``llmforge.loss`` computes the cross-entropy on the shards.
 
 With ``parallel.sequence_parallel`` the residual stream between blocks is split along the sequence (Shard(1)):
 norms run on 1/tp of the tokens, and the all-reduces of plain TP become reduce-scatter + all-gather pairs.
@@ -20,8 +21,9 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    """Shard ``model`` (a Transformer or a pipeline stage of one) over ``tp_mesh`` in place."""
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool = False) -> None:
+    """Shard ``model`` (a Transformer or a pipeline stage of one) over ``tp_mesh`` in place. With
+    ``loss_parallel`` the logits stay a DTensor sharded over the vocabulary (``llmforge.loss`` works on shards)."""
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
     top = {}
@@ -33,7 +35,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     if model.norm is not None and sp:
         top["norm"] = SequenceParallel()
     if model.output is not None:
-        top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Replicate(), use_local_output=True)
+        top["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                        use_local_output=not loss_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
     tied = model.args.tie_embeddings and model.tok_embeddings is not None and model.output is not None

@@ -15,15 +15,11 @@ sys.path.insert(0, ROOT)
 
 def main() -> int:
     spec = json.load(open(sys.argv[1]))
-    from llmforge import train as T
     from llmforge.config import RunConfig, load_config
+    from llmforge.trainer import run_training
     for overrides in spec["runs"]:
         cfg = load_config(RunConfig, os.path.join(ROOT, spec["config"]), spec["common"] + overrides)
-        if cfg.engine == "deepspeed":
-            from llmforge.engines.deepspeed import train
-            rc = train(cfg)
-        else:
-            rc = T.train(cfg)
+        rc = run_training(cfg)
         if rc:
             return rc
     import torch.distributed as dist

@@ -12,8 +12,8 @@ TIMEOUT_S = 4
 
 def _stall_rank1_at_step3(stamp: str):
     def patch(rank: int) -> None:
-        import llmforge.train as train
-        original, calls = train.forward_backward, [0]
+        from llmforge.engines.native import NativeEngine
+        original, calls = NativeEngine.forward_backward, [0]
 
         def forward_backward(*args, **kwargs):
             calls[0] += 1
@@ -21,12 +21,12 @@ def _stall_rank1_at_step3(stamp: str):
                 open(stamp, "w").write(str(time.time()))
                 time.sleep(120)  # stops participating; the test kills it once rank 0 has failed
             return original(*args, **kwargs)
-        train.forward_backward = forward_backward
+        NativeEngine.forward_backward = forward_backward
     return patch
 
 
 @pytest.mark.parametrize("layout,where", [
-    (["parallel.dp_replicate=2"], "forward_backward (llmforge/train.py"),                      # DDP all-reduce
+    (["parallel.dp_replicate=2"], "forward_backward (llmforge/parallel/parallel_model.py"),                      # DDP all-reduce
     (["parallel.pp=2"], "pipeline_forward_backward (llmforge/parallel/pipeline.py"),          # pipeline p2p
     # 4 ranks: rank 0 waits on its TP sub-group (ranks 0-1), a mesh group that is not the world group
     # (without build_mesh's _set_pg_timeout it hangs for c10d's 30-minute default instead)

@@ -97,11 +97,12 @@ def test_collective_timeout_bounds_a_stuck_peer(tmp_path):
 WRAPPER = textwrap.dedent("""
     import os, sys, time
     import llmforge.train as T
+    from llmforge.engines.native import NativeEngine
     if os.environ["RANK"] == os.environ["LLMFORGE_TEST_STUCK_RANK"]:
         def stuck(*a, **k):
             print(f"rank {os.environ['RANK']}: stuck before the step's collectives", file=sys.stderr, flush=True)
             time.sleep(10**6)
-        T.forward_backward = stuck
+        NativeEngine.forward_backward = stuck
     sys.exit(T.main(sys.argv[1:]))
 """)
 

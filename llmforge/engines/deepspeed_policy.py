@@ -1,0 +1,78 @@
+"""What ``engine: deepspeed`` does with every config key: honoured (and how) or refused before start.
+
+``KEY_POLICY`` maps each key (or a ``section.*`` prefix whose keys are all handled by code both engines share) to
+``("honoured", how)`` or ``("refused", when, why)``; ``check_config`` raises one ConfigError naming the first
+refused key that is set. tests/engines/test_key_policy.py walks every key of the config dataclasses against it.
+"""
+from __future__ import annotations
+
+from llmforge.config import ConfigError, RunConfig, describe
+
+SHARED = "the shared Trainer / run plan"
+
+KEY_POLICY: dict[str, tuple] = {
+    # sections read only by code both engines share (model build, data stream, metrics, process group)
+    "model.*": ("honoured", "the same Transformer is built from the preset and overrides"),
+    "data.*": ("honoured", "the same deterministic sample stream (run_plan / megatron_data)"),
+    "logging.*": ("honoured", SHARED), "dist.*": ("honoured", "llmforge.distributed + deepspeed.init_distributed"),
+    "run_dir": ("honoured", SHARED), "seed": ("honoured", "same initial weights and data order as native"),
+    "engine": ("honoured", "selects this engine"),
+    "recompute": ("honoured", "the same apply_recompute (torch checkpoint_wrapper) on the blocks"),
+    "recompute_every": ("honoured", "the same apply_recompute"),
+    "train.steps": ("honoured", SHARED), "train.global_batch_size": ("honoured", "train_batch_size"),
+    "train.micro_batch_size": ("honoured", "train_micro_batch_size_per_gpu"),
+    "train.grad_accum_steps": ("honoured", "gradient_accumulation_steps"),
+    **{f"train.{k}": ("honoured", "our schedule sets the optimizer's lr every step") for k in
+       ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction")},
+    **{f"train.{k}": ("honoured", "client AdamW (or DeepSpeed's own optimizer) hyper-parameters") for k in
+       ("weight_decay", "beta1", "beta2", "eps")},
+    "train.grad_clip": ("honoured", "gradient_clipping"), "train.dtype": ("honoured", "bf16.enabled"),
+    "train.log_interval": ("honoured", SHARED), "train.eval_interval": ("honoured", SHARED),
+    "train.eval_batches": ("honoured", "the same validation windows"),
+    "train.max_bad_steps": ("honoured", "the Trainer's non-finite policy; the innermost optimizer step is skipped"),
+    "train.init_from_hf": ("honoured", "weights imported before deepspeed.initialize"),
+    "parallel.dp_replicate": ("refused", lambda c: c.parallel.dp_replicate > 1 and c.parallel.dp_shard > 1,
+                              "HSDP (dp_replicate>1 with dp_shard>1) has no DeepSpeed equivalent: ZeRO shards over "
+                              "every data-parallel rank; set parallel.dp_replicate=1 or use engine=native"),
+    "parallel.dp_shard": ("honoured", "ZeRO partitions over the data-parallel ranks"),
+    "parallel.tp": ("refused", lambda c: c.parallel.tp > 1,
+                    "the deepspeed engine has no tensor parallelism for this model; use engine=native"),
+    "parallel.pp": ("honoured", "PipelineModule (ZeRO 0/1)"),
+    "parallel.zero_stage": ("honoured", "zero_optimization.stage"),
+    "parallel.pp_schedule": ("refused", lambda c: c.parallel.pp > 1 and c.parallel.pp_schedule.lower() != "1f1b",
+                             "DeepSpeed's PipelineEngine runs its own 1F1B schedule only; set parallel.pp_schedule=1F1B "
+                             "or use engine=native"),
+    "parallel.pp_microbatches": ("honoured", "gradient_accumulation_steps of the PipelineEngine"),
+    "parallel.sequence_parallel": ("honoured", "only meaningful with parallel.tp>1, which is refused"),
+    "parallel.compile": ("honoured", "torch.compile of each block before deepspeed.initialize"),
+    "checkpoint.interval": ("honoured", SHARED), "checkpoint.keep": ("honoured", "old step_N tags removed"),
+    "checkpoint.resume": ("honoured", "load_checkpoint of the `latest` tag"),
+    "checkpoint.async_save": ("refused", lambda c: c.checkpoint.async_save,
+                              "DeepSpeed's save_checkpoint is synchronous here; set checkpoint.async_save=false"),
+    "deepspeed": ("honoured", "merged over the generated DeepSpeed config (validated)"),
+}
+
+
+def policy_for(key: str) -> tuple | None:
+    if key in KEY_POLICY:
+        return KEY_POLICY[key]
+    return KEY_POLICY.get(key.split(".")[0] + ".*")
+
+
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_config(cfg) -> None:
+    """One ConfigError naming the first key this engine cannot honour with its current value. A key with no rule
+    (added without a DeepSpeed mapping) is refused whenever it differs from its default."""
+    for key, _, default, _ in describe(RunConfig):
+        rule = policy_for(key)
+        if rule is None:
+            if _value(cfg, key) != default:
+                raise ConfigError(f"{key}: not supported by engine=deepspeed (no DeepSpeed mapping); use engine=native")
+            continue
+        if rule[0] == "refused" and rule[1](cfg):
+            raise ConfigError(f"{key}: not supported by engine=deepspeed: {rule[2]}")

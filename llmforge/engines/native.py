@@ -1,0 +1,114 @@
+"""``engine: native`` — PyTorch's own parallelism: DDP / ZeRO-1 / FSDP2 (ZeRO-2/3, HSDP), DTensor TP + SP,
+torch.distributed.pipelining, activation recomputation, torch.compile; DCP checkpoints that reshard."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from llmforge.checkpoint import Checkpointer, resume_candidates
+from llmforge.distributed import resolve_dtype
+from llmforge.loss import loss_fn
+from llmforge.model.transformer import Transformer, flops_per_token, num_params
+from llmforge.optim import build_optimizer, set_lr
+from llmforge.parallel import build_mesh, parallelize, resolve_dims
+
+from .base import Engine, TrainingError
+
+
+def build_model(args, seed: int) -> Transformer:
+    """Same seed → same initial weights on every rank and in every layout (the basis of equivalence tests)."""
+    torch.manual_seed(seed)
+    return Transformer(args)
+
+
+def autocast_for(cfg, device: torch.device):
+    """bf16 autocast where the parameters stay fp32 (FSDP2 casts parameters itself under ZeRO-2/3)."""
+    if resolve_dtype(cfg.train.dtype, device) == torch.bfloat16 and cfg.parallel.zero_stage not in (2, 3):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class NativeEngine(Engine):
+    name = "native"
+
+    @staticmethod
+    def resolve_layout(cfg, world: int, margs):
+        """Native layout rules (llmforge.parallel.resolve_dims); no collective."""
+        dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)
+        return dims, dims.dp
+
+    def __init__(self, cfg, plan, info):
+        self.cfg, self.plan, self.device, self.rank = cfg, plan, info.device, info.rank
+        self.dims = dims = plan.layout
+        self.mesh, self.dp_mesh = build_mesh(dims, info.device.type, cfg.dist.timeout_s)
+        self.amp = autocast_for(cfg, info.device)
+        model = build_model(plan.margs, cfg.seed)
+        if cfg.train.init_from_hf:  # before parallelize(); resuming a checkpoint later overwrites these weights
+            from llmforge.export_hf import load_hf_into
+            load_hf_into(model, cfg.train.init_from_hf)
+        self.n_params, self.flops_per_token = num_params(model), flops_per_token(model, cfg.data.seq_len)
+        self.pm = parallelize(model, dims, self.mesh, cfg, info.device, loss_fn)
+        del model  # pipeline stages are copies: do not keep the whole model alive
+        self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
+        self.dp_rank = self.dp_mesh.get_local_rank()
+        self.ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
+                                 cfg.checkpoint.async_save, info.rank)
+
+    def describe(self) -> str:
+        d, p = self.dims, self.plan
+        return (f"layout pp{d.pp} x dp_replicate{d.dp_replicate} x dp_shard{d.dp_shard} x tp{d.tp} (zero_stage "
+                f"{self.cfg.parallel.zero_stage})" + (f" | {self.cfg.parallel.pp_schedule}, {d.pp_microbatches} "
+                f"microbatches" if d.pp > 1 else "") + f" | micro {p.micro} per rank, {p.accum} accumulation steps")
+
+    def set_lr(self, lr: float) -> float:
+        for opt in self.optimizers:
+            set_lr(opt, lr)
+        return lr
+
+    def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        pm, p = self.pm, self.plan
+        loss = pm.forward_backward(batch[:, :-1], batch[:, 1:], p.micro, p.accum, self.amp, loss_fn)
+        pm.finish_grads()
+        loss = loss if pm.is_last else torch.zeros((), device=self.device)
+        if pm.loss_group is not None:  # the loss lives on the last pipeline stage
+            dist.all_reduce(loss, group=pm.loss_group)
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
+        return loss
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        norm = self.pm.clip_grad_norm(max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def optim_step(self, apply: bool) -> bool:
+        for opt in self.optimizers:
+            if apply:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return apply
+
+    def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
+        return self.pm.evaluate(valid, self.plan.micro, max_batches, self.device, self.amp)
+
+    def save(self, step: int, state: dict) -> None:
+        self.ckpt.save(step, self.pm.parts, self.optimizers, state)
+
+    def load_latest(self, log) -> dict | None:
+        candidates = resume_candidates(self.ckpt.root, log)
+        for path in candidates:  # newest first; one that fails to load is reported and the next older one tried
+            try:
+                state = self.ckpt.load(path, self.pm.parts, self.optimizers)
+            except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                log(f"warning: cannot load checkpoint {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+                continue
+            return dict(state, path=path)
+        if candidates:
+            raise TrainingError(f"cannot resume: no checkpoint in {self.ckpt.root} loads ({', '.join(candidates)}); "
+                                "move them away to start over")
+        return None
+
+    def wait(self) -> None:
+        self.ckpt.wait()

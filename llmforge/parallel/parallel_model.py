@@ -1,0 +1,84 @@
+"""What every parallelism hands the training engine: the local model parts and typed hooks.
+
+``parallelize`` fills the fields that its layout needs; the methods fall back to the plain single-module
+behaviour when a hook is absent, so the engine never probes for layout-specific behaviour by name.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmforge.data import validation_batches
+
+
+@dataclass
+class ParallelModel:
+    """One module per local pipeline stage (one without PP) and the hooks of the layout that produced them."""
+    parts: list[nn.Module]
+    schedule: object = None           # torch.distributed.pipelining schedule when pp > 1
+    is_first: bool = True             # this rank feeds token ids (first pipeline stage)
+    is_last: bool = True              # this rank computes the loss (last pipeline stage)
+    ddp: bool = False                 # gradients synchronised by DDP (no_sync during accumulation)
+    set_sync: Optional[Callable[[bool], None]] = None      # FSDP: reduce-scatter only on the last micro batch
+    grad_sync: Optional[Callable[[], None]] = None         # gradient all-reduce where DDP does not apply (TP/PP)
+    zero1_optimizers: Optional[list] = None                # ZeRO-1: optimizers over this rank's shard
+    loss_group: object = None                               # pp group: the loss lives on the last stage
+    clip_fn: Optional[Callable[[float], torch.Tensor]] = None   # norm over DTensor shards and pipeline stages
+    eval_fn: Optional[Callable] = None                      # validation that walks the pipeline stages
+
+    def parameters(self):
+        return (p for part in self.parts for p in part.parameters())
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, micro: int, accum: int, amp,
+                         loss_fn) -> torch.Tensor:
+        """One optimizer step's forward/backward over the local batch; the mean loss (valid on the last stage,
+        zero elsewhere)."""
+        if self.schedule is not None:
+            from llmforge.parallel.pipeline import pipeline_forward_backward
+            return pipeline_forward_backward(self, inputs, targets, amp)
+        model = self.parts[0]
+        total = torch.zeros((), device=inputs.device)
+        for i in range(accum):
+            sl = slice(i * micro, (i + 1) * micro)
+            last = i == accum - 1
+            sync = contextlib.nullcontext() if (not self.ddp or last) else model.no_sync()
+            if self.set_sync is not None:
+                self.set_sync(last)
+            with sync, amp():
+                loss = loss_fn(model(inputs[sl]), targets[sl])
+            (loss / accum).backward()
+            total += loss.detach()
+        return total / accum
+
+    def finish_grads(self) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm before clipping (clips when max_norm > 0); identical on every rank."""
+        if self.clip_fn is not None:
+            return self.clip_fn(max_norm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+
+    @torch.no_grad()
+    def evaluate(self, valid, micro: int, max_batches: int, device, amp) -> tuple[float, int]:
+        """Mean token cross-entropy over the validation windows (every rank evaluates the same batches)."""
+        if self.eval_fn is not None:
+            return self.eval_fn(valid, micro, max_batches, device, amp)
+        model = self.parts[0]
+        model.eval()
+        total, count = 0.0, 0
+        for batch in validation_batches(valid, micro, max_batches):
+            batch = batch.to(device)
+            with amp():
+                logits = model(batch[:, :-1])
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+        model.train()
+        return (total / count if count else float("nan")), count

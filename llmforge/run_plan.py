@@ -1,0 +1,84 @@
+"""Everything a run derives from its config before any process group exists, shared by both engines.
+
+``plan_run`` finds the tokenizer, resolves the model shape (preset, overrides, data vocab, or an HF folder),
+checks the layout (the engine's own rules), derives the batch plan and opens the data stream. Every problem
+is a ConfigError raised identically on every rank, before a collective could hang on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llmforge.config import ConfigError
+from llmforge.data import find_tokenizer
+from llmforge.model.presets import OVERRIDABLE, model_args
+
+
+def vocab_from_tokenizer(path: str | None) -> int | None:
+    if path is None:
+        return None
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=path).vocab_size()
+
+
+def batch_plan(cfg, dp: int) -> tuple[int, int, int]:
+    """(local batch per DP rank, micro batch, accumulation steps), checked against each other."""
+    t = cfg.train
+    local = t.global_batch_size // dp
+    micro = t.micro_batch_size or local
+    if local % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {local} "
+                          f"(global_batch_size {t.global_batch_size} / dp {dp})")
+    accum = local // micro
+    if t.grad_accum_steps and t.grad_accum_steps != accum:
+        raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} but global_batch_size / (micro_batch_size * dp)"
+                          f" = {t.global_batch_size} / ({micro} * {dp}) = {accum}")
+    return local, micro, accum
+
+
+def eval_batch_count(cfg, micro: int) -> int:
+    """train.eval_batches global batches, scored in micro batches: the same windows in any layout and engine."""
+    return cfg.train.eval_batches * cfg.train.global_batch_size // micro
+
+
+def resolve_model_args(cfg, tok_path: str | None):
+    """The model shape: from the HF folder when train.init_from_hf is set, else preset + overrides + data vocab.
+    With init_from_hf the resolved shape is written back into cfg.model, so config.yaml rebuilds this model."""
+    if not cfg.train.init_from_hf:
+        return model_args(cfg.model, vocab_from_tokenizer(tok_path))
+    from llmforge.export_hf import hf_model_args
+    margs = hf_model_args(cfg.train.init_from_hf)
+    data_vocab = vocab_from_tokenizer(tok_path)
+    if data_vocab and data_vocab > margs.vocab_size:
+        raise ConfigError(f"train.init_from_hf: the data's tokenizer has {data_vocab} ids, the model {margs.vocab_size}")
+    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
+    return margs
+
+
+@dataclass
+class RunPlan:
+    tok_path: str | None
+    margs: Any                 # llmforge.model.blocks.ModelArgs
+    layout: Any                # the engine's resolved layout (ParallelDims for native)
+    dp: int                    # data-parallel size (ranks that read different samples)
+    local_bs: int              # sequences per data-parallel rank per step
+    micro: int                 # sequences per forward/backward
+    accum: int                 # micro batches per step
+    train_stream: Any          # global sample index -> tokens
+    valid: Any                 # validation windows (may be empty)
+    eval_batches: int          # validation micro batches per evaluation (same windows in any layout)
+
+
+def plan_run(cfg, world: int, resolve_layout: Callable) -> RunPlan:
+    """``resolve_layout(cfg, world, margs) -> (layout, dp)`` is the engine's layout check (no collective)."""
+    from llmforge.megatron_data import build_run_datasets
+    tok_path = find_tokenizer(cfg.data.paths)
+    margs = resolve_model_args(cfg, tok_path)
+    if cfg.data.seq_len > margs.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
+    layout, dp = resolve_layout(cfg, world, margs)
+    local_bs, micro, accum = batch_plan(cfg, dp)
+    train_stream, valid = build_run_datasets(cfg, margs.vocab_size)  # data.backend: native | megatron
+    return RunPlan(tok_path, margs, layout, dp, local_bs, micro, accum, train_stream, valid,
+                   eval_batch_count(cfg, micro))
