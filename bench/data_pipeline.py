@@ -11,6 +11,8 @@
    ``sentencepiece.encode`` loop over the same documents with the same model.
 4. The whole CLI (``python -m data_pipeline run``) on 2-3 growing synthetic inputs: wall seconds, MB/s and
    peak RSS (max over the process and its workers) -> how memory grows with the input.
+5. The dedup cluster stage (bucket tasks over key ranges + merge) at 1x and 4x input: peak RSS and traced peak
+   of its largest task, each task re-run alone in a fresh process.
 
   python bench/data_pipeline.py [--synthetic-mb 12] [--rss-mb 3 6 12] [--workers 2]
 """
@@ -216,12 +218,59 @@ def tokenize_compare(sample_docs_dir, workers):
         shutil.rmtree(out, ignore_errors=True)
 
 
+CLUSTER_PROBE = (  # one cluster-stage task in a fresh interpreter: its peak RSS and traced (numpy + Python) peak
+    "import json,resource,sys,tracemalloc;from data_pipeline import config,pipeline;"
+    "cfg=config.load(sys.argv[1],[]);tracemalloc.start();pipeline.run_single_task(cfg,sys.argv[2],int(sys.argv[3]));"
+    "print(json.dumps({'rss_MB':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
+    "'traced_MB':tracemalloc.get_traced_memory()[1]/2**20}))")
+
+
+def cluster_memory(sample_docs, base_mb, workers, tmp):
+    """Peak memory of the dedup cluster stage (every bucket task and the merge, each re-run alone in a fresh
+    process) at 1x and 4x input, with the bucket-task count scaled with the input as dedup.cluster_task_mb does
+    (2 -> 8), and at 4x with it left at 2 (what the growth would be without more tasks). Filters are off
+    (steps=[clean]) so that every document reaches dedup and the runs stay short."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out, sizes = {}, {}
+    for name, scale, parts in (("1x", 1, 2), ("4x", 4, 8), ("4x_unscaled", 4, 2)):
+        d = os.path.join(tmp, f"cluster-{scale}")
+        if scale not in sizes:
+            sizes[scale] = make_synthetic(d, sample_docs, base_mb * scale, seed=2)[1]
+        b = sizes[scale]
+        o = os.path.join(tmp, f"cluster-out-{name}")
+        r = run_pipeline_cli(d, o, workers, ["steps=[clean]", f"dedup.cluster_tasks={parts}"])
+        if r["rc"]:
+            out[name] = {"error": r["err"]}
+            continue
+        cfg_path = os.path.join(o, "work", "config.yaml")
+        rows = {}
+        for stage, ranks in (("buckets", range(parts)), ("clusters", [0])):
+            for rank in ranks:
+                os.remove(os.path.join(o, "work", "markers", stage, f"{rank:05d}.json"))
+                p = subprocess.run([sys.executable, "-c", CLUSTER_PROBE, cfg_path, stage, str(rank)], cwd=ROOT,
+                                   env=env, capture_output=True, text=True)
+                rows.setdefault(stage, []).append(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
+                                                  else {"error": p.stderr[-300:]})
+        stats = json.load(open(os.path.join(o, "stats.json")))["dedup"]
+        out[name] = {"input_MB": round(b / 1e6, 1), "docs": stats["docs_in"], "cluster_tasks": parts,
+                     "removed": stats["exact"]["removed"] + stats["minhash"]["removed"],
+                     **{f"{s}_{k}": round(max(x.get(k, 0) for x in v), 1) for s, v in rows.items()
+                        for k in ("rss_MB", "traced_MB")}}
+        shutil.rmtree(o, ignore_errors=True)
+        print(f"cluster stage at {name}: {out[name]}", flush=True)
+    if all("error" not in out.get(k, {"error": 1}) for k in ("1x", "4x")):
+        out["ratios_4x_vs_1x"] = {k: round(out["4x"][k] / max(out["1x"][k], 1e-3), 2)
+                                  for k in out["1x"] if k.endswith("_MB") and k != "input_MB"}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--synthetic-mb", type=float, default=12.0)
     ap.add_argument("--rss-mb", type=float, nargs="+", default=[3.0, 6.0, 12.0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--skip-cli", action="store_true", help="skip the whole-pipeline runs (parts 3 and 4)")
+    ap.add_argument("--skip-cli", action="store_true", help="skip the whole-pipeline runs (parts 3 to 5)")
+    ap.add_argument("--cluster-mb", type=float, default=6.0, help="1x input of the cluster-stage memory runs")
     a = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-dp-")
     result = {"device": device_name(), "note": "per-step figures: one process, one thread = per core"}
@@ -254,6 +303,7 @@ def main(argv=None):
             else:
                 mh_res["datatrove"] = mh["datatrove"]
             result[name] = {"docs": len(docs), "MB": round(b / 1e6, 2), "per_step": table, "minhash": mh_res}
+            result.setdefault("minhash_vs_plain_datasketch", {})[name] = mh_res["speedup_vs_plain_datasketch"]
             print(f"{name}: " + ", ".join(f"{k} {v['MBps']} MB/s" for k, v in table.items()), flush=True)
             print(f"{name}: minhash ours {mh_res['ours_MBps']} MB/s vs plain datasketch "
                   f"{mh_res['plain_datasketch_MBps']} MB/s (x{mh_res['speedup_vs_plain_datasketch']})", flush=True)
@@ -276,6 +326,7 @@ def main(argv=None):
                 print(f"pipeline CLI on {row['input_MB']} MB: {row['wall_s']} s, peak RSS {row['peak_rss_MB']} MB",
                       flush=True)
             result["cli_growth"] = growth
+            result["cluster_stage_memory"] = cluster_memory(corpora["sample"][1], a.cluster_mb, a.workers, tmp)
             if len(growth) >= 2 and growth[0]["peak_rss_MB"]:
                 result["rss_growth_ratio"] = round(growth[-1]["peak_rss_MB"] / growth[0]["peak_rss_MB"], 3)
                 result["input_growth_ratio"] = round(growth[-1]["input_MB"] / growth[0]["input_MB"], 3)

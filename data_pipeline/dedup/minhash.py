@@ -25,6 +25,18 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if (a or b) else 1.0
 
 
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """The shingle set as sorted 64-bit hashes: 8 bytes a shingle instead of a Python string (what the
+    verification and precision checks hold in memory)."""
+    return np.unique(np.fromiter((xxhash.xxh64_intdigest(s.encode("utf-8")) for s in shingles(text, n)), np.uint64))
+
+
+def jaccard_hashed(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - inter
+    return inter / union if union else 1.0
+
+
 class MinHasher:
     def __init__(self, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 1):
         self.ngram, self.bands, self.rows = ngram, bands, rows

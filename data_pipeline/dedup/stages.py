@@ -20,7 +20,7 @@ import numpy as np
 from ..atomic_io import JsonlZstWriter, atomic_path, read_jsonl, save_npy
 from ..executor import stage_results
 from ..prepare import prepared_path, signature_paths
-from .minhash import bucket_edges, jaccard, pair_hash, shingles
+from .minhash import bucket_edges, jaccard_hashed, pair_hash, shingle_hashes
 from .unionfind import components, forest
 
 EMPTY = np.zeros(0, np.uint64)
@@ -85,7 +85,7 @@ def _exact_keys(ctx, g: np.ndarray, offsets: np.ndarray, col: int) -> np.ndarray
 
 
 def read_fields(ctx, g: np.ndarray, offsets: np.ndarray, field: str) -> dict[int, object]:
-    """g -> the document's id (``field="id"``) or shingle set (``"shingles"``), streaming only the prepare
+    """g -> the document's id (``field="id"``) or hashed shingle set (``"shingles"``), streaming only the prepare
     outputs that hold the wanted documents."""
     want = np.unique(g.astype(np.uint64))
     tasks = _task_of(want, offsets)
@@ -95,7 +95,7 @@ def read_fields(ctx, g: np.ndarray, offsets: np.ndarray, field: str) -> dict[int
         local = set((want[tasks == t] - offsets[t]).tolist())
         for i, doc in enumerate(read_jsonl(prepared_path(ctx.work, int(t)))):
             if i in local:
-                out[int(offsets[t]) + i] = doc["id"] if field == "id" else shingles(doc["text"], n)
+                out[int(offsets[t]) + i] = doc["id"] if field == "id" else shingle_hashes(doc["text"], n)
                 local.discard(i)
                 if not local:
                     break
@@ -132,7 +132,7 @@ def buckets_task(ctx, p: int) -> dict:
     pairs, band_pair = np.unique(np.stack([near_h, near_m], axis=1), axis=0, return_inverse=True)
     if m.verify:
         sh = read_fields(ctx, pairs.ravel(), offsets, "shingles") if len(pairs) else {}
-        ok = np.array([jaccard(sh[a], sh[b]) >= m.threshold for a, b in pairs.tolist()], bool)
+        ok = np.array([jaccard_hashed(sh[a], sh[b]) >= m.threshold for a, b in pairs.tolist()], bool)
         # every band collision is checked (it passes if its pair does): counts that no partitioning changes
         stats.update(pairs_checked=int(len(near_h)), pairs_above_threshold=int(ok[band_pair.ravel()].sum()))
         near_h, near_m = pairs[ok, 0], pairs[ok, 1]
@@ -175,7 +175,7 @@ def clusters_task(ctx, _rank: int) -> dict:
         samples = samples[: m.precision_sample]
         sh = read_fields(ctx, samples.ravel(), offsets, "shingles") if len(samples) else {}
         checked = len(samples)
-        above = sum(jaccard(sh[a], sh[b]) >= m.threshold for a, b in samples.tolist())
+        above = sum(jaccard_hashed(sh[a], sh[b]) >= m.threshold for a, b in samples.tolist())
     if cfg.dedup.write_clusters or cfg.write_rejects:
         _write_clusters(ctx, offsets, ex_head, ex_member, removed[~is_exact], root[nodes != root][~is_exact],
                         removed, is_exact)
