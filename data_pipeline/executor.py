@@ -8,6 +8,7 @@ outputs. Outputs are deterministic functions of (input, config, task count): nev
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import multiprocessing
 import os
@@ -32,8 +33,17 @@ class SlurmJobError(PipelineError):
     keep_work = True
 
 
+class DiskFullError(PipelineError):
+    """No space left: finished tasks and stages stay (their markers), so a rerun resumes once space is freed."""
+
+    keep_work = True
+
+
 def task_error(stage: str, rank: int, e: Exception) -> PipelineError:
     """One-line error for a failed task: input errors already name file and line; others get stage and rank."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"stage {stage} task {rank}: disk full{f' writing {e.filename}' if e.filename else ''}; "
+                             "finished stages are kept: free space and rerun the same command to resume")
     if isinstance(e, PipelineError) or type(e).__name__ == "InputError":
         return PipelineError(str(e))
     return PipelineError(f"stage {stage} task {rank}: {type(e).__name__}: {e}")

@@ -39,7 +39,11 @@ class CompressionError(InputError):
 
 class _ZstdRaw(io.RawIOBase):
     """Streaming zstd decoder over a file that raises on truncation (zstandard's stream_reader reads a cut
-    frame as a silent short file). Handles multi-frame files."""
+    frame as a silent short file). Handles multi-frame files. The input is fed in small slices, so when the file
+    is damaged everything decoded before the damage is returned first and the error comes after it: with
+    ``input.on_error: skip`` only the documents after the damage are lost (at worst one zstd block before it)."""
+
+    SLICE = 1 << 14
 
     def __init__(self, path: str):
         self._f = open(path, "rb")
@@ -47,28 +51,38 @@ class _ZstdRaw(io.RawIOBase):
         self._d = zstandard.ZstdDecompressor().decompressobj()
         self._buf = b""
         self._done = False
+        self._error: CompressionError | None = None
 
     def readable(self):
         return True
 
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        for i in range(0, len(data), self.SLICE):
+            piece = data[i:i + self.SLICE]
+            while piece:
+                if self._d.eof:  # a new frame starts here
+                    self._d = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    out.append(self._d.decompress(piece))
+                except zstandard.ZstdError as e:
+                    self._error = CompressionError(f"corrupt zstd data ({e})")
+                    return b"".join(out)
+                piece = self._d.unused_data if self._d.eof else b""
+        return b"".join(out)
+
     def readinto(self, b):
         while not self._buf and not self._done:
-            if self._d.eof and self._d.unused_data:  # the next frame already sits in the decoder's leftovers
-                chunk = self._d.unused_data
-                self._d = zstandard.ZstdDecompressor().decompressobj()
-            else:
-                chunk = self._f.read(1 << 20)
-                if not chunk:
-                    if not self._d.eof:
-                        raise CompressionError("truncated zstd stream (file ends inside a frame)")
-                    self._done = True
-                    break
-                if self._d.eof:  # a new frame starts in this chunk
-                    self._d = zstandard.ZstdDecompressor().decompressobj()
-            try:
-                self._buf = self._d.decompress(chunk)
-            except zstandard.ZstdError as e:
-                raise CompressionError(f"corrupt zstd data ({e})") from None
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if not self._d.eof:
+                    self._error = CompressionError("truncated zstd stream (file ends inside a frame)")
+                self._done = True
+                break
+            self._buf = self._feed(chunk)
+            self._done = self._error is not None
+        if not self._buf and self._error is not None:
+            raise self._error
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]

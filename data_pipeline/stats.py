@@ -88,14 +88,42 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _step_lines(steps: list[dict]) -> list[str]:
+    lines = []
+    for s in steps:
+        rm = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in s["removed"].items()) or "-"
+        lines.append(f"{s['name']:<18}{s['docs_in']:>8} -> {s['docs_out']:<8} docs  {_mb(s['bytes_in']):>11} -> "
+                     f"{_mb(s['bytes_out']):<11} removed: {rm}")
+    return lines
+
+
+def check_documents_left(ctx) -> None:
+    """Before the tokenizer stage: if reading and the per-document steps left nothing, print the per-step table
+    (what removed what) and fail in one line, instead of a tokenizer error or an empty dataset with exit 0."""
+    from .executor import PipelineError
+    prep = ctx.prepare_stats
+    if sum(t["kept_docs"] for t in prep):
+        return
+    read = Counter()
+    for t in prep:
+        read.update(t["read"])
+    steps = _merge_steps(prep)
+    order = {n: i for i, n in enumerate(ctx.cfg.steps)}
+    steps.sort(key=lambda s: order.get(s["name"], len(order)))
+    print("\n".join([f"input     {read.get('docs', 0)} docs read, {read.get('empty', 0)} empty, "
+                     f"{read.get('read_errors', 0)} read errors skipped"] + _step_lines(steps)), flush=True)
+    worst = max(steps, key=lambda s: s["docs_in"] - s["docs_out"], default=None)
+    hint = (f"; {worst['name']} removed {worst['docs_in'] - worst['docs_out']} (relax or disable it, e.g. "
+            f"{worst['name']}.enabled=false)" if worst and worst["docs_in"] > worst["docs_out"] else "")
+    raise PipelineError(f"no documents left to tokenize: {read.get('docs', 0)} read, every one removed by the "
+                        f"per-document steps (table above){hint}")
+
+
 def summary(stats: dict, walls: dict, task_secs: dict, total_wall: float, step_secs: dict | None = None) -> str:
     i, o = stats["input"], stats["output"]
     lines = [f"input     {i['files']} files, {i['tasks']} tasks: {i['docs']} docs, {_mb(i['bytes'])}"
              f" ({i['empty']} empty, {i['read_errors']} read errors skipped)"]
-    for s in stats["steps"]:
-        rm = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in s["removed"].items()) or "-"
-        lines.append(f"{s['name']:<18}{s['docs_in']:>8} -> {s['docs_out']:<8} docs  {_mb(s['bytes_in']):>11} -> "
-                     f"{_mb(s['bytes_out']):<11} removed: {rm}")
+    lines += _step_lines(stats["steps"])
     d = stats.get("dedup") or {}
     if d:
         e, m = d["exact"], d["minhash"]

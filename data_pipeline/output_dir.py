@@ -1,0 +1,134 @@
+"""The output folder the pipeline owns, and the input fingerprint that decides whether a rerun resumes.
+
+Ownership: the first run writes ``<output_dir>/.llmforge-data`` (which also records whether the run created the
+folder). A failed run removes only what the pipeline writes (its named outputs, ``work/``, the marker) and the
+folder itself only if a run created it; a non-empty folder without the marker (the user's own files) is refused
+in one line before anything is written.
+
+Fingerprint: inputs are identified by a content hash (xxh3-128 over the bytes), not size + mtime: a file whose
+content changed with the same size and mtime is noticed. Hashes are cached in ``work/input_hashes.json`` keyed by
+(device, inode, size, mtime, ctime); ctime changes on every write and cannot be set back by ``touch``, so a cache
+hit never hides an edit. The tokenizer file given by ``tokenizer.model_path`` is hashed the same way.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import xxhash
+
+from .atomic_io import read_json, write_json
+from .executor import PipelineError
+
+OWNER_FILE = ".llmforge-data"
+HASH_CACHE = "input_hashes.json"
+
+
+class OutputDirError(PipelineError):
+    """output_dir unusable (a file, under a file, read-only, full, or someone else's folder): nothing of ours to
+    remove, so the folder is never touched after it."""
+
+    keep_work = True
+
+
+def os_error(out: str, e: OSError) -> OutputDirError:
+    why = {errno.ENOTDIR: "a parent of it is a regular file", errno.EEXIST: "it exists and is not a folder",
+           errno.EACCES: "permission denied (read-only?)", errno.EPERM: "permission denied (read-only?)",
+           errno.EROFS: "read-only file system", errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+    err = OutputDirError(f"output_dir {out}: cannot write there: {why.get(e.errno, e.strerror or str(e))}"
+                         + (f" ({e.filename})" if e.filename and os.path.abspath(e.filename) != os.path.abspath(out)
+                            else ""))
+    return err
+
+
+def claim(out: str) -> bool:
+    """Make ``out`` ours (create it, or adopt an empty or earlier pipeline folder); return whether some run of
+    the pipeline created the folder. Raises OutputDirError (one line) otherwise."""
+    marker = os.path.join(out, OWNER_FILE)
+    try:
+        if os.path.isfile(marker):
+            return bool(read_json(marker).get("created", False))
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise OutputDirError(f"output_dir {out} is a file, not a folder")
+        created = not os.path.exists(out)
+        if not created:
+            names = sorted(n for n in os.listdir(out))
+            ours = os.path.isfile(os.path.join(out, "work", "fingerprint.json"))  # written before the marker existed
+            if names and not ours:
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise OutputDirError(f"output_dir {out} is not empty and was not written by the pipeline (it holds "
+                                     f"{shown}): choose a new or empty folder")
+        os.makedirs(out, exist_ok=True)
+        write_json(marker, {"created": created, "written_by": "data_pipeline"})
+        return created
+    except OSError as e:
+        raise os_error(out, e) from None
+    except ValueError:  # an unreadable marker: it is still ours
+        return False
+
+
+def remove_owned(out: str, names, created: bool) -> None:
+    """Remove the pipeline's own outputs (``names`` and ``work/``), then the marker and the folder if a run
+    created it and nothing else is left in it; the user's files stay."""
+    for name in tuple(names) + ("work",):
+        p = os.path.join(out, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            os.remove(p)
+    leftover = [n for n in os.listdir(out) if n != OWNER_FILE] if os.path.isdir(out) else []
+    if not leftover:
+        if os.path.exists(os.path.join(out, OWNER_FILE)):
+            os.remove(os.path.join(out, OWNER_FILE))
+        if created:
+            os.rmdir(out)
+
+
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def file_digest(path: str, cache: dict) -> str:
+    """xxh3-128 of a file's bytes (a folder: of its files' names and digests), through ``cache``."""
+    if os.path.isdir(path):
+        h = xxhash.xxh3_128()
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}\0{file_digest(full, cache)}\n".encode())
+        return h.hexdigest()
+    st = os.stat(path)
+    key, hit = _stat_key(st), cache.get(os.path.abspath(path))
+    if hit and hit[0] == key:
+        return hit[1]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    cache[os.path.abspath(path)] = [key, h.hexdigest()]
+    return h.hexdigest()
+
+
+def load_hash_cache(work: str) -> dict:
+    try:
+        cache = read_json(os.path.join(work, HASH_CACHE))
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_hash_cache(work: str, cache: dict) -> None:
+    write_json(os.path.join(work, HASH_CACHE), cache)
+
+
+def input_digests(units, tokenizer_path: str, cache: dict) -> list:
+    """[kind, id prefix, content digest] per input unit, plus the tokenizer file's digest when one is given."""
+    out = []
+    for unit in units:
+        kind, path, rel = unit[0], unit[1], unit[2]
+        out.append([kind, rel, file_digest(path, cache) if os.path.exists(path) else None])
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+        out.append(["tokenizer.model_path", tokenizer_path, file_digest(tokenizer_path, cache)])
+    return out
