@@ -151,13 +151,13 @@ def run(cfg, config_path: str | None = None) -> dict:
     ctx = Context(cfg)
     created = prepare_output_dir(ctx)
     stages = build_stages(ctx)
+    for s in stages:  # nothing left after filtering: the per-step table and one line, before tokenizer training
+        if s.name == "tokenizer" and s.warmup is None:
+            s.warmup = stats_mod.check_documents_left
     try:
         if cfg.executor == "slurm":
             walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
             if not cfg.slurm.wait:
-    for s in stages:  # nothing left after filtering: the per-step table and one line, before tokenizer training
-        if s.name == "tokenizer" and s.warmup is None:
-            s.warmup = stats_mod.check_documents_left
                 return {}
         elif cfg.executor == "ray":
             from .ray_executor import RayExecutor  # ray is an optional dependency (extra "ray")
