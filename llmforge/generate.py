@@ -42,8 +42,6 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise ValueError("empty prompt (and no EOS token to start from)")
-    max_new_tokens = max(0, min(max_new_tokens, max_len - len(prompt_ids)))
-    device = next(model.parameters()).device
     # The model has no positions beyond max_seq_len: a longer prompt loses its beginning (the end is what the
     # continuation depends on), leaving room for the new tokens but never less than half the context.
     keep = max(max_len // 2, max_len - max_new_tokens, 1)
@@ -51,6 +49,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
         print(f"warning: the prompt has {len(prompt_ids)} tokens but the model's context is {max_len} "
               f"(with --max-new-tokens {max_new_tokens}): keeping its last {keep} tokens", file=sys.stderr, flush=True)
         prompt_ids = prompt_ids[-keep:]
+    max_new_tokens = max(0, min(max_new_tokens, max_len - len(prompt_ids)))
+    device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     caches = model.new_caches(1, len(prompt_ids) + max_new_tokens)
