@@ -151,6 +151,19 @@ class ShardConfig:
 
 
 @dataclasses.dataclass
+class SFTConfig:
+    enabled: bool = opt(False, "supervised fine-tuning rows -> chat-template shards + loss_mask/ (data_pipeline/sft.py); "
+                               "needs tokenizer.model_path")
+    prompt_key: str = opt("prompt", "field of the prompt in {prompt, response} rows")
+    response_key: str = opt("response", "field of the response in {prompt, response} rows")
+    system_key: str = opt("system", "optional system-message field in {prompt, response} rows")
+    messages_key: str = opt("messages", "field of [{role: system|user|assistant, content}] in chat rows")
+    max_tokens: int = opt(0, "a conversation longer than this many tokens is a bad row (on_error) unless "
+                             "truncation=right (0: no limit; use the trainer's data.seq_len + 1)")
+    truncation: str = opt("none", "none | right: cut at max_tokens (a row left without response tokens is bad)")
+
+
+@dataclasses.dataclass
 class SlurmConfig:
     partition: str = opt("", "sbatch --partition (empty: the cluster default)")
     cpus_per_task: int = opt(1, "sbatch --cpus-per-task")
@@ -199,6 +212,7 @@ class PipelineConfig:
     shards: ShardConfig = opt(ShardConfig(), "token shards")
     slurm: SlurmConfig = opt(SlurmConfig(), "Slurm executor")
     ray: RayConfig = opt(RayConfig(), "Ray executor (data_pipeline/ray_executor.py)")
+    sft: SFTConfig = opt(SFTConfig(), "supervised fine-tuning data (chat rows, loss masks)")
 
     def validate(self) -> None:
         def need(ok, key, msg):
@@ -226,6 +240,10 @@ class PipelineConfig:
         m = self.dedup.minhash
         need(m.bands >= 1 and m.rows >= 1 and m.ngram >= 1, "dedup.minhash", "bands, rows and ngram must be >= 1")
         need(self.clean.normalization in ("NFC", "NFKC", "none"), "clean.normalization", "must be NFC, NFKC or none")
+        need(not self.sft.enabled or bool(self.tokenizer.model_path), "tokenizer.model_path",
+             "sft.enabled needs the pretraining tokenizer (tokenizer.model_path=.../tokenizer.model)")
+        need(self.sft.truncation in ("none", "right"), "sft.truncation", "must be none or right")
+        need(self.sft.max_tokens >= 0, "sft.max_tokens", "must be >= 0")
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> PipelineConfig:

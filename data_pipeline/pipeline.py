@@ -18,14 +18,13 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .output_dir import claim, input_digests, load_hash_cache, os_error, remove_owned, save_hash_cache
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
 from .shards import IndexedShard, ShardWriter
 from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
 
-FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml")
+FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json")
 BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
 RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files")
@@ -60,8 +59,12 @@ def build_stages(ctx) -> list[Stage]:
     stages = [Stage("prepare", ctx.n_tasks, prepare_task, warmup=prepare_warmup)]
     if ctx.n_dedup_cols:
         stages += [Stage("buckets", ctx.n_cluster_tasks, buckets_task), Stage("clusters", 1, clusters_task)]
-    return stages + [Stage("tokenizer", 1, train_tokenizer_task), Stage("tokenize", ctx.n_tasks, tokenize_task),
-                     Stage("shard", 1, shard_task), Stage("finalize", 1, finalize_task)]
+    stages += [Stage("tokenizer", 1, train_tokenizer_task), Stage("tokenize", ctx.n_tasks, tokenize_task),
+               Stage("shard", 1, shard_task), Stage("finalize", 1, finalize_task)]
+    if ctx.cfg.sft.enabled:  # chat rows: template + loss masks (data_pipeline/sft.py)
+        from .sft import sft_stages
+        stages = sft_stages(stages)
+    return stages
 
 
 def shard_task(ctx, _rank: int) -> dict:
@@ -109,34 +112,30 @@ def finalize_task(ctx, _rank: int) -> dict:
     return {"ok": True}
 
 
-def fingerprint(ctx, hash_cache: dict | None = None) -> str:
-    """Hash of everything that determines the outputs: config (minus runtime keys), the input files' content and
-    the tokenizer.model_path file's content (content hashes, cached: output_dir.py)."""
+def fingerprint(ctx) -> str:
+    """Hash of everything that determines the outputs: config (minus runtime keys) and the input files."""
     cfg = {k: v for k, v in to_dict(ctx.cfg).items() if k not in RUNTIME_KEYS}
-    files = input_digests(ctx.units, ctx.cfg.tokenizer.model_path, {} if hash_cache is None else hash_cache)
+    files = []
+    for kind, path, rel in ctx.units:
+        st = os.stat(path) if os.path.exists(path) else None
+        files.append([kind, rel, st.st_size if st else None, st.st_mtime_ns if st else None])
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def prepare_output_dir(ctx) -> bool:
-    """Claim the output folder (output_dir.py: refuses someone else's non-empty folder), create/validate
-    ``work/``; if an earlier run used another config or input, start over. Returns whether a run of the pipeline
-    created the output folder (so that a failed run can remove it)."""
-    created = claim(ctx.out)
+    """Create/validate ``work/``; if an earlier run used another config or input, start over. Returns whether
+    the output folder was created by this call (so that a failed run can remove it)."""
+    created = not os.path.exists(ctx.out)
     fp_path = os.path.join(ctx.work, "fingerprint.json")
-    cache = load_hash_cache(ctx.work)
-    fp = fingerprint(ctx, cache)
-    try:
-        if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
-            print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
-            clean_outputs(ctx, work_too=True)
-        os.makedirs(ctx.work, exist_ok=True)
-        remove_temp_files(ctx.out, ctx.work)
-        write_json(fp_path, {"fingerprint": fp})
-        save_hash_cache(ctx.work, cache)
-        dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
-    except OSError as e:
-        raise os_error(ctx.out, e) from None
+    fp = fingerprint(ctx)
+    if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
+        print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
+        clean_outputs(ctx, work_too=True)
+    os.makedirs(ctx.work, exist_ok=True)
+    remove_temp_files(ctx.out, ctx.work)
+    write_json(fp_path, {"fingerprint": fp})
+    dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
     return created
 
 
@@ -151,9 +150,6 @@ def run(cfg, config_path: str | None = None) -> dict:
     ctx = Context(cfg)
     created = prepare_output_dir(ctx)
     stages = build_stages(ctx)
-    for s in stages:  # nothing left after filtering: the per-step table and one line, before tokenizer training
-        if s.name == "tokenizer" and s.warmup is None:
-            s.warmup = stats_mod.check_documents_left
     try:
         if cfg.executor == "slurm":
             walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
@@ -168,7 +164,10 @@ def run(cfg, config_path: str | None = None) -> dict:
         # A data/config error: no partial output. Interruptions (SIGKILL, Ctrl-C) keep work/ for resuming.
         if e.keep_work:
             raise
-        remove_owned(ctx.out, FINAL_OUTPUTS, created)  # only what the pipeline wrote; the user's files stay
+        if created:
+            shutil.rmtree(ctx.out, ignore_errors=True)
+        else:
+            clean_outputs(ctx, work_too=True)
         raise
     result = {"stats": read_json(os.path.join(ctx.out, "stats.json")), "walls": walls,
               "task_seconds": stats_mod.task_seconds(ctx, stages), "step_seconds": stats_mod.step_seconds(ctx)}

@@ -53,7 +53,11 @@ def prepare_task(ctx, rank: int) -> dict:
     hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed) if m.enabled else None
     keys: list[list[int]] = []
     rejects = JsonlZstWriter(os.path.join(ctx.work, "rejects", f"{rank:05d}.jsonl.zst")) if cfg.write_rejects else None
-    reader = Reader(cfg.input, read)
+    if cfg.sft.enabled:  # chat rows instead of a text field (data_pipeline/sft.py)
+        from .sft import SFTReader
+        reader = SFTReader(cfg, read)
+    else:
+        reader = Reader(cfg.input, read)
     kept_bytes = 0
     secs = Counter()  # seconds per step: written beside the marker, never into it (markers stay reproducible)
     clock = time.perf_counter
