@@ -18,6 +18,7 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
+from .output_dir import claim, input_digests, load_hash_cache, os_error, remove_owned, save_hash_cache
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
@@ -112,30 +113,34 @@ def finalize_task(ctx, _rank: int) -> dict:
     return {"ok": True}
 
 
-def fingerprint(ctx) -> str:
-    """Hash of everything that determines the outputs: config (minus runtime keys) and the input files."""
+def fingerprint(ctx, hash_cache: dict | None = None) -> str:
+    """Hash of everything that determines the outputs: config (minus runtime keys), the input files' content and
+    the tokenizer.model_path file's content (content hashes, cached: output_dir.py)."""
     cfg = {k: v for k, v in to_dict(ctx.cfg).items() if k not in RUNTIME_KEYS}
-    files = []
-    for kind, path, rel in ctx.units:
-        st = os.stat(path) if os.path.exists(path) else None
-        files.append([kind, rel, st.st_size if st else None, st.st_mtime_ns if st else None])
+    files = input_digests(ctx.units, ctx.cfg.tokenizer.model_path, {} if hash_cache is None else hash_cache)
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def prepare_output_dir(ctx) -> bool:
-    """Create/validate ``work/``; if an earlier run used another config or input, start over. Returns whether
-    the output folder was created by this call (so that a failed run can remove it)."""
-    created = not os.path.exists(ctx.out)
+    """Claim the output folder (output_dir.py: refuses someone else's non-empty folder), create/validate
+    ``work/``; if an earlier run used another config or input, start over. Returns whether a run of the pipeline
+    created the output folder (so that a failed run can remove it)."""
+    created = claim(ctx.out)
     fp_path = os.path.join(ctx.work, "fingerprint.json")
-    fp = fingerprint(ctx)
-    if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
-        print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
-        clean_outputs(ctx, work_too=True)
-    os.makedirs(ctx.work, exist_ok=True)
-    remove_temp_files(ctx.out, ctx.work)
-    write_json(fp_path, {"fingerprint": fp})
-    dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
+    cache = load_hash_cache(ctx.work)
+    fp = fingerprint(ctx, cache)
+    try:
+        if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
+            print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
+            clean_outputs(ctx, work_too=True)
+        os.makedirs(ctx.work, exist_ok=True)
+        remove_temp_files(ctx.out, ctx.work)
+        write_json(fp_path, {"fingerprint": fp})
+        save_hash_cache(ctx.work, cache)
+        dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
+    except OSError as e:
+        raise os_error(ctx.out, e) from None
     return created
 
 
@@ -150,6 +155,9 @@ def run(cfg, config_path: str | None = None) -> dict:
     ctx = Context(cfg)
     created = prepare_output_dir(ctx)
     stages = build_stages(ctx)
+    for s in stages:  # nothing left after filtering: the per-step table and one line, before tokenizer training
+        if s.name == "tokenizer" and s.warmup is None:
+            s.warmup = stats_mod.check_documents_left
     try:
         if cfg.executor == "slurm":
             walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
@@ -164,10 +172,7 @@ def run(cfg, config_path: str | None = None) -> dict:
         # A data/config error: no partial output. Interruptions (SIGKILL, Ctrl-C) keep work/ for resuming.
         if e.keep_work:
             raise
-        if created:
-            shutil.rmtree(ctx.out, ignore_errors=True)
-        else:
-            clean_outputs(ctx, work_too=True)
+        remove_owned(ctx.out, FINAL_OUTPUTS, created)  # only what the pipeline wrote; the user's files stay
         raise
     result = {"stats": read_json(os.path.join(ctx.out, "stats.json")), "walls": walls,
               "task_seconds": stats_mod.task_seconds(ctx, stages), "step_seconds": stats_mod.step_seconds(ctx)}
