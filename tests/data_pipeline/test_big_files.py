@@ -114,8 +114,7 @@ def _big_corpus(root) -> str:
 def test_outputs_identical_whatever_tasks_and_workers(tmp_path):
     path = _big_corpus(str(tmp_path))
     outs = {}
-    for name, extra in [("t1w1", ["tasks=1", "workers=1"]), ("t5w2", ["tasks=5", "workers=2"]),
-                        ("auto", ["input.task_mb=0.03", "workers=2"])]:
+    for name, extra in [("t1w1", ["tasks=1", "workers=1"]), ("auto", ["input.task_mb=0.03", "workers=2"])]:
         outs[name] = str(tmp_path / name)
         res = run_inproc(path, outs[name], *extra)
         stats = res["stats"]
@@ -126,9 +125,9 @@ def test_outputs_identical_whatever_tasks_and_workers(tmp_path):
     assert len(prep) >= 5 and all(p["read"]["docs"] > 0 for p in prep)  # the one file really was split
     finals = ("shards", "doc_ids", "tokenizer.model", "work/dedup/clusters.jsonl.zst")
     hashes = {k: {p: h for p, h in tree_hashes(v).items() if p.startswith(finals)} for k, v in outs.items()}
-    assert len(hashes["t1w1"]) >= 6 and hashes["t1w1"] == hashes["t5w2"] == hashes["auto"]
+    assert len(hashes["t1w1"]) >= 6 and hashes["t1w1"] == hashes["auto"]
     # stats.json too, but for the task count it records
     st = {k: json.load(open(os.path.join(v, "stats.json"))) for k, v in outs.items()}
     for s in st.values():
         s["input"].pop("tasks")
-    assert st["t1w1"] == st["t5w2"] == st["auto"]
+    assert st["t1w1"] == st["auto"]

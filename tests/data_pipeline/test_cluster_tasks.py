@@ -40,13 +40,12 @@ def test_cluster_task_count_changes_nothing(tmp_path):
     corpus = str(tmp_path / "c")
     _chain_corpus(corpus)
     outs = {}
-    for p in (1, 3, 8):
+    for p in (1, 8):
         outs[p] = str(tmp_path / f"p{p}")
         run_inproc(corpus, outs[p], "workers=2", f"dedup.cluster_tasks={p}", "write_rejects=true")
     ref = _dedup_outputs(outs[1])
     assert len(ref["files"]) >= 6
-    for p in (3, 8):
-        assert _dedup_outputs(outs[p]) == ref, p
+    assert _dedup_outputs(outs[8]) == ref
     d = ref["dedup"]
     # exact: " "+b ~ b and base[5].upper() ~ base[5]; MinHash: the chain {a, b, c} and base[5] ~ its near copy
     assert d["exact"] == {"enabled": True, "clusters": 2, "removed": 2}

@@ -14,7 +14,7 @@ import pytest
 from tests.data_pipeline.conftest import BASE, ROOT, cli, tree_hashes, write_jsonl
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SKIP = ("work/timings", "config.yaml", "work/config.yaml")  # run-time only / records executor and output_dir
 
 
