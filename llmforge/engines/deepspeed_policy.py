@@ -44,6 +44,12 @@ KEY_POLICY: dict[str, tuple] = {
                              "or use engine=native"),
     "parallel.pp_microbatches": ("honoured", "gradient_accumulation_steps of the PipelineEngine"),
     "parallel.sequence_parallel": ("honoured", "only meaningful with parallel.tp>1, which is refused"),
+    "parallel.loss_parallel": ("honoured", "only meaningful with parallel.tp>1, which is refused"),
+    "train.init_from": ("refused", lambda c: bool(c.train.init_from),
+                        "fine-tuning from a run dir is native-only for now; use engine=native (a DeepSpeed run's "
+                        "weights load there through train.init_from=RUN_DIR)"),
+    "train.freeze": ("refused", lambda c: bool(c.train.freeze), "freezing parameter groups is native-only for now; "
+                     "use engine=native"),
     "parallel.compile": ("honoured", "torch.compile of each block before deepspeed.initialize"),
     "checkpoint.interval": ("honoured", SHARED), "checkpoint.keep": ("honoured", "old step_N tags removed"),
     "checkpoint.resume": ("honoured", "load_checkpoint of the `latest` tag"),

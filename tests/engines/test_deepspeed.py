@@ -5,6 +5,7 @@ and runs, in the same two processes: native DDP, DeepSpeed ZeRO-1/2/3, PipelineM
 ZeRO-2 run interrupted after 3 steps and resumed to 6 next to an uninterrupted 6-step run.
 """
 import json
+import math
 import os
 import shutil
 import sys
@@ -103,6 +104,7 @@ RUNS = {
     "native": [], "z1": ["engine=deepspeed", "parallel.zero_stage=1"],
     "z2": ["engine=deepspeed", "parallel.zero_stage=2"], "z3": ["engine=deepspeed", "parallel.zero_stage=3"],
     "pp0": ["engine=deepspeed", "parallel.pp=2"], "pp1": ["engine=deepspeed", "parallel.pp=2", "parallel.zero_stage=1"],
+    "z2_rc": ["engine=deepspeed", "parallel.zero_stage=2", "recompute=full"],
     "full6": ["engine=deepspeed", "parallel.zero_stage=2", "train.steps=6"],
     "resume": ["engine=deepspeed", "parallel.zero_stage=2", "train.steps=3"],
 }
@@ -127,7 +129,7 @@ def ds_launch(synth_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["z1", "z2", "z3", "pp0", "pp1"])
+@pytest.mark.parametrize("name", ["z1", "z2", "z3", "pp0", "pp1", "z2_rc"])
 def test_two_process_losses_equal_native(ds_launch, name):
     out, stdout = ds_launch
     nat, ds = read_metrics(out / "native"), read_metrics(out / name)
@@ -155,3 +157,94 @@ def test_two_process_checkpoint_resume(ds_launch):
     assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_00000006"]  # keep=1
     files = os.listdir(root / "step_00000006")
     assert any("optim_states" in f for f in files) and len([f for f in files if "optim_states" in f]) == 2  # ZeRO-2 shards
+
+
+@pytest.mark.slow
+def test_plain_deepspeed_launcher_line(ds_launch, synth_data, tmp_path):
+    """`deepspeed --num_gpus 2 --module llmforge.train CONFIG ...` as users type it: the launcher adds
+    --local_rank=N, which llmforge.train accepts; losses equal the native engine's."""
+    out, _ = ds_launch
+    run = tmp_path / "plain"
+    r = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "llmforge.train", TINY,
+                 f"data.paths=[{synth_data}]", "model.vocab_size=64", "train.steps=4", "data.seq_len=64",
+                 "train.micro_batch_size=2", "logging.plot=false", "train.warmup_steps=2", "train.eval_batches=2",
+                 "train.schedule=constant", f"run_dir={run}", "engine=deepspeed", "parallel.dp_shard=2",
+                 "parallel.zero_stage=2"], timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    nat, ds = read_metrics(out / "native"), read_metrics(run)
+    assert sorted(ds) == [1, 2, 3, 4]
+    assert max(abs(nat[s]["loss"] - ds[s]["loss"]) / nat[s]["loss"] for s in ds) <= 1e-4
+
+
+@pytest.mark.slow
+def test_zero3_run_is_first_class(ds_launch, tmp_path):
+    """eval / generate / export_hf work on a DeepSpeed ZeRO-3 run (shards consolidated with zero_to_fp32); the
+    export's loss in transformers equals llmforge.eval's on the same validation windows."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+    from llmforge.data import build_datasets, validation_batches
+    from llmforge.eval import run_eval
+    from llmforge.export_hf import main as export_main
+    from llmforge.generate import main as generate_main
+    from llmforge.run_loading import load_run
+    out, _ = ds_launch
+    run = str(out / "z3")
+    ev = run_eval(run)
+    assert ev["step"] == 4 and ev["tokens"] > 0
+    hf = str(tmp_path / "hf")
+    assert export_main([run, hf]) == 0
+    model = transformers.LlamaForCausalLM.from_pretrained(hf, attn_implementation="eager").eval()
+    cfg = load_run(run).cfg
+    _, valid = build_datasets(cfg.data, cfg.seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in validation_batches(valid, ev["batch_size"], ev["tokens"] // (ev["batch_size"] * cfg.data.seq_len)):
+            logits = model(batch[:, :-1]).logits
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    assert count == ev["tokens"]
+    assert abs(total / count - ev["loss"]) / ev["loss"] < 1e-5, (total / count, ev["loss"])
+    # the native engine's trained weights and the consolidated DeepSpeed ones start from the same place
+    nat, z3 = load_run(str(out / "native")), load_run(run)
+    diff = max((a - b).abs().max().item() for a, b in zip(nat.model.state_dict().values(), z3.model.state_dict().values()))
+    assert diff < 1e-4, diff
+
+
+def _single(synth_data, tmp_path, name, *overrides):
+    r = run_cli([sys.executable, "-m", "llmforge.train", TINY, f"data.paths=[{synth_data}]", "model.vocab_size=64",
+                 "data.seq_len=64", "logging.plot=false", "train.eval_batches=1", f"run_dir={tmp_path}/{name}",
+                 *overrides], timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    return r, (read_metrics(tmp_path / name) if os.path.isfile(tmp_path / name / "metrics.jsonl") else {})
+
+
+def test_nan_policy_equals_native(synth_data, tmp_path):
+    """lr=1e9: both engines skip the non-finite steps (weights untouched) and stop after max_bad_steps alike."""
+    ov = ["train.lr=1e9", "train.warmup_steps=0", "train.schedule=constant", "train.steps=8", "train.max_bad_steps=3"]
+    (rn, nat), (rd, ds) = (_single(synth_data, tmp_path, "nat", *ov), _single(synth_data, tmp_path, "ds", *ov,
+                                                                                    "engine=deepspeed"))
+    assert rn.returncode == rd.returncode == 2
+    for r in (rn, rd):
+        assert "3 consecutive steps with non-finite loss" in r.stderr.strip().splitlines()[-1]
+    assert sorted(nat) == sorted(ds) and any(row["skipped"] for row in nat.values())
+    for s in nat:
+        assert nat[s]["skipped"] == ds[s]["skipped"], s
+        a, b = nat[s]["loss"], ds[s]["loss"]
+        assert (a == b) or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-4 * abs(a), (s, a, b)
+
+
+def test_init_from_hf_equals_native(synth_data, tmp_path):
+    from llmforge.export_hf import save_hf
+    from llmforge.model.blocks import ModelArgs
+    from llmforge.model.transformer import Transformer
+    torch.manual_seed(99)
+    args = ModelArgs(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=64,
+                     max_seq_len=128)
+    model = Transformer(args)
+    hf = str(tmp_path / "hf")
+    save_hf(args, model.state_dict(), hf)
+    ov = [f"train.init_from_hf={hf}", "train.steps=2"]
+    (rn, nat), (rd, ds) = _single(synth_data, tmp_path, "nat", *ov), _single(synth_data, tmp_path, "ds", *ov,
+                                                                                "engine=deepspeed")
+    assert rn.returncode == 0 and rd.returncode == 0, rd.stderr[-2000:]
+    for s in (1, 2):
+        assert abs(nat[s]["loss"] - ds[s]["loss"]) <= 1e-5 * nat[s]["loss"], s
