@@ -1,5 +1,37 @@
 """llmforge: raw text to a pretrained language model (data_pipeline + llmforge trainer)."""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# lm-eval has no plugin discovery: this .pth (site-packages/llmforge-lm-eval.pth) imports llmforge.lm_eval_hook at
+# start-up so `lm_eval --model llmforge` finds the adapter. Wheels get it from build_py, `pip install -e` from
+# editable_wheel (its unpacked wheel folder is written into the wheel as is).
+LM_EVAL_PTH = ("llmforge/lm_eval_hook.pth", "llmforge-lm-eval.pth")
+
+
+class BuildPyWithPth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(LM_EVAL_PTH[0], os.path.join(self.build_lib, LM_EVAL_PTH[1]))
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, LM_EVAL_PTH[1])]
+
+
+CMDCLASS = {"build_py": BuildPyWithPth}
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+
+    class EditableWheelWithPth(editable_wheel):
+        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+            out = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+            shutil.copyfile(LM_EVAL_PTH[0], os.path.join(unpacked_wheel, LM_EVAL_PTH[1]))
+            return out
+    CMDCLASS["editable_wheel"] = EditableWheelWithPth
+except ImportError:  # setuptools < 64: no PEP 660 editable installs
+    pass
 
 setup(
     name="llmforge",
@@ -10,7 +42,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llmforge", "llmforge.*", "data_pipeline", "data_pipeline.*"]),
     package_data={"data_pipeline": ["sample_corpus/*.zst", "sample_corpus/*.gz", "sample_corpus/*.md",
-                                    "sample_corpus/*.json", "sample_corpus/html/*"]},
+                                    "sample_corpus/*.json", "sample_corpus/html/*"],
+                  "llmforge": ["lm_eval_hook.pth", "eval_tasks/*.md", "eval_tasks/*.yaml", "eval_tasks/*.py",
+                               "eval_tasks/data/*.jsonl"]},
+    cmdclass=CMDCLASS,
     install_requires=[
         # A range: GPU users bring their own CUDA build. The README/CI install torch==2.13.0 first (CPU wheel).
         "torch>=2.6,<2.15",
@@ -34,7 +69,9 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "ray": ["ray>=2.52,<3"],  # data pipeline executor=ray (CPU wheel; pulls no torch)
-        "dev": ["pytest", "pytest-timeout", "transformers", "ray>=2.52,<3"],
+        "eval": ["lm-eval==0.4.13", "accelerate"],  # benchmarks: python -m llmforge.eval RUN --tasks ..., lm_eval CLI
+        # lm-eval's `hf` model needs accelerate beside transformers (its [hf] extra minus peft, unused here)
+        "dev": ["pytest", "pytest-timeout", "transformers", "lm-eval==0.4.13", "accelerate", "ray>=2.52,<3"],
     },
     entry_points={
         "console_scripts": [

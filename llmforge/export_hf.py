@@ -8,7 +8,9 @@ a folder (or a Llama/GPT-2 folder from the Hub, already downloaded) back into ou
 
 Name mapping. Llama: our RoPE already uses HF's rotate-half layout, so q/k rows need no permutation; w1/w3/w2 are
 gate/up/down. GPT-2: HF uses Conv1D (weight stored as (in, out), i.e. transposed) and one fused c_attn = [q; k; v].
-Note for users: training puts EOS (``</s>``) between documents and no BOS; prompts work best after an EOS.
+Special tokens: training puts EOS (``</s>``) between documents and never BOS, so the export declares BOS = EOS (config,
+generation config and tokenizer files) and its tokenizer adds no special token to a text: lm-eval's ``hf`` model
+then scores a document after EOS with no extra flag, as the native adapter does (llmforge.lm_eval_adapter).
 """
 from __future__ import annotations
 
@@ -154,6 +156,10 @@ def _save_tokenizer(tok_path: str, out: str) -> str:
         same = hf_tok.encode(CHECK_TEXT, add_special_tokens=False) == spm.SentencePieceProcessor(
             model_file=tok_path).encode(CHECK_TEXT)
         if same:
+            hf_tok.bos_token = hf_tok.eos_token  # BOS = EOS, as in config.json (see save_hf)
+            for attr in ("add_bos_token", "add_eos_token"):  # encode() adds nothing: exactly sentencepiece's ids
+                if hasattr(hf_tok, attr):
+                    setattr(hf_tok, attr, False)
             hf_tok.save_pretrained(out)
     except Exception as e:  # conversion support varies across transformers versions
         return f"tokenizer.model only (transformers could not convert it: {type(e).__name__})"
@@ -172,7 +178,10 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
     if tok_path:
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor(model_file=tok_path)
-        ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+        # Training separates documents with EOS and never sees BOS, so the export declares BOS = EOS: tools that put
+        # BOS before a document (lm-eval's rolling log-likelihood, an empty prompt) then put EOS there, as training did
+        eos = sp.eos_id()
+        ids = {"bos_token_id": eos if eos >= 0 else sp.bos_id(), "eos_token_id": eos, "pad_token_id": sp.pad_id()}
         special = {k: (v if v >= 0 else None) for k, v in ids.items()}
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
