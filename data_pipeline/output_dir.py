@@ -13,8 +13,10 @@ hit never hides an edit. The tokenizer file given by ``tokenizer.model_path`` is
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+import time
 
 import xxhash
 
@@ -22,7 +24,10 @@ from .atomic_io import read_json, write_json
 from .executor import PipelineError
 
 OWNER_FILE = ".llmforge-data"
+LOCK_FILE = ".llmforge-data.lock"  # empty; flock'ed while a run uses the folder (the kernel drops it on any exit)
 HASH_CACHE = "input_hashes.json"
+LOCK_GRACE_S = 3.0  # how long a busy lock is retried before the run is refused
+_HELD: dict[str, int] = {}  # output folder -> fd holding its lock in this process
 
 
 class OutputDirError(PipelineError):
@@ -48,6 +53,7 @@ def claim(out: str) -> bool:
     marker = os.path.join(out, OWNER_FILE)
     try:
         if os.path.isfile(marker):
+            lock(out)
             return bool(read_json(marker).get("created", False))
         if os.path.exists(out) and not os.path.isdir(out):
             raise OutputDirError(f"output_dir {out} is a file, not a folder")
@@ -60,12 +66,57 @@ def claim(out: str) -> bool:
                 raise OutputDirError(f"output_dir {out} is not empty and was not written by the pipeline (it holds "
                                      f"{shown}): choose a new or empty folder")
         os.makedirs(out, exist_ok=True)
+        lock(out)
         write_json(marker, {"created": created, "written_by": "data_pipeline"})
         return created
     except OSError as e:
         raise os_error(out, e) from None
     except ValueError:  # an unreadable marker: it is still ours
         return False
+
+
+def _holder(path: str) -> int | None:
+    """pid holding the flock on ``path``, from /proc/locks (Linux); None when unknown."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == inode:
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def lock(out: str) -> None:
+    """Exclusive lock on the output folder for this process (reentrant); a second run is refused in one line
+    naming the holder. A killed run leaves no stale lock: the kernel releases a flock with its process."""
+    key = os.path.abspath(out)
+    if key in _HELD:
+        return
+    path = os.path.join(out, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:  # a killed run's workers may still be exiting
+                time.sleep(0.1)
+                continue
+        os.close(fd)
+        pid = _holder(path)
+        raise OutputDirError(f"output_dir {out} is in use by another pipeline run" + (f" (pid {pid})" if pid else "")
+                             + ": wait for it to finish, or choose another output_dir") from None
+    _HELD[key] = fd
+
+
+def unlock(out: str) -> None:
+    fd = _HELD.pop(os.path.abspath(out), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_owned(out: str, names, created: bool) -> None:
@@ -77,10 +128,11 @@ def remove_owned(out: str, names, created: bool) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif os.path.lexists(p):
             os.remove(p)
-    leftover = [n for n in os.listdir(out) if n != OWNER_FILE] if os.path.isdir(out) else []
+    leftover = [n for n in os.listdir(out) if n not in (OWNER_FILE, LOCK_FILE)] if os.path.isdir(out) else []
     if not leftover:
-        if os.path.exists(os.path.join(out, OWNER_FILE)):
-            os.remove(os.path.join(out, OWNER_FILE))
+        for name in (OWNER_FILE, LOCK_FILE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
         if created:
             os.rmdir(out)
 

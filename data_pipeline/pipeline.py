@@ -18,7 +18,7 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .output_dir import claim, input_digests, load_hash_cache, os_error, remove_owned, save_hash_cache
+from .output_dir import claim, input_digests, load_hash_cache, os_error, remove_owned, save_hash_cache, unlock
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
@@ -174,6 +174,8 @@ def run(cfg, config_path: str | None = None) -> dict:
             raise
         remove_owned(ctx.out, FINAL_OUTPUTS, created)  # only what the pipeline wrote; the user's files stay
         raise
+    finally:
+        unlock(ctx.out)
     result = {"stats": read_json(os.path.join(ctx.out, "stats.json")), "walls": walls,
               "task_seconds": stats_mod.task_seconds(ctx, stages), "step_seconds": stats_mod.step_seconds(ctx)}
     if not cfg.keep_work_files:

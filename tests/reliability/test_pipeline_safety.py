@@ -90,11 +90,28 @@ def test_a_failed_rerun_removes_only_what_the_pipeline_wrote(corpus, tmp_path, c
     rc, cap = run(_bad_utf8_input(tmp_path), str(out), capsys=capsys)  # another input: starts over, then fails
     assert rc != 0 and "UTF-8" in errors(cap)[0]
     # the user's file stays (and the ownership marker with it: the folder is still the pipeline's to reuse)
-    assert sorted(os.listdir(out)) == [".llmforge-data", "notes.txt"]
+    assert sorted(os.listdir(out)) == [".llmforge-data", ".llmforge-data.lock", "notes.txt"]
     assert (out / "notes.txt").read_text() == "added by the user\n"
     os.remove(out / "notes.txt")
     rc, _ = run(_bad_utf8_input(tmp_path), str(out), capsys=capsys)
     assert rc != 0 and not out.exists(), "a folder the pipeline created and that holds nothing else is removed"
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(corpus, tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "out"
+    assert run(corpus, str(out), capsys=capsys)[0] == 0
+    before = finals(out)
+    fd = os.open(out / ".llmforge-data.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the folder
+    try:
+        rc, cap = run(corpus, str(out), "tokenizer.vocab_size=320", capsys=capsys)  # would start over
+        assert rc == 1 and len(errors(cap)) == 1 and "in use by another pipeline run" in errors(cap)[0], cap.err
+        assert f"pid {os.getpid()}" in errors(cap)[0]
+        assert finals(out) == before, "the refused run touched the outputs"
+    finally:
+        os.close(fd)  # the holder ends (a crash releases the lock the same way)
+    assert run(corpus, str(out), capsys=capsys)[0] == 0
 
 
 # ----------------------------------------------------------------------------------- 4: disk full mid-pipeline
