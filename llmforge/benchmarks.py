@@ -172,6 +172,67 @@ def run_tasks_on_model(model, tokenizer, tasks: list[str], include_path: str | l
     return flat_metrics(evaluate_tasks(lm, list(tasks), paths, limit, num_fewshot))
 
 
+def unsharded_copy(model_parts, margs, tmp_dir: str, device="cpu"):
+    """Collective (every rank calls it): the model gathered the way checkpoints are. Each rank writes its shards of
+    the weights with DCP into ``tmp_dir`` (any layout: DDP, ZeRO-1/2/3, TP, PP parts), then rank 0 reads them into
+    one unsharded Transformer; other ranks get None. The folder is removed before returning."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from llmforge.run_loading import empty_model
+    from llmforge.safe_pickle import SafeFileSystemReader
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    state = {}
+    for part in model_parts:
+        state.update(get_model_state_dict(part))
+    dcp.save({"model": state}, checkpoint_id=tmp_dir, no_dist=not dist.is_initialized())
+    if dist.is_initialized():
+        dist.barrier()
+    model = None
+    try:
+        if rank == 0:
+            model = empty_model(margs, device)
+            full = {"model": model.state_dict()}
+            dcp.load(full, storage_reader=SafeFileSystemReader(tmp_dir), no_dist=True)
+            model.load_state_dict(full["model"])
+            model.eval()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # nobody still reads or writes the folder
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return model
+
+
+def run_tasks_in_training(model_parts, margs, tokenizer, eval_cfg, run_dir: str, device="cpu") -> dict[str, float]:
+    """Collective: ``eval.tasks`` on the training model (any layout), as flat ``{"task/metric": value}`` numbers
+    on every rank. Rank 0 scores an unsharded copy (:func:`unsharded_copy`) while the others wait; the training
+    model, its mode and every RNG are untouched."""
+    import torch.distributed as dist
+    model = unsharded_copy(model_parts, margs, os.path.join(run_dir, ".benchmark_weights"), device)
+    out: list = [None]
+    if model is not None:
+        try:
+            out[0] = run_tasks_on_model(model, tokenizer, list(eval_cfg.tasks), list(eval_cfg.include_paths),
+                                        eval_cfg.limit or None,
+                                        None if eval_cfg.num_fewshot < 0 else eval_cfg.num_fewshot, eval_cfg.batch_size)
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks below, then raised everywhere
+            out[0] = e
+        del model
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(out, src=0)
+    if isinstance(out[0], Exception):
+        raise out[0]
+    return out[0]
+
+
 def run_tasks_on_run(run_dir: str, tasks: list[str], include_paths: list[str] | None = None,
                      limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
                      device: str = "auto", checkpoint: str | None = None, bootstrap_iters: int = 0) -> dict:

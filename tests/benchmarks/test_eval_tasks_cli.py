@@ -102,3 +102,16 @@ def test_errors_are_one_line_and_exit_2(bench_run, text_tasks, tmp_path, capsys)
     assert eval_main([str(empty), "--tasks", "pub_text", "--include-path", text_tasks]) == 2
     assert "no complete checkpoint" in _last_error(capsys)
     assert not (empty / "eval_tasks.json").exists()
+
+
+def test_in_training_helper_scores_a_gathered_copy(bench_run, text_tasks, tmp_path):
+    """run_tasks_in_training (what the trainer calls on its possibly sharded parts) on one process: the copy it
+    gathers through DCP scores exactly like the model itself, and its temporary folder is gone afterwards."""
+    from types import SimpleNamespace
+
+    from llmforge.benchmarks import run_tasks_in_training
+    run = load_run(bench_run)
+    cfg = SimpleNamespace(tasks=["pub_text"], include_paths=[text_tasks], limit=0, num_fewshot=-1, batch_size=2)
+    got = run_tasks_in_training([run.model], run.model.args, run.tokenizer, cfg, str(tmp_path))
+    assert got == run_tasks_on_model(run.model, run.tokenizer, ["pub_text"], text_tasks)
+    assert os.listdir(tmp_path) == []
