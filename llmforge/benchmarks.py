@@ -248,3 +248,33 @@ def run_tasks_on_run(run_dir: str, tasks: list[str], include_paths: list[str] | 
     return {"checkpoint": os.path.abspath(lm.checkpoint), "step": lm.step, "tasks": list(tasks),
             "include_paths": [os.path.abspath(p) for p in include_paths], "limit": limit, "num_fewshot": num_fewshot,
             "batch_size": lm.batch_size, "max_length": lm.max_length, "metrics": flat_metrics(out), **out}
+
+
+def plot_benchmarks(run_dir: str) -> str | None:
+    """benchmarks.png beside loss.png: every ``task/metric`` logged in metrics.jsonl against the step, one panel
+    per task. None when the run logged no benchmark."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    series: dict[str, dict[str, list]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if "/" in key and "step" in r and isinstance(value, (int, float)):
+                task, metric = key.split("/", 1)
+                series.setdefault(task, {}).setdefault(metric, []).append((r["step"], value))
+    if not series:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
+    for ax, (task, metrics) in zip(axes[:, 0], sorted(series.items())):
+        for metric, points in sorted(metrics.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=metric)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.legend(loc="best", fontsize="small")
+    out = os.path.join(run_dir, "benchmarks.png")
+    fig.tight_layout()
+    fig.savefig(out + ".tmp.png")
+    plt.close(fig)
+    os.replace(out + ".tmp.png", out)
+    return out
