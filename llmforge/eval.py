@@ -88,10 +88,12 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
     loss, tokens = ParallelModel([run.model]).evaluate(valid, bs, n_batches, dev, amp)
     if not tokens:
         raise ConfigError("the validation split produced no tokens")
-    available = sum(len(v) for v in valid) * cfg.data.seq_len
+    from llmforge.sft import is_sft_data
+    sft = is_sft_data(cfg.data.paths)  # fine-tuning data: only response tokens are scored
+    available = sum(v.scored_tokens() for v in valid) if sft else sum(len(v) for v in valid) * cfg.data.seq_len
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "checkpoint": os.path.abspath(run.checkpoint),
             "step": run.step, "seq_len": cfg.data.seq_len, "batch_size": bs, "data_paths": list(cfg.data.paths),
-            "whole_split": tokens == available}
+            "whole_split": tokens == available, "response_only": sft}
 
 
 def main(argv: list[str] | None = None) -> int:

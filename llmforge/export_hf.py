@@ -168,8 +168,10 @@ def _save_tokenizer(tok_path: str, out: str) -> str:
     return "tokenizer.model + tokenizer.json" if same else "tokenizer.model only (converted ids differ from sentencepiece)"
 
 
-def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | None = None, dtype: str = "fp32") -> str:
-    """Write an HF folder atomically (temp folder + rename). Returns a note on the tokenizer files."""
+def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | None = None, dtype: str = "fp32",
+            run_dir: str | None = None) -> str:
+    """Write an HF folder atomically (temp folder + rename). Returns a note on the tokenizer files. A fine-tuned
+    ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.sft)."""
     from safetensors.torch import save_file
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
@@ -195,6 +197,9 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({**special, "do_sample": True, "temperature": 0.8}, f, indent=2)
         note = _save_tokenizer(tok_path, tmp) if tok_path else "no tokenizer (the run had none)"
+        if tok_path and run_dir:
+            from llmforge.sft import write_hf_chat_template
+            note = "; ".join(n for n in (note, write_hf_chat_template(tmp, run_dir, tok_path)) if n)
         old = f"{out_dir}.old{os.getpid()}"
         if os.path.exists(out_dir):
             os.rename(out_dir, old)  # a previous export: swapped out, then removed
@@ -210,7 +215,8 @@ def export_run(run_dir: str, out_dir: str, dtype: str = "fp32", overrides=None) 
     from llmforge.run_loading import load_run
     run = load_run(run_dir, overrides, log=lambda m: print(m, file=sys.stderr))
     tok = os.path.join(run_dir, "tokenizer.model")
-    note = save_hf(run.model.args, run.model.state_dict(), out_dir, tok if os.path.isfile(tok) else None, dtype)
+    note = save_hf(run.model.args, run.model.state_dict(), out_dir, tok if os.path.isfile(tok) else None, dtype,
+                   run_dir)
     return run.checkpoint, note
 
 

@@ -4,6 +4,8 @@ Decoding uses the model's KV cache: one forward over the prompt (prefill), then 
 is preceded by EOS, the document separator the data pipeline writes after every document, so the model sees
 the prompt where documents start in training. Generation stops at EOS or after ``--max-new-tokens``.
 A run without a tokenizer (synthetic data) takes and prints token ids: ``--prompt "5 17 3"``.
+A fine-tuned run (its dir holds ``chat_template.json``) wraps the prompt in the chat template as a user turn
+(``--system`` adds a system turn; ``--raw`` skips the template) and prints only the assistant's reply.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--system", default=None, help="fine-tuned runs: a system message before the prompt")
+    p.add_argument("--raw", action="store_true", help="fine-tuned runs: continue the text, no chat template")
     return p.parse_intermixed_args(argv)
 
 
@@ -97,6 +101,14 @@ def _generate_cli(a) -> int:
     from llmforge.distributed import pick_device
     cfg, model, tok, _ = load_run(a.run_dir, a.overrides, device=pick_device(a.device),
                                   log=lambda m: print(m, file=sys.stderr))
+    from llmforge.sft import chat_prompt_ids
+    chat = None if a.raw or tok is None else chat_prompt_ids(a.run_dir, a.prompt, a.system)
+    if chat is not None:  # fine-tuned run: the template's user turn + assistant header; print the reply only
+        eos = tok.eos_id()
+        new = generate(model, chat, a.max_new_tokens, 0.0 if a.greedy else a.temperature, a.top_k, a.top_p, eos,
+                       cfg.seed if a.seed is None else a.seed)
+        print(tok.decode(new), flush=True)
+        return 0
     if tok is not None:
         eos = tok.eos_id() if tok.eos_id() >= 0 else None
         ids = ([eos] if eos is not None else []) + tok.encode(a.prompt)

@@ -45,6 +45,9 @@ def eval_batch_count(cfg, micro: int) -> int:
 def resolve_model_args(cfg, tok_path: str | None):
     """The model shape: from the HF folder when train.init_from_hf is set, else preset + overrides + data vocab.
     With init_from_hf the resolved shape is written back into cfg.model, so config.yaml rebuilds this model."""
+    if cfg.train.init_from:  # fine-tuning: an llmforge run dir or an HF folder (llmforge/sft.py)
+        from llmforge.sft import resolve_init_from
+        return resolve_init_from(cfg, tok_path)
     if not cfg.train.init_from_hf:
         return model_args(cfg.model, vocab_from_tokenizer(tok_path))
     from llmforge.export_hf import hf_model_args
@@ -73,6 +76,8 @@ class RunPlan:
 def plan_run(cfg, world: int, resolve_layout: Callable) -> RunPlan:
     """``resolve_layout(cfg, world, margs) -> (layout, dp)`` is the engine's layout check (no collective)."""
     from llmforge.megatron_data import build_run_datasets
+    from llmforge.sft import check_run
+    check_run(cfg)  # SFT data, train.init_from, train.freeze: native engine (and data backend)
     tok_path = find_tokenizer(cfg.data.paths)
     margs = resolve_model_args(cfg, tok_path)
     if cfg.data.seq_len > margs.max_seq_len:

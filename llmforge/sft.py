@@ -39,7 +39,6 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data_pipeline.sft import MASK_DIR, TEMPLATE_FILE
 from data_pipeline.shards import IndexedShard
@@ -61,7 +60,10 @@ def is_sft_data(paths: list[str]) -> bool:
 
 
 def check_run(cfg) -> None:
-    """SFT data needs the native engine and data backend (the masked loss lives there)."""
+    """SFT data, train.init_from and train.freeze need the native engine (and SFT data the native backend)."""
+    for key in ("init_from", "freeze"):
+        if getattr(cfg.train, key) and cfg.engine != "native":
+            raise ConfigError(f"train.{key} needs engine=native (engine={cfg.engine})")
     if cfg.data.paths and is_sft_data(cfg.data.paths):
         if cfg.engine != "native":
             raise ConfigError(f"engine={cfg.engine}: fine-tuning on SFT data (loss masks) needs engine=native")
@@ -89,6 +91,10 @@ class SFTDocs:
 
     def __len__(self) -> int:
         return max(0, self.last - self.first)
+
+    def scored_tokens(self) -> int:
+        """Loss targets over all samples (response tokens within seq_len + 1, the first token never a target)."""
+        return sum(int((self.window(i)[1:] >= 0).sum()) for i in range(len(self)))
 
     def window(self, i: int) -> np.ndarray:
         k = self.first + i
@@ -148,6 +154,81 @@ def copy_chat_template(paths: list[str], run_dir: str) -> None:
             return
 
 
+def chat_prompt_ids(run_dir: str, prompt: str, system: str | None = None) -> list[int] | None:
+    """Ids asking a fine-tuned run (``chat_template.json`` in its dir) to answer ``prompt``; None otherwise."""
+    if not os.path.isfile(os.path.join(run_dir, TEMPLATE_FILE)):
+        return None
+    from data_pipeline.sft import ChatTemplate
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return ChatTemplate(os.path.join(run_dir, "tokenizer.model")).encode_prompt(msgs)
+
+
+def hf_tokenizer(tok_path: str):
+    """A transformers tokenizer giving sentencepiece's ids for ``tok_path`` (checked on export_hf.CHECK_TEXT), or
+    None. AutoTokenizer's own conversion first; else vocab + merges extracted from the BPE model (transformers 5)."""
+    import sentencepiece as spm
+
+    from llmforge.export_hf import CHECK_TEXT
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    # BOS = EOS as in the export's config (training never sees BOS); nothing is added to an encoded text
+    specials = dict(unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(sp.eos_id()),
+                    eos_token=sp.id_to_piece(sp.eos_id()))
+    candidates = []
+    try:
+        from transformers import LlamaTokenizer
+        candidates.append(lambda: LlamaTokenizer(vocab_file=tok_path, legacy=False, add_bos_token=False, **specials))
+        from tokenizers.models import BPE
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+        def extracted():
+            got = SentencePieceExtractor(tok_path).extract(BPE)
+            vocab, merges = (got["vocab"], got["merges"]) if isinstance(got, dict) else got[:2]
+            return LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True, legacy=False,
+                                  add_bos_token=False, **specials)
+        candidates.append(extracted)
+    except ImportError:
+        return None
+    for make in candidates:
+        try:
+            tok = make()
+            if tok.encode(CHECK_TEXT, add_special_tokens=False) == sp.encode(CHECK_TEXT):
+                return tok
+        except Exception:  # noqa: BLE001 - conversion support varies across transformers versions
+            continue
+    return None
+
+
+def write_hf_chat_template(out_dir: str, run_dir: str, tok_path: str) -> str:
+    """Export: a tokenizer with the run's chat template (tokenizer_config.json / chat_template.jinja) whose
+    ``apply_chat_template`` gives our ids (checked on a sample conversation). Returns a note for the CLI."""
+    template = os.path.join(run_dir, TEMPLATE_FILE)
+    if not os.path.isfile(template):
+        return ""
+    from data_pipeline.sft import JINJA, ChatTemplate
+    ours = ChatTemplate(tok_path)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world, 12 3?"},
+            {"role": "assistant", "content": "Hi.\n  Two  spaces"}, {"role": "user", "content": "ünïcödé"}]
+
+    def same_ids(tok) -> bool:
+        tok.chat_template = JINJA
+        return (list(tok.apply_chat_template(msgs[:3], tokenize=True, return_dict=False)) == ours.encode(msgs[:3])[0]
+                and list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+                == ours.encode_prompt(msgs))
+
+    def candidates():
+        if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):  # export_hf's own conversion first
+            from transformers import AutoTokenizer
+            yield AutoTokenizer.from_pretrained(out_dir)
+        yield hf_tokenizer(tok_path)  # text after a special token without a dummy prefix, as the template needs
+
+    tok = next((t for t in candidates() if t is not None and same_ids(t)), None)
+    if tok is None:
+        return "chat template not exported (no transformers tokenizer gives the template's ids)"
+    tok.save_pretrained(out_dir)
+    shutil.copyfile(template, os.path.join(out_dir, "llmforge_" + TEMPLATE_FILE))  # HF reads chat_template.json itself
+    return "chat template in the tokenizer config"
+
+
 # ------------------------------------------------------------------------------------------------ loss
 class MaskedLoss:
     """loss(logits, targets) = sum of CE over non-IGNORE targets * scale, scale set once per step by
@@ -167,8 +248,8 @@ class MaskedLoss:
         return total
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        return ce * self.scale
+        from llmforge.loss import cross_entropy  # chunked fp32 CE, also on vocab shards (parallel.loss_parallel)
+        return cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE) * self.scale
 
 
 # ------------------------------------------------------------------------------------------------ init / freeze
@@ -213,27 +294,36 @@ def resolve_init_from(cfg, tok_path: str | None):
     return margs
 
 
-def load_init_weights(model, src: str) -> str:
-    """Copy ``train.init_from``'s weights into the (unparallelised) model; returns what was loaded."""
-    if _is_hf_folder(src):
-        from llmforge.export_hf import load_hf_into
-        load_hf_into(model, src)
-        return src
-    import torch.distributed.checkpoint as dcp
+def load_init_weights(parts, src: str) -> str:
+    """Copy ``train.init_from``'s weights into this rank's (parallelised) model parts; returns what was loaded.
+    A run dir: its newest complete checkpoint through the checkpointer (DCP reshards by name: any layout to any
+    layout). An HF folder: our names, full tensors on every rank, distributed into the local shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    from llmforge.checkpoint import newest_complete
-    path = newest_complete(os.path.join(src, "checkpoints"), log=lambda m: None)
+    if _is_hf_folder(src):
+        from llmforge.export_hf import import_hf
+        args, sd = import_hf(src)
+        want = parts[0].args
+        diff = [k for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+                            "tie_embeddings") if getattr(args, k) != getattr(want, k)]
+        if diff:
+            raise ConfigError(f"train.init_from={src}: the folder's {', '.join(diff)} differ from the model")
+        for part in parts:
+            names = set(get_model_state_dict(part))
+            set_model_state_dict(part, {k: v for k, v in sd.items() if k in names},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        return src
+    from llmforge.checkpoint import Checkpointer, newest_complete
+    root = os.path.join(src, "checkpoints")
+    path = newest_complete(root, log=lambda m: None)
     if path is None:
-        raise ConfigError(f"train.init_from: no complete checkpoint under {src}/checkpoints")
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path, no_dist=True)  # every rank reads the full tensors, no collective
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        raise ConfigError(f"train.init_from: no complete checkpoint under {root}")
+    Checkpointer(root, rank=dist.get_rank()).load(path, parts, [], load_optimizer=False, load_rng=False)
     return path
 
 
 def freeze(model, names: list[str]) -> list[str]:
-    """Set requires_grad=False on the named groups (before parallelize); returns the frozen parameter names."""
+    """Set requires_grad=False on the named groups of the whole (possibly meta) model before parallelize (DDP,
+    FSDP, TP and pipeline stages then keep the flag); returns the frozen parameter names."""
     n_layers = len(model.layers)
     prefixes = []
     for name in names:

@@ -46,6 +46,8 @@ def write_run_files(cfg, plan: RunPlan, engine: Engine) -> None:
         tmp = os.path.join(cfg.run_dir, "tokenizer.model.tmp")
         shutil.copyfile(plan.tok_path, tmp)
         os.replace(tmp, os.path.join(cfg.run_dir, "tokenizer.model"))
+    from llmforge.sft import copy_chat_template
+    copy_chat_template(cfg.data.paths, cfg.run_dir)  # SFT data: generate / export_hf use it
     engine.write_run_files(cfg.run_dir)
 
 

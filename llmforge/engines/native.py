@@ -46,12 +46,19 @@ class NativeEngine(Engine):
         self.dims = dims = plan.layout
         self.mesh, self.dp_mesh = build_mesh(dims, info.device.type, cfg.dist.timeout_s)
         self.amp = autocast_for(cfg, info.device)
+        from llmforge.sft import MaskedLoss, is_sft_data
+        # SFT data: response-only loss normalised by the global batch's response tokens (llmforge/sft.py)
+        self.sft_loss = MaskedLoss() if is_sft_data(cfg.data.paths) else None
+        self.loss_fn = self.sft_loss or loss_fn
         model = build_model(plan.margs, cfg.seed)
         if cfg.train.init_from_hf:  # before parallelize(); resuming a checkpoint later overwrites these weights
             from llmforge.export_hf import load_hf_into
             load_hf_into(model, cfg.train.init_from_hf)
         self.n_params, self.flops_per_token = num_params(model), flops_per_token(model, cfg.data.seq_len)
-        self.pm = parallelize(model, dims, self.mesh, cfg, info.device, loss_fn)
+        self.pm = parallelize(model, dims, self.mesh, cfg, info.device, self.loss_fn)
+        if cfg.train.init_from:  # fine-tuning start (a resumed checkpoint later overwrites these weights)
+            from llmforge.sft import load_init_weights
+            load_init_weights(self.pm.parts, cfg.train.init_from)
         del model  # pipeline stages are copies: do not keep the whole model alive
         self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
         self.dp_rank = self.dp_mesh.get_local_rank()
@@ -71,7 +78,13 @@ class NativeEngine(Engine):
 
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         pm, p = self.pm, self.plan
-        loss = pm.forward_backward(batch[:, :-1], batch[:, 1:], p.micro, p.accum, self.amp, loss_fn)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.sft_loss is not None:  # masked tokens are stored as -1 - id (llmforge.sft.split_batch)
+            from llmforge.sft import split_batch
+            inputs, targets = split_batch(batch)
+            self.sft_loss.prepare(targets, self.dp_mesh.get_group(),
+                                  self.dims.pp_microbatches if pm.schedule is not None else p.accum)
+        loss = pm.forward_backward(inputs, targets, p.micro, p.accum, self.amp, self.loss_fn)
         pm.finish_grads()
         loss = loss if pm.is_last else torch.zeros((), device=self.device)
         if pm.loss_group is not None:  # the loss lives on the last pipeline stage

@@ -32,6 +32,9 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     ``materialize(parts)`` allocates and fills this rank's shards after FSDP, before DDP / ZeRO-1 / the
     schedule; with ``device`` = meta (the dry run) nothing is allocated and DDP is not wrapped."""
     p = cfg.parallel
+    if cfg.train.freeze:  # before PP split / TP / FSDP / DDP, which all keep requires_grad (llmforge/sft.py)
+        from llmforge.sft import freeze
+        freeze(model, cfg.train.freeze)
     on_meta = next(model.parameters()).is_meta
     pipelined = dims.pp > 1
     if pipelined:

@@ -72,13 +72,14 @@ class ParallelModel:
         if self.eval_fn is not None:
             return self.eval_fn(valid, micro, max_batches, device, amp)
         model = self.parts[0]
+        from llmforge.sft import IGNORE, split_batch
         model.eval()
         total, count = 0.0, 0
         for batch in validation_batches(valid, micro, max_batches):
-            batch = batch.to(device)
+            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/sft.py)
             with amp():
-                logits = model(batch[:, :-1])
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
+                logits = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            count += int((y != IGNORE).sum())
         model.train()
         return (total / count if count else float("nan")), count

@@ -104,8 +104,8 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
     def evaluate(valid, micro, max_batches, device, amp):
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in validation_batches(valid, micro, max_batches):
-            batch = batch.to(device)
-            x, y, h = batch[:, :-1], batch[:, 1:], None
+            from llmforge.sft import IGNORE, split_batch
+            (x, y), h = split_batch(batch.to(device)), None  # SFT: prompt/pad targets are IGNORE
             for s in range(n_stages):
                 if owner[s] != me:
                     continue
@@ -120,7 +120,7 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
                     total += F.cross_entropy(h.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
                 elif owner[s + 1] != me:
                     dist.send(h.float().contiguous(), group=pp_group, group_dst=owner[s + 1])
-            count += y.numel()
+            count += int((y != IGNORE).sum())
         dist.all_reduce(total, group=pp_group)  # only the last stage's rank holds a non-zero sum
         return (total.item() / count if count else float("nan")), count
     return evaluate
