@@ -57,6 +57,8 @@ class LangConfig:
 @dataclasses.dataclass
 class GopherRepetitionConfig:
     enabled: bool = opt(True, "Gopher repetition rules (Rae et al. 2021, datatrove defaults)")
+    words: str = opt("whitespace", "words of the n-gram rules: whitespace | datatrove (the words datatrove 0.10.1 "
+                                   "counts, for identical decisions; see filters/word_split.py)")
     dup_line_frac: float = opt(0.30, "duplicate lines / lines")
     dup_para_frac: float = opt(0.30, "duplicate paragraphs / paragraphs")
     dup_line_char_frac: float = opt(0.20, "characters in duplicate lines / characters")
@@ -69,6 +71,8 @@ class GopherRepetitionConfig:
 @dataclasses.dataclass
 class GopherQualityConfig:
     enabled: bool = opt(True, "Gopher quality rules (Rae et al. 2021)")
+    words: str = opt("whitespace", "words counted by the rules: whitespace | datatrove (the words datatrove 0.10.1 "
+                                   "counts, for identical decisions; see filters/word_split.py)")
     min_words: int = opt(50, "fewer non-symbol words -> removed")
     max_words: int = opt(100_000, "more non-symbol words -> removed")
     min_avg_word_length: float = opt(3.0, "mean word length bounds")
@@ -77,12 +81,14 @@ class GopherQualityConfig:
     max_bullet_lines_ratio: float = opt(0.90, "lines starting with a bullet / lines")
     max_ellipsis_lines_ratio: float = opt(0.30, "lines ending with an ellipsis / lines")
     min_alpha_words_ratio: float = opt(0.80, "words with an alphabetic character / words")
-    min_stop_words: int = opt(2, "at least this many of {the, be, to, of, and, that, have, with}")
+    min_stop_words: int = opt(2, "at least this many distinct words of {the, be, to, of, and, that, have, with}")
 
 
 @dataclasses.dataclass
 class C4Config:
     enabled: bool = opt(True, "C4 line rules + document rules (Raffel et al. 2020)")
+    words: str = opt("whitespace", "sentence counting: whitespace (a period, ? or ! before a space) | datatrove "
+                                   "(datatrove 0.10.1's spaCy sentencizer, for identical decisions)")
     terminal_punct: bool = opt(True, "drop lines not ending in . ? ! \" '")
     min_words_per_line: int = opt(3, "drop lines with fewer words")
     max_word_length: int = opt(1000, "drop lines containing a longer word")
@@ -90,13 +96,15 @@ class C4Config:
     policy: bool = opt(True, "drop cookie / privacy / terms-of-use lines")
     remove_citations: bool = opt(True, "strip [1], [edit], [citation needed]")
     lorem_ipsum: bool = opt(True, "drop documents containing 'lorem ipsum'")
-    curly_bracket: bool = opt(False, "drop documents containing '{' (C4 did; off by default: it kills code)")
+    curly_bracket: bool = opt(True, "drop documents containing '{' (the published rule; it also removes most code)")
     min_sentences: int = opt(5, "drop documents with fewer sentences after line filtering")
 
 
 @dataclasses.dataclass
 class FineWebConfig:
     enabled: bool = opt(True, "FineWeb quality rules (Penedo et al. 2024)")
+    words: str = opt("datatrove", "words of new_line_ratio: datatrove (as FineWeb's reference implementation "
+                                  "counts them) | whitespace (faster)")
     line_punct_thr: float = opt(0.12, "min fraction of lines ending in terminal punctuation")
     short_line_length: int = opt(30, "a line this short or shorter counts as short")
     short_line_thr: float = opt(0.67, "max fraction of short lines")
@@ -240,6 +248,9 @@ class PipelineConfig:
         m = self.dedup.minhash
         need(m.bands >= 1 and m.rows >= 1 and m.ngram >= 1, "dedup.minhash", "bands, rows and ngram must be >= 1")
         need(self.clean.normalization in ("NFC", "NFKC", "none"), "clean.normalization", "must be NFC, NFKC or none")
+        for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
+            words = getattr(self, name).words
+            need(words in ("whitespace", "datatrove"), f"{name}.words", f"{words!r} is not whitespace or datatrove")
         need(not self.sft.enabled or bool(self.tokenizer.model_path), "tokenizer.model_path",
              "sft.enabled needs the pretraining tokenizer (tokenizer.model_path=.../tokenizer.model)")
         need(self.sft.truncation in ("none", "right"), "sft.truncation", "must be none or right")

@@ -1,13 +1,25 @@
-"""C4 rules (Raffel et al. 2020, as in datatrove's C4QualityFilter): line rules rewrite the text, document
-rules remove it. The curly-bracket rule is configurable (off by default: it removes all code)."""
+"""C4 rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", section 2.2, and TensorFlow
+Datasets' c4_utils), in the order and with the defaults of datatrove 0.10.1's C4QualityFilter. Line rules
+rewrite the text, document rules remove it.
+
+Published rules implemented: keep only lines ending in terminal punctuation (. ? ! " ', not an ellipsis); drop
+lines with fewer than 3 words, mentioning "javascript", cookie / privacy / terms-of-use phrases, or holding a word
+over 1000 characters; strip Wikipedia citation marks; drop the page if it contains "lorem ipsum" or a curly
+bracket ``{`` (on by default, as published: it also removes most pages with code; ``c4.curly_bracket: false``
+relaxes it) or has fewer than 5 sentences after line filtering. Not implemented: the bad-words list (a download).
+
+Deliberate difference, behind ``words``: ``whitespace`` (the default) counts sentences as runs of . ? ! followed
+by a space or the line end; ``datatrove`` counts them as datatrove does, with spaCy's sentencizer rule
+(word_split.datatrove_sentence_count)."""
 from __future__ import annotations
 
 import re
 
 from . import TERMINAL_PUNCT
+from .word_split import datatrove_sentence_count
 
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]", re.IGNORECASE)
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
 
@@ -17,7 +29,8 @@ def count_sentences(line: str) -> int:
 
 def c4_step(doc: dict, cfg) -> str | None:
     kept, sentences = [], 0
-    for line in doc["text"].split("\n"):
+    count = datatrove_sentence_count if cfg.words == "datatrove" else count_sentences
+    for line in doc["text"].splitlines():
         line = line.strip()
         if not line:
             continue
@@ -39,7 +52,7 @@ def c4_step(doc: dict, cfg) -> str | None:
             return "c4.curly_bracket"
         if cfg.policy and any(p in low for p in POLICY):
             continue
-        sentences += count_sentences(line)
+        sentences += count(line)
         kept.append(line)
     if sentences < cfg.min_sentences:
         return "c4.too_few_sentences"

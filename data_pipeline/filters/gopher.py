@@ -1,17 +1,54 @@
-"""Gopher quality and repetition rules (Rae et al. 2021), following datatrove's implementation and defaults.
-Words are whitespace-separated tokens; fractions of characters are relative to ``len(text)``."""
+"""Gopher quality and repetition rules: Rae et al. 2021 ("Scaling Language Models", appendix A, table A1), with
+the thresholds and rule order of datatrove 0.10.1's GopherQualityFilter / GopherRepetitionFilter.
+
+Published rules implemented (quality): 50-100,000 words; mean word length 3-10; '#' and ellipsis to word ratio
+<= 0.1; <= 90% of lines starting with a bullet; <= 30% ending with an ellipsis; >= 80% of words with an
+alphabetic character; >= 2 *distinct* stop words of {the, be, to, of, and, that, have, with}. Word counts and
+the mean length cover words with at least one non-punctuation character (as datatrove).
+(repetition): duplicate lines / paragraphs by count and by characters; top 2-4-gram and duplicated 5-10-gram
+character fractions, relative to ``len(text)``.
+
+Deliberate differences, all behind ``words``: with ``words: whitespace`` (the default) a word is a run of
+non-space characters, as in the Gopher paper, and stop words match case-insensitively ("The" counts); with
+``words: datatrove`` words are the tokens datatrove counts (punctuation split off, see word_split.py) and stop
+words match exactly, as datatrove does. In whitespace mode bullet lines may also start with ``* ‣ ◦`` (datatrove:
+only ``•`` and ``-``), and symbol-only words are judged against ASCII plus common typographic punctuation
+(datatrove: its own wider set, used in datatrove mode)."""
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 
 import numpy as np
 
-from . import PUNCTUATION, find_duplicates, words
+from . import PUNCTUATION, find_duplicates
+from .word_split import DATATROVE_PUNCTUATION, splitter
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
+BULLETS = ("•", "-", "*", "‣", "◦")
+_STRIP = operator.methodcaller("strip", "".join(sorted(PUNCTUATION)))
+_STRIP_DATATROVE = operator.methodcaller("strip", "".join(sorted(DATATROVE_PUNCTUATION)))
+_HAS_ALPHA_BMP = None
+
+
+def count_alpha_words(ws: list[str]) -> int:
+    """Words with at least one alphabetic character (str.isalpha), counted with one C-level regex pass: a
+    class of every alphabetic BMP character; words with characters beyond the BMP are checked one by one."""
+    global _HAS_ALPHA_BMP
+    if _HAS_ALPHA_BMP is None:
+        letters = [chr(c) for c in range(0x10000) if chr(c).isalpha()]
+        _HAS_ALPHA_BMP = re.compile("[" + "".join(map(re.escape, letters)) + "]")
+    found = list(map(_HAS_ALPHA_BMP.search, ws))
+    misses = itertools.compress(ws, map(operator.not_, found))
+    wide = [w for w in misses if not w.isascii()]  # may hold a letter beyond the BMP
+    return len(found) - found.count(None) + sum(any(map(str.isalpha, w)) for w in wide)
+
+
+DATATROVE_BULLETS = ("•", "-")
 
 
 def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
@@ -103,7 +140,7 @@ def gopher_repetition_step(doc: dict, cfg) -> str | None:
         return "gopher_repetition.dup_line_frac"
     if dup_chars / len(text) > cfg.dup_line_char_frac:
         return "gopher_repetition.dup_line_char_frac"
-    index = NgramIndex(words(text))
+    index = NgramIndex(splitter(cfg.words)(text))
     for n, frac in sorted((int(k), float(v)) for k, v in cfg.top_n_grams.items()):
         if index.top_chars(n) / len(text) > frac:
             return f"gopher_repetition.top_{n}_gram"
@@ -118,8 +155,10 @@ def gopher_repetition_step(doc: dict, cfg) -> str | None:
 
 def gopher_quality_step(doc: dict, cfg) -> str | None:
     text = doc["text"]
-    ws = words(text)
-    content = [w for w in ws if any(ch not in PUNCTUATION for ch in w)]  # non-symbol words
+    datatrove = cfg.words == "datatrove"
+    ws = splitter(cfg.words)(text)
+    # non-symbol words: something is left after stripping symbols (strip runs in C; a generator per word did not)
+    content = list(itertools.compress(ws, map(_STRIP_DATATROVE if datatrove else _STRIP, ws)))
     if len(content) < cfg.min_words:
         return "gopher_quality.min_words"
     if len(content) > cfg.max_words:
@@ -134,12 +173,14 @@ def gopher_quality_step(doc: dict, cfg) -> str | None:
     if (text.count("...") + text.count("…")) / len(ws) > cfg.max_symbol_word_ratio:
         return "gopher_quality.ellipsis_ratio"
     lines = text.splitlines() or [""]
-    if sum(ln.lstrip().startswith(("•", "-", "*", "‣", "◦")) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
+    bullets = DATATROVE_BULLETS if datatrove else BULLETS
+    if sum(ln.lstrip().startswith(bullets) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
         return "gopher_quality.bullet_lines"
     if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
         return "gopher_quality.ellipsis_lines"
-    if sum(any(c.isalpha() for c in w) for w in ws) / len(ws) < cfg.min_alpha_words_ratio:
+    if count_alpha_words(ws) / len(ws) < cfg.min_alpha_words_ratio:
         return "gopher_quality.alpha_words"
-    if sum(w.lower() in STOP_WORDS for w in ws) < cfg.min_stop_words:
+    present = set(ws) if datatrove else {w.lower() for w in ws}
+    if len(STOP_WORDS & present) < cfg.min_stop_words:  # distinct stop words: "to" 400 times is one
         return "gopher_quality.stop_words"
     return None

@@ -126,8 +126,8 @@ def test_c4_line_and_document_rules():
     assert run(c4_step, "\n".join([good] * 4), C4Config())[0] == "c4.too_few_sentences"
     assert run(c4_step, "\n".join([good] * 5 + ["Lorem ipsum dolor sit amet."]), C4Config())[0] == "c4.lorem_ipsum"
     code = "\n".join([good] * 5 + ["Use a dict like {a: 1} in code."])
-    assert run(c4_step, code, C4Config())[0] is None  # curly-bracket rule off by default
-    assert run(c4_step, code, C4Config(curly_bracket=True))[0] == "c4.curly_bracket"
+    assert run(c4_step, code, C4Config())[0] == "c4.curly_bracket"  # the published rule, on by default
+    assert run(c4_step, code, C4Config(curly_bracket=False))[0] is None
     assert run(c4_step, "\n".join([good] * 5 + ["word " + "x" * 1001 + "."]), C4Config())[1]["text"].count("\n") == 4
 
 
@@ -143,8 +143,10 @@ def test_fineweb_rules():
     lines = [f"{long_ok} number {i} of many more words here." for i in range(100)]
     assert run(fineweb_step, "\n".join(lines + [lines[0]]), cfg)[0] is None  # ~0.0099 dup chars: kept
     assert run(fineweb_step, "\n".join(lines + [lines[0]] * 2), cfg)[0] == "fineweb.char_dup_ratio"
-    assert run(fineweb_step, "\n".join(f"Item {i} ok." for i in range(20)), FineWebConfig(short_line_thr=1))[0] \
-        == "fineweb.new_line_ratio"  # 19 newlines / 60 words > 0.3
+    items = "\n".join(f"Item {i} ok." for i in range(20))
+    assert run(fineweb_step, items, FineWebConfig(short_line_thr=1, words="whitespace"))[0] \
+        == "fineweb.new_line_ratio"  # 19 newlines / 60 whitespace words > 0.3
+    assert run(fineweb_step, items, FineWebConfig(short_line_thr=1))[0] is None  # / 80 datatrove words (". ")
 
 
 def test_lang_filter():
