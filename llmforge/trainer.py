@@ -13,9 +13,11 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
 
 from llmforge.config import dump_config, to_dict
 from llmforge.distributed import init_distributed
+from llmforge.run_guard import PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, die_with_parent, write_fingerprint
 from llmforge.engines.base import Engine, TrainingError
 from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.optim import lr_factor
@@ -48,6 +50,7 @@ def write_run_files(cfg, plan: RunPlan, engine: Engine) -> None:
         os.replace(tmp, os.path.join(cfg.run_dir, "tokenizer.model"))
     from llmforge.sft import copy_chat_template
     copy_chat_template(cfg.data.paths, cfg.run_dir)  # SFT data: generate / export_hf use it
+    write_fingerprint(cfg, plan)
     engine.write_run_files(cfg.run_dir)
 
 
@@ -60,6 +63,15 @@ class Trainer:
                                         engine.flops_per_token, device)
         self.nan_steps, self.kill_steps = fault_steps("nan"), fault_steps("kill")
         self.metrics: MetricsLogger | None = None
+        self.stop: StopSignal | None = None
+
+    def stop_requested(self) -> int:
+        """The signal number when any rank got SIGTERM/SIGUSR1 (agreed over all ranks: they stop at one step)."""
+        if self.stop is None:
+            return 0
+        flag = torch.tensor(self.stop.signum, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -109,6 +121,16 @@ class Trainer:
         if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and middle:
             self.engine.save(self.step, self.state())
 
+    def preempted(self, signum: int) -> int:
+        """Save at this step boundary and exit PREEMPTED_EXIT; rerunning resumes bit-identically."""
+        self.engine.save(self.step, self.state())
+        self.engine.wait()
+        self.metrics.close()
+        self.log(f"stopped by {signal_name(signum)} after step {self.step}: checkpoint saved in "
+                 f"{os.path.abspath(self.cfg.run_dir)}/checkpoints; rerun the same command to resume "
+                 f"(exit status {PREEMPTED_EXIT})")
+        return PREEMPTED_EXIT
+
     def state(self) -> dict:
         return {"step": self.step, "samples": self.samples}
 
@@ -140,6 +162,9 @@ class Trainer:
             self.apply_policy(out)
             now = time.perf_counter()
             self.after_step(out, now - t_last)
+            signum = self.stop_requested()
+            if signum and self.step < cfg.train.steps:
+                return self.preempted(signum)
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
         if self.plan.valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
             self.evaluate_and_log(final=True)
@@ -153,18 +178,38 @@ class Trainer:
         return 0
 
 
+def signal_name(signum: int) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def run_training(cfg) -> int:
-    """Plan (no collective) → process group → engine → run files → the loop."""
+    """Plan and run-dir checks (no collective, nothing written) → lock → process group → engine → run files →
+    the loop. A refused start leaves run_dir as it was."""
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
     plan = plan_run(cfg, world, cls.resolve_layout)
-    info = init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
-    engine = cls(cfg, plan, info)
-    trainer = Trainer(cfg, plan, engine, info.rank, info.world_size, info.device)
-    trainer.log(f"model {cfg.model.preset}: {engine.n_params:,} parameters | {engine.describe()} | global batch "
-                f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens | "
-                f"{info.device.type}/{info.backend}")
-    if info.rank == 0:
-        write_run_files(cfg, plan, engine)
-    return trainer.fit()
+    lock = RunLock(cfg.run_dir).acquire() if rank0 else None  # before reading run_dir: no writer under us
+    stop = StopSignal().install()
+    die_with_parent()
+    try:
+        check_run_dir(cfg, plan, (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None))
+        info = init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        engine = cls(cfg, plan, info)
+        trainer = Trainer(cfg, plan, engine, info.rank, info.world_size, info.device)
+        trainer.stop = stop
+        trainer.log(f"model {cfg.model.preset}: {engine.n_params:,} parameters | {engine.describe()} | global batch "
+                    f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens | "
+                    f"{info.device.type}/{info.backend}")
+        if info.rank == 0:
+            write_run_files(cfg, plan, engine)
+        return trainer.fit()
+    finally:
+        stop.uninstall()
+        if lock is not None:
+            lock.release()

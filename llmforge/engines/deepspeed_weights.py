@@ -32,14 +32,17 @@ def latest_tag(ckpt_root: str) -> str | None:
 @contextlib.contextmanager
 def _weights_only_loads():
     """DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False): force the safe loader while it runs."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     original = torch.load
 
     def safe_load(*args, **kwargs):
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
     torch.load = safe_load
-    try:
-        yield
+    try:  # the only non-tensor classes DeepSpeed pickles into its checkpoint files: plain data, no code
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            yield
     finally:
         torch.load = original
 

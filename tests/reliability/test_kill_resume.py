@@ -35,15 +35,15 @@ def reference(tmp_path_factory, synth_data):
     return _curve(run_dir)
 
 
-def _kill_when(run_dir, args, step):
-    """Start training and SIGKILL it from outside once metrics.jsonl has reached ``step``."""
+def _kill_when(run_dir, args, step, sig=signal.SIGKILL, out=None):
+    """Start training and send ``sig`` (SIGKILL) from outside once metrics.jsonl has reached ``step``."""
     env = dict(os.environ, PYTHONPATH=ROOT, WANDB_MODE="disabled")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if os.path.exists(path) and max(read_metrics(run_dir), default=0) >= step:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.02)
     proc.wait()
@@ -86,3 +86,23 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, synth_data):
     assert p.returncode == 0, p.stderr
     assert "skipping checkpoint" in p.stdout and victim in p.stdout
     assert "resumed from" in p.stdout and "step_00000003" in p.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_saves_exits_75_and_resumes_bitwise(tmp_path, synth_data, reference, sig):
+    """What Slurm / cloud schedulers send before a kill: finish the step, checkpoint, exit 75 (requeue), resume."""
+    from llmforge.run_guard import PREEMPTED_EXIT
+    run_dir = str(tmp_path / "run")
+    args = _args(run_dir, synth_data)
+    with open(tmp_path / "log", "w") as log:
+        rc = _kill_when(run_dir, args, 4, sig, out=log)
+    text = open(tmp_path / "log").read()
+    assert rc == PREEMPTED_EXIT, text[-2000:]
+    line = [ln for ln in text.splitlines() if ln.startswith("stopped by")][0]
+    assert signal.Signals(sig).name in line and "rerun the same command to resume" in line
+    stopped_at = int(line.split("after step ")[1].split(":")[0])
+    assert f"step_{stopped_at:08d}" in os.listdir(os.path.join(run_dir, "checkpoints"))
+    p = run_cli(args)
+    assert p.returncode == 0, p.stderr
+    assert f"(step {stopped_at}," in p.stdout
+    assert _curve(run_dir) == reference

@@ -1,0 +1,175 @@
+"""What keeps a run dir from being lost or silently corrupted: one trainer per run dir (a lock), a resume that
+refuses inputs which changed under it (a fingerprint), and a graceful stop on SIGTERM/SIGUSR1 (preemption).
+
+All checks run on every rank before any collective and before anything in the run dir is written, so a refused
+start leaves the run dir exactly as it was.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from llmforge.config import ConfigError
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped on a signal after saving; rerun (requeue) to resume"
+LOCK_NAME = ".llmforge.lock"
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/.llmforge.lock``, held by rank 0 for the life of the process. The kernel
+    drops it when the process dies (kill -9 included), so a crash never leaves a stale lock behind."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run_dir {os.path.dirname(self.path)} is in use by {holder}; wait for it to finish, "
+                              f"stop it, or choose another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                     f"({' '.join(sys.argv[:2])})".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new holder)
+            self.fd = None
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+def file_sha256(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg, plan) -> dict:
+    """Everything that must not change when a run resumes: the model shape, the sequence length, the tokenizer
+    (by content), the data blend and its weights, the seed and the data backend."""
+    m = plan.margs
+    fp = {f"model.{k}": getattr(m, k) for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                                 "vocab_size", "rope_theta", "norm_eps", "tie_embeddings")}
+    fp.update({"data.seq_len": cfg.data.seq_len, "data.backend": cfg.data.backend, "seed": cfg.seed,
+               "data.paths": [os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths],
+               "data.weights": cfg.data.weights, "tokenizer": file_sha256(plan.tok_path)})
+    return fp
+
+
+MAY_CHANGE = ("train.", "parallel.", "checkpoint.", "logging.", "dist.", "recompute", "engine", "deepspeed")
+
+
+def _has_checkpoints(run_dir: str) -> list[str]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step_"))
+
+
+def check_run_dir(cfg, plan, log) -> None:
+    """Refuse a start that would mix two runs or resume on changed inputs; one line naming the key."""
+    steps = _has_checkpoints(cfg.run_dir)
+    if steps and not cfg.checkpoint.resume:
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds checkpoints ({steps[-1]}) and checkpoint.resume="
+                          "false: choose a new run_dir or move the old checkpoints away (runs are never mixed)")
+    path = os.path.join(cfg.run_dir, "fingerprint.json")
+    if not steps or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = fingerprint(cfg, plan)
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            what = "the tokenizer file changed (sha256 " if key == "tokenizer" else f"{key} changed ("
+            raise ConfigError(f"cannot resume {cfg.run_dir}: {what}{_short(old[key])} -> {_short(value)}); it must "
+                              "not change within a run: restore it, or start a new run_dir (train.init_from to keep "
+                              "the weights)")
+    _log_changes(cfg, log)
+
+
+def _short(v):
+    return v[:12] if isinstance(v, str) and len(v) == 64 else v
+
+
+def _log_changes(cfg, log) -> None:
+    """Keys that may change on resume (lr, steps, intervals, layout...) are allowed; say which did."""
+    import yaml
+    from llmforge.config import to_dict
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = yaml.safe_load(f) or {}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "deepspeed":
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+    old_flat, new_flat = dict(flat(old)), dict(flat(to_dict(cfg)))
+    for key, value in new_flat.items():
+        if key in old_flat and old_flat[key] != value and key.startswith(MAY_CHANGE):
+            log(f"resume: {key} changed {old_flat[key]!r} -> {value!r}")
+
+
+def write_fingerprint(cfg, plan) -> None:
+    path = os.path.join(cfg.run_dir, "fingerprint.json")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(fingerprint(cfg, plan), f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the Trainer finishes the current step, saves and exits PREEMPTED_EXIT."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def die_with_parent() -> None:
+    """Under torchrun: get SIGTERM when the agent dies (its process group killed), so no orphaned worker keeps
+    training and writing into run_dir; the StopSignal handler then saves and exits."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the agent is already gone
+        os.kill(os.getpid(), signal.SIGTERM)
