@@ -47,6 +47,16 @@ class ShardWriter:
         if len(arr):
             self.max_id = max(self.max_id, int(arr.max()))
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once (``tokens`` back to back, ``lengths`` per document): one write and one
+        max for the whole block, the same bytes as adding them one by one."""
+        arr = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self._bin.write(memoryview(arr).cast("B"))
+        self.lengths.extend(np.asarray(lengths).tolist())
+        self.tokens += len(arr)
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
+
     def close(self) -> None:
         self._bin.close()
         write_index(self._tmp + ".idx", self.dtype, self.lengths)

@@ -8,6 +8,7 @@ and followed by EOS; uint16 ids when the vocabulary fits, else int32 (shards.tok
 from __future__ import annotations
 
 import io
+import itertools
 import os
 
 import numpy as np
@@ -93,7 +94,18 @@ def task_shard_prefix(work: str, split: str, rank: int) -> str:
     return os.path.join(work, "tokens", f"{split}-{rank:05d}")
 
 
+def encode_block(sp, texts: list[str], eos: int, dtype, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a batch with sentencepiece's list API -> (all ids with an EOS after each document, lengths with
+    the EOS). Built with whole-array numpy steps: no per-document array or write."""
+    encoded = sp.encode(texts, num_threads=threads)
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
+
+
 def tokenize_task(ctx, rank: int) -> dict:
+    """Encode one task's kept documents into ``work/tokens/{train,valid}-RANK`` (.bin/.idx/.ids), a batch of
+    ``shards.batch_docs`` documents per sentencepiece call and per write."""
     cfg = ctx.cfg
     sp = spm.SentencePieceProcessor(model_file=model_path(ctx))
     eos = sp.eos_id()
@@ -106,15 +118,23 @@ def tokenize_task(ctx, rank: int) -> dict:
         batch: list[dict] = []
 
         def flush():
-            for doc, ids in zip(batch, sp.encode([d["text"] for d in batch], num_threads=threads)):
-                split = "valid" if is_valid(doc["id"], cfg) else "train"
-                ids.append(eos)
-                writers[split].add_document(np.asarray(ids, dtype=dtype))
-                ids_out[split].append(doc["id"])
+            if not batch:
+                return
+            tokens, lengths = encode_block(sp, [d["text"] for d in batch], eos, dtype, threads)
+            valid = np.fromiter((is_valid(d["id"], cfg) for d in batch), dtype=bool, count=len(batch))
+            for split, docs_mask in (("train", ~valid), ("valid", valid)):
+                if not docs_mask.any():
+                    continue
+                everything = bool(docs_mask.all())
+                block = tokens if everything else tokens[np.repeat(docs_mask, lengths)]
+                block_lengths = lengths if everything else lengths[docs_mask]
+                writers[split].add_documents(block, block_lengths)
+                chosen = batch if everything else [d for d, v in zip(batch, docs_mask) if v]
+                ids_out[split].extend(d["id"] for d in chosen)
                 st = stats[split]
-                st["docs"] += 1
-                st["tokens"] += len(ids)
-                st["bytes"] += len(doc["text"].encode("utf-8"))
+                st["docs"] += len(chosen)
+                st["tokens"] += len(block)
+                st["bytes"] += sum(len(d["text"].encode("utf-8")) for d in chosen)
             batch.clear()
 
         for doc in kept_docs(ctx, rank):
