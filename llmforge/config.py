@@ -282,7 +282,8 @@ class TrainConfig:
     dtype: str = opt("auto", "fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU); master weights stay fp32")
     log_interval: int = opt(1, "write a metrics.jsonl row every N steps")
     eval_interval: int = opt(0, "validation loss every N steps (0: only at the end)")
-    eval_batches: int = opt(2, "validation windows per evaluation, in global batches (same windows in any layout)")
+    eval_batches: int = opt(2, "validation size per evaluation, in global batches: eval_batches x global_batch_size "
+                                  "windows, scored in micro batches (the same windows in any layout and engine)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
     init_from: str = opt("", "fine-tuning: start from an llmforge run dir (its newest complete checkpoint, any layout) "

@@ -1,4 +1,5 @@
-"""AdamW with decay/no-decay groups, LR schedules, gradient clipping."""
+"""AdamW with decay/no-decay groups and the LR schedules (warmup + cosine, WSD, constant). Gradient clipping is
+the engine's (ParallelModel.clip_grad_norm over every shard and stage; DeepSpeed's gradient_clipping)."""
 from __future__ import annotations
 
 import math

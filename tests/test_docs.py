@@ -1,10 +1,11 @@
-"""Docs stay in sync with the code: every config key of both halves is in the README's reference tables."""
+"""Docs stay in sync with the code: every config key of both halves is in the README's reference tables, with the
+default and the description the dataclasses carry (regenerate with `make readme-keys`)."""
 import re
 
 import pytest
 
 from data_pipeline.config import PipelineConfig
-from llmforge.config import RunConfig, describe
+from llmforge.config import RunConfig, describe, markdown_keys
 
 
 @pytest.mark.parametrize("cls, heading", [(RunConfig, "### Trainer keys"), (PipelineConfig, "### Data pipeline keys")])
@@ -16,3 +17,11 @@ def test_readme_documents_every_key(cls, heading):
     keys = {k for k, *_ in describe(cls)}
     assert keys - documented == set(), f"undocumented keys: {sorted(keys - documented)}"
     assert documented - keys == set(), f"README documents keys that do not exist: {sorted(documented - keys)}"
+
+
+@pytest.mark.parametrize("cls, heading", [(RunConfig, "### Trainer keys"), (PipelineConfig, "### Data pipeline keys")])
+def test_readme_rows_match_defaults_and_descriptions(cls, heading):
+    section = open("README.md").read().split(heading, 1)[1].split("\n### ", 1)[0]
+    rows = {ln for ln in section.splitlines() if ln.startswith("| `")}
+    expected = {ln for ln in markdown_keys(cls).splitlines() if ln.startswith("| `")}
+    assert rows == expected, f"stale rows (run `make readme-keys`): {sorted(rows ^ expected)[:4]}"
