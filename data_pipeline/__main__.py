@@ -11,8 +11,11 @@ Errors print one line ``error: ...`` on stderr: exit 2 for config/usage errors, 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
+import threading
 import time
 
 # Worker processes already use every core; BLAS threads on top only contend (langid is 3x slower with them).
@@ -116,7 +119,31 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm preemption, ``kill``): stop like Ctrl-C, so the worker pool is torn down with the run, the
+    output folder's lock is free at once and work/ stays for the rerun."""
+
+
+def _on_sigterm(signum, _frame, main_pid=os.getpid()):
+    if os.getpid() != main_pid:  # a forked worker: die as SIGTERM says (its parent handles the run)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, main_pid=os.getpid()))
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from llmforge.config import ConfigError
     parser = build_parser()
     parser.__class__ = _Parser
@@ -130,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, _Terminated)
+        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; finished tasks are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143 if term else 130
     except Exception as e:  # noqa: BLE001 - data errors: one line, no traceback
         from .executor import PipelineError
         from .readers import InputError

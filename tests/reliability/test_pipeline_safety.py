@@ -320,3 +320,35 @@ def test_a_planted_langid_cache_never_runs_code(tmp_path, monkeypatch, capsys):
     assert not mark.exists(), "the planted cache ran code"
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and cache in err
+
+
+# ----------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_its_workers_and_the_rerun_resumes(tmp_path, capsys):
+    import glob
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    corpus = str(tmp_path / "corpus")
+    make_corpus(corpus, n_files=8, docs_per_file=150)
+    out = str(tmp_path / "out")
+    args = [sys.executable, "-m", "data_pipeline", "run", _cfg(), f"input.paths=[{corpus}]", f"output_dir={out}",
+            *FAST, "workers=2", "tasks=8"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not glob.glob(os.path.join(out, "work", "markers", "prepare", "*.json")) and time.time() - t0 < 120:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)  # the parent only, as a scheduler's first signal
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "rerun" in lines[0] and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "stats.json")), "the signal came after the run finished"
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"workers outlived the run: {left}"
+    rc, cap = run(corpus, out, "workers=2", "tasks=8", capsys=capsys)
+    assert rc == 0, cap.err
