@@ -42,7 +42,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llmforge", "llmforge.*", "data_pipeline", "data_pipeline.*"]),
     package_data={"data_pipeline": ["sample_corpus/*.zst", "sample_corpus/*.gz", "sample_corpus/*.md",
-                                    "sample_corpus/*.json", "sample_corpus/html/*"],
+                                    "sample_corpus/*.json", "sample_corpus/html/*",
+                                    "sample_instructions/*.jsonl", "sample_instructions/*.md"],
                   "llmforge": ["lm_eval_hook.pth", "eval_tasks/*.md", "eval_tasks/*.yaml", "eval_tasks/*.py",
                                "eval_tasks/data/*.jsonl"]},
     cmdclass=CMDCLASS,
@@ -65,6 +66,7 @@ setup(
         "lxml_html_clean",  # trafilatura needs it with lxml >= 5.2
         "langid",
         "matplotlib",
+        "scipy",  # llmforge.scaling: L-BFGS fit of the Chinchilla law
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],

@@ -27,11 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--plot", help="iso-loss PNG (default: next to the law, <name>.png)")
     s = sub.add_parser("sweep", help="train a grid of small models and write RESULTS.csv")
     s.add_argument("config", help="trainer YAML, optionally with a sweep: section")
-    s.add_argument("--sizes", type=float, nargs="+", help="target parameter counts (embeddings included)")
-    s.add_argument("--tokens", type=float, nargs="+", help="training tokens per run")
+    s.add_argument("--sizes", nargs="+", default=[], help="target parameter counts (embeddings included)")
+    s.add_argument("--tokens", nargs="+", default=[], help="training tokens per run")
     s.add_argument("--out-dir", help="sweep.out_dir")
-    s.add_argument("overrides", nargs="*", help="key=value: sweep keys (executor=slurm, slurm.partition=...) or "
-                                                "trainer keys (data.paths=[...])")
+    # trailing key=value: sweep keys (executor=slurm, slurm.partition=...) or trainer keys (data.paths=[...])
     p = sub.add_parser("plan", help="compute-optimal model + tokens + layout + config for a budget")
     p.add_argument("--flops", type=float, help="training budget in FLOPs (C = 6ND)")
     p.add_argument("--gpu-hours", type=float, help="budget in GPU-hours, summed over all GPUs")
@@ -45,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="trainer YAML the plan starts from (default "
                                                 "configs/scaling/base.yaml)")
     p.add_argument("--out-dir", help="where config.yaml, plan.json and frontier.png go (default runs/plans/<name>)")
-    p.add_argument("overrides", nargs="*", help="trainer key=value for the written config (data.paths=[...])")
+    # trailing key=value: trainer keys for the written config (data.paths=[...])
     t = sub.add_parser("task", help=argparse.SUPPRESS)  # one Slurm array task of a sweep
     t.add_argument("spec")
     return ap
@@ -70,13 +69,28 @@ def cmd_fit(a) -> int:
     return 0
 
 
+def _numbers(flag: str, values: list[str], overrides: list[str]) -> list[float]:
+    """--sizes/--tokens values; key=value items that argparse swept into the list go back to the overrides."""
+    out = []
+    for v in values:
+        if "=" in v:
+            overrides.append(v)
+            continue
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ScalingError(f"{flag}: {v!r} is not a number") from None
+    return out
+
+
 def cmd_sweep(a) -> int:
     from .sweep import sweep_main
     args = list(a.overrides)
-    if a.sizes:
-        args.append("sizes=[" + ",".join(repr(float(x)) for x in a.sizes) + "]")
-    if a.tokens:
-        args.append("tokens=[" + ",".join(repr(float(x)) for x in a.tokens) + "]")
+    sizes, tokens = _numbers("--sizes", a.sizes, args), _numbers("--tokens", a.tokens, args)
+    if sizes:
+        args.append("sizes=[" + ",".join(repr(x) for x in sizes) + "]")
+    if tokens:
+        args.append("tokens=[" + ",".join(repr(x) for x in tokens) + "]")
     if a.out_dir:
         args.append(f"out_dir={a.out_dir}")
     out = sweep_main(a.config, args)
@@ -129,7 +143,12 @@ def _base_seq_len(base: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or a.cmd not in ("sweep", "plan")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
+    a.overrides = extra
     from llmforge.config import ConfigError
     try:
         if a.cmd == "task":
