@@ -7,7 +7,7 @@ RUN_DIR ?= runs/quickstart
 # torch==2.13.0 first: it is the CPU wheel on this kind of machine; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-test quickstart test test-fast readme-keys
+.PHONY: install install-test quickstart finetune test test-fast readme-keys
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -27,6 +27,21 @@ quickstart: install
 	$(PYTHON) -m llmforge.eval $(RUN_DIR)
 	$(PYTHON) -m llmforge.generate $(RUN_DIR) --prompt "The function" --max-new-tokens 40 --seed 0
 	@echo "results: shards + tokenizer in $(DATA_OUT)/, run in $(RUN_DIR)/ (metrics.jsonl, loss.png, eval.json, checkpoints/)"
+
+# Fine-tune the quickstart model (made first when missing) on the bundled instruction set
+# (data_pipeline/sample_instructions, CC0): SFT shards with the quickstart tokenizer -> response-only training.
+SFT_DATA ?= outputs/sample-sft
+SFT_RUN ?= runs/finetune
+finetune: install
+	@test -f $(DATA_OUT)/tokenizer.model -a -d $(RUN_DIR)/checkpoints || $(MAKE) quickstart
+	$(PYTHON) -m data_pipeline run configs/data/sft.yaml input.paths=[data_pipeline/sample_instructions/instructions.jsonl] \
+		output_dir=$(SFT_DATA) tokenizer.model_path=$(DATA_OUT)/tokenizer.model workers=$(NPROC)
+	$(PYTHON) -m llmforge.train configs/train/sft-tiny.yaml train.init_from=$(RUN_DIR) data.paths=[$(SFT_DATA)] \
+		run_dir=$(SFT_RUN)
+	$(PYTHON) -m llmforge.eval $(SFT_RUN)
+	$(PYTHON) -m llmforge.generate $(SFT_RUN) --prompt "How do I list the installed Python packages?" --greedy \
+		--max-new-tokens 40
+	@echo "results: SFT shards in $(SFT_DATA)/, fine-tuned run in $(SFT_RUN)/ (eval.json: response-only loss)"
 
 test: install-test
 	$(PYTHON) -m pytest tests -q -rs --durations=15

@@ -101,3 +101,14 @@ def test_sft_needs_a_tokenizer(tmp_path, capsys):
     rows = write_jsonl(str(tmp_path / "rows.jsonl"), ['{"prompt": "a", "response": "b"}'])
     assert main(["run", "configs/data/sft.yaml", f"input.paths=[{rows}]", f"output_dir={tmp_path}/o"]) == 2
     assert "tokenizer.model_path" in capsys.readouterr().err
+
+
+def test_shipped_instruction_set_passes_the_pipeline_whole(tmp_path, sft_env):
+    src = os.path.join(ROOT, "data_pipeline", "sample_instructions", "instructions.jsonl")
+    rows = [json.loads(line) for line in open(src)]
+    assert len(rows) == 64 and all(r["license"] == "CC0-1.0" for r in rows)
+    out = str(tmp_path / "out")
+    assert run_pipeline(src, out, sft_env["tok"]) == 0
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    assert stats["input"]["read_errors"] == 0 and not stats["removed_by_rule"]
+    assert stats["output"]["train"]["docs"] + stats["output"]["valid"]["docs"] == len(rows)
