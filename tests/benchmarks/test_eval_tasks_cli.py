@@ -52,10 +52,16 @@ def test_shipped_data_has_provenance():
         r["choices"][r["label"]] for r in rows["sample_next_line_mc.jsonl"]]
 
 
-def test_run_tasks_on_model_returns_flat_numbers_and_keeps_rng_and_mode(bench_run, text_tasks):
+def test_in_training_helpers_keep_rng_and_mode_and_match_the_cli(bench_run, text_tasks, tmp_path):
+    """run_tasks_on_model (an unsharded model) and run_tasks_in_training (what the trainer calls on its possibly
+    sharded parts: a copy gathered through DCP) give the CLI's numbers; the model's mode, every RNG and the run dir
+    are left as they were."""
     import random
+    from types import SimpleNamespace
 
     import torch
+
+    from llmforge.benchmarks import run_tasks_in_training
     assert eval_main([bench_run, "--tasks", "pub_text", "--include-path", text_tasks]) == 0
     ref = json.load(open(os.path.join(bench_run, "eval_tasks.json")))["metrics"]
     run = load_run(bench_run)
@@ -68,6 +74,10 @@ def test_run_tasks_on_model_returns_flat_numbers_and_keeps_rng_and_mode(bench_ru
     got = run_tasks_on_model(run.model, run.tokenizer, ["pub_text"], text_tasks, batch_size=3)
     assert (torch.rand(1).item(), random.random()) == want and run.model.training
     assert got == pytest.approx(ref, rel=1e-6)
+    cfg = SimpleNamespace(tasks=["pub_text"], include_paths=[text_tasks], limit=0, num_fewshot=-1, batch_size=2)
+    assert run_tasks_in_training([run.model], run.model.args, run.tokenizer, cfg, str(tmp_path)) == pytest.approx(
+        ref, rel=1e-6)
+    assert os.listdir(tmp_path) == []
 
 
 def test_flat_metrics_names():
@@ -103,15 +113,3 @@ def test_errors_are_one_line_and_exit_2(bench_run, text_tasks, tmp_path, capsys)
     assert "no complete checkpoint" in _last_error(capsys)
     assert not (empty / "eval_tasks.json").exists()
 
-
-def test_in_training_helper_scores_a_gathered_copy(bench_run, text_tasks, tmp_path):
-    """run_tasks_in_training (what the trainer calls on its possibly sharded parts) on one process: the copy it
-    gathers through DCP scores exactly like the model itself, and its temporary folder is gone afterwards."""
-    from types import SimpleNamespace
-
-    from llmforge.benchmarks import run_tasks_in_training
-    run = load_run(bench_run)
-    cfg = SimpleNamespace(tasks=["pub_text"], include_paths=[text_tasks], limit=0, num_fewshot=-1, batch_size=2)
-    got = run_tasks_in_training([run.model], run.model.args, run.tokenizer, cfg, str(tmp_path))
-    assert got == run_tasks_on_model(run.model, run.tokenizer, ["pub_text"], text_tasks)
-    assert os.listdir(tmp_path) == []
