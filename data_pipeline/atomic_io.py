@@ -1,53 +1,17 @@
-"""Atomic file writes (temp name in the same folder, then rename) and zstd-compressed jsonl."""
+"""zstd-compressed jsonl written atomically; the generic atomic writes live in llmforge.common.atomic (shared by
+both halves) and are re-exported here."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
-import numpy as np
 import zstandard
+
+from llmforge.common.atomic import atomic_path, read_json, save_npy, tmp_name, write_bytes, write_json  # noqa: F401
 
 from .readers import open_binary
 
 ZSTD_LEVEL = 3  # fixed: the compressed bytes are part of the byte-identical-output promise
-
-
-def tmp_name(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temp path; rename it to ``path`` only if the block succeeds."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_json(path: str, obj) -> None:
-    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def save_npy(path: str, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
 
 
 class JsonlZstWriter:

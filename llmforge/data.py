@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from data_pipeline.shards import IndexedShard
+from llmforge.common.shards import IndexedShard
 
 
 def _shard_prefixes(path: str, split: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from data_pipeline.shards import shard_max_id
+from llmforge.common.shards import shard_max_id
 from llmforge.config import ConfigError
 
 

@@ -60,7 +60,7 @@ def _rank0_without_group():
 
 def _blend(prefix_lists: list[list[str]], weights: list[float] | None):
     """Megatron blend: one entry per shard prefix; a path's weight is split over its shards by tokens."""
-    from data_pipeline.shards import IndexedShard
+    from llmforge.common.shards import IndexedShard
     prefixes, w = [], []
     for i, plist in enumerate(prefix_lists):
         tokens = [IndexedShard(p).num_tokens for p in plist]

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.sft import MASK_DIR, TEMPLATE_FILE
-from data_pipeline.shards import IndexedShard
+from llmforge.common.chat import MASK_DIR, TEMPLATE_FILE
+from llmforge.common.shards import IndexedShard
 from llmforge.config import ConfigError
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
@@ -158,7 +158,7 @@ def chat_prompt_ids(run_dir: str, prompt: str, system: str | None = None) -> lis
     """Ids asking a fine-tuned run (``chat_template.json`` in its dir) to answer ``prompt``; None otherwise."""
     if not os.path.isfile(os.path.join(run_dir, TEMPLATE_FILE)):
         return None
-    from data_pipeline.sft import ChatTemplate
+    from llmforge.common.chat import ChatTemplate
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return ChatTemplate(os.path.join(run_dir, "tokenizer.model")).encode_prompt(msgs)
 
@@ -204,7 +204,7 @@ def write_hf_chat_template(out_dir: str, run_dir: str, tok_path: str) -> str:
     template = os.path.join(run_dir, TEMPLATE_FILE)
     if not os.path.isfile(template):
         return ""
-    from data_pipeline.sft import JINJA, ChatTemplate
+    from llmforge.common.chat import JINJA, ChatTemplate
     ours = ChatTemplate(tok_path)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world, 12 3?"},
             {"role": "assistant", "content": "Hi.\n  Two  spaces"}, {"role": "user", "content": "ünïcödé"}]

@@ -395,14 +395,3 @@ def _pipe_eval(engine):
         loss = engine.eval_batch(it, num_micro_batches=len(batches))
         return float(loss.float().item()), sum(b[:, 1:].numel() for b in batches)
     return evaluate
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m llmforge.engines.deepspeed CONFIG [k=v ...]``: llmforge.train with engine=deepspeed."""
-    from llmforge.train import main as train_main, strip_launcher_args
-    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    return train_main(argv[:1] + ["engine=deepspeed"] + argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

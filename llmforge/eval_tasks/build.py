@@ -45,7 +45,7 @@ def validation_docs(out_dir: str) -> list[dict]:
     import numpy as np
     import sentencepiece as spm
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    from data_pipeline.shards import IndexedShard
+    from llmforge.common.shards import IndexedShard
     work = os.path.join(out_dir, "work")
     ids = [line.strip() for p in sorted(glob.glob(os.path.join(work, "tokens", "valid-*.ids")))
            for line in open(p) if line.strip()]

@@ -1,0 +1,7 @@
+"""What both halves share, so that they never import each other: the data pipeline imports ``llmforge.common``
+(and ``llmforge.config`` for config loading); ``llmforge`` never imports ``data_pipeline``.
+
+- ``shards``: the Megatron-compatible .bin/.idx format (written by the pipeline, read by the trainer).
+- ``atomic``: temp-name + rename writes used everywhere a file must never be seen half-written.
+- ``chat``: the chat template shared by the SFT data stage, training, generation and the HF export.
+"""

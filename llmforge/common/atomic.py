@@ -1,0 +1,55 @@
+"""Atomic writes: a temp name in the same folder, then ``os.replace`` — readers see the old file or the new one,
+never half of one, and a crash leaves at most a ``*.tmpPID`` file that the next writer overwrites."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+
+
+def tmp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temp path; rename it to ``path`` only if the block succeeds (the temp file is removed otherwise)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj, sort_keys: bool = True) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_npy(path: str, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def copy_file(src: str, dst: str) -> None:
+    import shutil
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
