@@ -198,7 +198,8 @@ def test_zero3_run_is_first_class(ds_launch, tmp_path):
     _, valid = build_datasets(cfg.data, cfg.seed)
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in validation_batches(valid, ev["batch_size"], ev["tokens"] // (ev["batch_size"] * cfg.data.seq_len)):
+        n_batches = -(-ev["tokens"] // (ev["batch_size"] * cfg.data.seq_len))
+        for batch in validation_batches(valid, ev["batch_size"], n_batches):
             logits = model(batch[:, :-1]).logits
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
             count += batch[:, 1:].numel()
