@@ -10,7 +10,6 @@ Importing ``llmforge.lm_eval_adapter`` yourself registers it too (``@register_mo
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 
 MODEL_NAME = "llmforge"
@@ -30,8 +29,13 @@ class _AfterModelsImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "lm_eval.models":
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in sys.meta_path:  # whoever would have found it (site-packages, an editable lm-eval...)
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
         real_exec = loader.exec_module
