@@ -239,8 +239,9 @@ def tokenize_compare(sample_docs, mb, tmp, reps=3):
 
 CLUSTER_PROBE = (  # one cluster-stage task in a fresh interpreter: its peak RSS and traced (numpy + Python) peak
     "import json,resource,sys,tracemalloc;from data_pipeline import config,pipeline;"
-    "cfg=config.load(sys.argv[1],[]);tracemalloc.start();pipeline.run_single_task(cfg,sys.argv[2],int(sys.argv[3]));"
-    "print(json.dumps({'rss_MB':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
+    "cfg=config.load(sys.argv[1],sys.argv[4:]);tracemalloc.start();pipeline.run_single_task(cfg,sys.argv[2],int(sys.argv[3]));"
+    "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')];"  # ru_maxrss counts the forked parent
+    "print(json.dumps({'rss_MB':int(hwm[0].split()[1])/1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
     "'traced_MB':tracemalloc.get_traced_memory()[1]/2**20}))")
 
 
@@ -263,12 +264,16 @@ def cluster_memory(sample_docs, base_mb, workers, tmp):
             continue
         cfg_path = os.path.join(o, "work", "config.yaml")
         rows = {}
-        for stage, ranks in (("buckets", range(parts)), ("clusters", [0])):
+        # the merge once more without the precision sample (its shingles are bounded by precision_sample, not
+        # by the corpus): what is left is the union-find itself
+        for label, stage, ranks, extra in (("buckets", "buckets", range(parts), []), ("clusters", "clusters", [0], []),
+                                           ("clusters_nosample", "clusters", [0],
+                                            ["dedup.minhash.precision_sample=0"])):
             for rank in ranks:
                 os.remove(os.path.join(o, "work", "markers", stage, f"{rank:05d}.json"))
-                p = subprocess.run([sys.executable, "-c", CLUSTER_PROBE, cfg_path, stage, str(rank)], cwd=ROOT,
-                                   env=env, capture_output=True, text=True)
-                rows.setdefault(stage, []).append(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
+                p = subprocess.run([sys.executable, "-c", CLUSTER_PROBE, cfg_path, stage, str(rank), *extra],
+                                   cwd=ROOT, env=env, capture_output=True, text=True)
+                rows.setdefault(label, []).append(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
                                                   else {"error": p.stderr[-300:]})
         stats = json.load(open(os.path.join(o, "stats.json")))["dedup"]
         out[name] = {"input_MB": round(b / 1e6, 1), "docs": stats["docs_in"], "cluster_tasks": parts,
