@@ -285,6 +285,8 @@ class TrainConfig:
     eval_batches: int = opt(2, "validation size per evaluation, in global batches: eval_batches x global_batch_size "
                                   "windows, scored in micro batches (the same windows in any layout and engine)")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
+    fused_optimizer: Optional[bool] = opt(None, "fused AdamW (null: on CUDA). Fused skips a non-finite step on the "
+                                                "device, so steps that are not logged never wait for the host")
     init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
     init_from: str = opt("", "fine-tuning: start from an llmforge run dir (its newest complete checkpoint, any layout) "
                              "or a Hugging Face folder; the model shape comes from it (llmforge/sft.py)")

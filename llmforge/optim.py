@@ -25,7 +25,7 @@ def param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[dict
 
 def build_optimizer(model_parts: list[nn.Module], tcfg, device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
-    if device.type == "cuda":
+    if tcfg.fused_optimizer or (tcfg.fused_optimizer is None and device.type == "cuda"):
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model_parts, tcfg.weight_decay), **kwargs)
 

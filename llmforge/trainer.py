@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,29 @@ def write_run_files(cfg, plan: RunPlan, engine: Engine) -> None:
     engine.write_run_files(cfg.run_dir)
 
 
+class BatchFeed:
+    """This rank's slice of each global batch. On CUDA the next step's batch is built in a background thread into
+    pinned memory while the current step runs, and copied with ``non_blocking``; on CPU it is built in place."""
+
+    def __init__(self, stream, local_bs: int, dp_rank: int, device):
+        self.stream, self.local_bs, self.dp_rank, self.device = stream, local_bs, dp_rank, device
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batch-feed") if device.type == "cuda" else None
+        self.pending = None  # (samples consumed, future of the host batch)
+
+    def _host(self, samples: int) -> torch.Tensor:
+        batch = self.stream.batch(samples + self.dp_rank * self.local_bs, self.local_bs)
+        return batch.pin_memory() if self.pool is not None else batch
+
+    def get(self, samples: int, next_samples: int) -> torch.Tensor:
+        if self.pending is not None and self.pending[0] == samples:
+            host = self.pending[1].result()
+        else:
+            host = self._host(samples)
+        if self.pool is not None:
+            self.pending = (next_samples, self.pool.submit(self._host, next_samples))
+        return host.to(self.device, non_blocking=True)
+
+
 class Trainer:
     def __init__(self, cfg, plan: RunPlan, engine: Engine, rank: int, world: int, device):
         self.cfg, self.plan, self.engine, self.rank, self.device = cfg, plan, engine, rank, device
@@ -64,42 +88,58 @@ class Trainer:
         self.nan_steps, self.kill_steps = fault_steps("nan"), fault_steps("kill")
         self.metrics: MetricsLogger | None = None
         self.stop: StopSignal | None = None
+        self.world = world
+        self.bad_t = torch.zeros((), dtype=torch.int64, device=device)      # consecutive skipped steps
+        self.bad_peak_t = torch.zeros((), dtype=torch.int64, device=device)  # their longest run since the last check
+        self.feed = BatchFeed(plan.train_stream, plan.local_bs, engine.dp_rank, device)
 
     def stop_requested(self) -> int:
-        """The signal number when any rank got SIGTERM/SIGUSR1 (agreed over all ranks: they stop at one step)."""
-        if self.stop is None:
+        """The signal number when any rank got SIGTERM/SIGUSR1. Ranks agree (all-reduce) on the steps that read
+        the host anyway (logged ones), so they all stop at the same step; one process checks every step."""
+        if self.stop is None or (self.world > 1 and not self.is_log_step(self.step)):
             return 0
+        if self.world == 1:
+            return self.stop.signum
         flag = torch.tensor(self.stop.signum, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
     # ------------------------------------------------------------------ one step
+    def is_log_step(self, step: int) -> bool:
+        return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.steps
+
     def train_step(self) -> dict:
-        """Forward/backward, clip, apply or skip; return the step's numbers (host values only when logged)."""
-        cfg, t, engine = self.cfg, self.cfg.train, self.engine
+        """Forward/backward, clip, apply or skip. On steps that are not logged nothing is read on the host when the
+        engine can skip on the device (fused AdamW): loss, norm and the skip decision stay device tensors."""
+        t, engine = self.cfg.train, self.engine
         lr = engine.set_lr(t.lr * lr_factor(self.step, t))
-        local = self.plan.local_bs
-        batch = self.plan.train_stream.batch(self.samples + engine.dp_rank * local, local)
-        loss = engine.forward_backward(batch.to(self.device, non_blocking=True))
+        loss = engine.forward_backward(self.feed.get(self.samples, self.samples + t.global_batch_size))
         if self.step + 1 in self.nan_steps:
             loss = loss * float("nan")
         norm = engine.clip_grad_norm(t.grad_clip)
-        finite = bool(torch.isfinite(loss).item()) and (norm is None or bool(torch.isfinite(norm).item()))
-        applied = engine.optim_step(apply=finite)
-        grad_norm = float(norm.item()) if norm is not None else engine.grad_norm()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "applied": applied}
+        finite = torch.isfinite(loss) if norm is None else torch.isfinite(loss) & torch.isfinite(norm)
+        if not self.is_log_step(self.step + 1) and engine.optim_step_async(finite):
+            self.bad_t = torch.where(finite, 0, self.bad_t + 1)
+            self.bad_peak_t = torch.maximum(self.bad_peak_t, self.bad_t)  # a run of skips between two logs
+            return {"loss": loss, "lr": lr, "norm": norm, "applied": None}
+        applied = engine.optim_step(apply=bool(finite.item()))
+        self.bad_t = torch.zeros_like(self.bad_t) if applied else self.bad_t + 1
+        self.bad_peak_t = torch.maximum(self.bad_peak_t, self.bad_t)
+        return {"loss": loss, "lr": lr, "norm": norm, "applied": applied}
 
     def apply_policy(self, out: dict) -> None:
-        """Count consecutive skipped steps; stop the run after train.max_bad_steps of them."""
+        """Count consecutive skipped steps; stop the run after train.max_bad_steps of them. Steps skipped on the
+        device are counted there and checked at the next step that reads the host."""
         t = self.cfg.train
-        if out["applied"]:
-            self.bad = 0
+        if out["applied"] is None:
             return
-        self.bad += 1
-        self.log(f"warning: step {self.step}: non-finite loss/grad ({float(out['loss'])}); step skipped "
-                 f"({self.bad} in a row)")
-        if self.bad >= t.max_bad_steps:
-            raise TrainingError(f"{self.bad} consecutive steps with non-finite loss (train.max_bad_steps="
+        bad, peak = int(self.bad_t.item()), int(self.bad_peak_t.item())
+        self.bad_peak_t = self.bad_t.clone()
+        if not out["applied"]:
+            self.log(f"warning: step {self.step}: non-finite loss/grad ({float(out['loss'])}); step skipped "
+                     f"({bad} in a row)")
+        if peak >= t.max_bad_steps:
+            raise TrainingError(f"{peak} consecutive steps with non-finite loss (train.max_bad_steps="
                                 f"{t.max_bad_steps}); lower train.lr or check the data")
 
     # ------------------------------------------------------------------ cadence
@@ -110,8 +150,10 @@ class Trainer:
 
     def after_step(self, out: dict, dt: float) -> None:
         cfg, t = self.cfg, self.cfg.train
-        if self.step % t.log_interval == 0 or self.step == t.steps:
-            self.metrics.log(self.step_metrics.row(self.step, float(out["loss"]), out["lr"], out["grad_norm"],
+        if self.is_log_step(self.step):
+            norm = out["norm"]
+            grad_norm = float(norm.item()) if norm is not None else self.engine.grad_norm()
+            self.metrics.log(self.step_metrics.row(self.step, float(out["loss"]), out["lr"], grad_norm,
                                                    self.samples, dt, skipped=not out["applied"]))
         if self.step in self.kill_steps:
             os.kill(os.getpid(), 9)

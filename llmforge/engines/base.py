@@ -58,6 +58,11 @@ class Engine(abc.ABC):
         """Apply the update (or skip it when ``apply`` is False), then clear gradients. Returns whether the update
         was applied (an engine may veto one it finds non-finite)."""
 
+    def optim_step_async(self, finite: torch.Tensor) -> bool:
+        """Apply the update only where the 0-dim device flag ``finite`` is true, without reading it on the host.
+        Returns False when this engine cannot (the Trainer then falls back to ``optim_step``)."""
+        return False
+
     def grad_norm(self) -> float | None:
         """The norm of the last step when ``clip_grad_norm`` returned None."""
         return None

@@ -26,6 +26,7 @@ KEY_POLICY: dict[str, tuple] = {
        ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction")},
     **{f"train.{k}": ("honoured", "client AdamW (or DeepSpeed's own optimizer) hyper-parameters") for k in
        ("weight_decay", "beta1", "beta2", "eps")},
+    "train.fused_optimizer": ("honoured", "the client AdamW's fused flag (the step itself is DeepSpeed's)"),
     "train.grad_clip": ("honoured", "gradient_clipping"), "train.dtype": ("honoured", "bf16.enabled"),
     "train.log_interval": ("honoured", SHARED), "train.eval_interval": ("honoured", SHARED),
     "train.eval_batches": ("honoured", "the same validation windows"),

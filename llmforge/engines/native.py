@@ -14,15 +14,17 @@ from llmforge.distributed import resolve_dtype
 from llmforge.loss import loss_fn
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.optim import build_optimizer, set_lr
-from llmforge.parallel import build_mesh, parallelize, resolve_dims
+from llmforge.parallel import build_mesh, resolve_dims
+from llmforge.parallel.build import build_parallel_model, meta_model
 
 from .base import Engine, TrainingError
 
 
 def build_model(args, seed: int) -> Transformer:
-    """Same seed → same initial weights on every rank and in every layout (the basis of equivalence tests)."""
+    """The unsharded model with the weights every layout starts from (llmforge.parallel.build's init)."""
+    from llmforge.parallel.build import build_model as build_full
     torch.manual_seed(seed)
-    return Transformer(args)
+    return build_full(args, seed)
 
 
 def autocast_for(cfg, device: torch.device):
@@ -50,16 +52,14 @@ class NativeEngine(Engine):
         # SFT data: response-only loss normalised by the global batch's response tokens (llmforge/sft.py)
         self.sft_loss = MaskedLoss() if is_sft_data(cfg.data.paths) else None
         self.loss_fn = self.sft_loss or loss_fn
-        model = build_model(plan.margs, cfg.seed)
-        if cfg.train.init_from_hf:  # before parallelize(); resuming a checkpoint later overwrites these weights
-            from llmforge.export_hf import load_hf_into
-            load_hf_into(model, cfg.train.init_from_hf)
-        self.n_params, self.flops_per_token = num_params(model), flops_per_token(model, cfg.data.seq_len)
-        self.pm = parallelize(model, dims, self.mesh, cfg, info.device, self.loss_fn)
+        # built on the meta device; each rank materialises only its shards (init_from_hf is read into them;
+        # resuming a checkpoint later overwrites them)
+        self.pm = build_parallel_model(plan.margs, dims, self.mesh, cfg, info.device, self.loss_fn, cfg.train.init_from_hf)
         if cfg.train.init_from:  # fine-tuning start (a resumed checkpoint later overwrites these weights)
             from llmforge.sft import load_init_weights
             load_init_weights(self.pm.parts, cfg.train.init_from)
-        del model  # pipeline stages are copies: do not keep the whole model alive
+        meta = meta_model(plan.margs)  # shapes only: counts without memory
+        self.n_params, self.flops_per_token = num_params(meta), flops_per_token(meta, cfg.data.seq_len)
         self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
         self.dp_rank = self.dp_mesh.get_local_rank()
         self.ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
@@ -102,6 +102,18 @@ class NativeEngine(Engine):
                 opt.step()
             opt.zero_grad(set_to_none=True)
         return apply
+
+    def optim_step_async(self, finite: torch.Tensor) -> bool:
+        """Fused AdamW skips its update on the device when ``found_inf`` is set (as under GradScaler)."""
+        if not all(isinstance(o, torch.optim.Adam) and o.defaults.get("fused") for o in self.optimizers):
+            return False
+        skip = (~finite).float()
+        for opt in self.optimizers:
+            opt.found_inf = skip
+            opt.step()
+            del opt.found_inf
+            opt.zero_grad(set_to_none=True)
+        return True
 
     def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
         return self.pm.evaluate(valid, self.plan.micro, max_batches, self.device, self.amp)
