@@ -12,7 +12,7 @@ log-likelihoods (tests/benchmarks/test_hf_parity.py).
 
 Requests are sorted by length (longest first), batched ``batch_size`` at a time and right-padded; causal attention
 keeps the padding out of every real position, so results do not depend on the batch size. Generation is greedy
-(or sampled when the task asks) with the KV cache, one request at a time.
+(or sampled when the task asks) with the KV cache, batching requests whose contexts have the same length.
 """
 from __future__ import annotations
 
@@ -132,46 +132,62 @@ class LLMForgeLM(TemplateLM):
     # ----------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from llmforge.generate import sample_next
+        """Requests with the same settings and context length decode together (``batch_size`` at a time, one KV
+        cache); the model has no padding mask, so contexts of other lengths go in other batches."""
         eos_text = self.tok_decode([self.eot_token_id]) or None
-        out = []
+        jobs = []  # (context ids, settings) per request
+        for req in requests:
+            context, gen_kwargs = req.args
+            kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = tuple(handle_stop_sequences(kw.pop("until", None), eos=eos_text))
+            max_new = int(kw.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in {self.max_length} tokens")
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+            ctx = (self.tok_encode(context) if context else [self.prefix_token_id])[-(self.max_length - max_new):]
+            jobs.append((ctx, (until, max_new, temperature, float(kw.get("top_p", 1.0)), int(kw.get("top_k") or 0))))
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, settings) in enumerate(jobs):
+            groups.setdefault((len(ctx), settings), []).append(i)
+        out: list[str | None] = [None] * len(jobs)
         was_training = self.model.training
         self.model.eval()
         try:
-            for req in requests:
-                context, gen_kwargs = req.args
-                kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-                until = handle_stop_sequences(kw.pop("until", None), eos=eos_text)
-                max_new = int(kw.pop("max_gen_toks"))
-                if max_new >= self.max_length:
-                    raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in {self.max_length} tokens")
-                temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-                ctx = (self.tok_encode(context) if context else [self.prefix_token_id])[-(self.max_length - max_new):]
-                new = self._decode(ctx, max_new, until, temperature, float(kw.get("top_p", 1.0)),
-                                   int(kw.get("top_k", 0) or 0), sample_next)
-                text = postprocess_generated_text(generation=self._continuation_text(ctx, new), stop=until,
-                                                  think_end_token=None)
-                self.cache_hook.add_partial("generate_until", req.args, text)
-                out.append(text)
+            for (_, settings), idx in groups.items():
+                for b in range(0, len(idx), self.batch_size):
+                    chunk = idx[b:b + self.batch_size]
+                    news = self._decode([jobs[i][0] for i in chunk], *settings)
+                    for i, new in zip(chunk, news):
+                        out[i] = postprocess_generated_text(generation=self._continuation_text(jobs[i][0], new),
+                                                            stop=list(settings[0]), think_end_token=None)
+                        self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         finally:
             self.model.train(was_training)
-        return out
+        return out  # type: ignore[return-value]
 
-    def _decode(self, ctx, max_new, until, temperature, top_p, top_k, sample_next) -> list[int]:
-        caches = self.model.new_caches(1, len(ctx) + max_new)
+    def _decode(self, ctxs: list[list[int]], until, max_new, temperature, top_p, top_k) -> list[list[int]]:
+        """Decode equal-length contexts together until each hits EOS, a stop string or max_new tokens."""
+        from llmforge.generate import sample_next
+        caches = self.model.new_caches(len(ctxs), len(ctxs[0]) + max_new)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(0)
-        logits = self.model(torch.tensor([ctx], device=self.device), caches, 0)[:, -1]
-        new: list[int] = []
-        for pos in range(len(ctx), len(ctx) + max_new):
-            tok = int(sample_next(logits, temperature, top_k, top_p, gen).item())
-            if tok == self.eot_token_id:
+        logits = self.model(torch.tensor(ctxs, device=self.device), caches, 0)[:, -1]
+        new: list[list[int]] = [[] for _ in ctxs]
+        done = [False] * len(ctxs)
+        for pos in range(len(ctxs[0]), len(ctxs[0]) + max_new):
+            toks = sample_next(logits, temperature, top_k, top_p, gen)
+            for r, tok in enumerate(toks.tolist()):
+                if done[r]:
+                    continue
+                if tok == self.eot_token_id:
+                    done[r] = True
+                    continue
+                new[r].append(tok)
+                done[r] = len(new[r]) == max_new or any(
+                    s and s in self._continuation_text(ctxs[r], new[r]) for s in until)
+            if all(done):
                 break
-            new.append(tok)
-            if any(s and s in self._continuation_text(ctx, new) for s in until):
-                break
-            if len(new) < max_new:
-                logits = self.model(torch.tensor([[tok]], device=self.device), caches, pos)[:, -1]
+            logits = self.model(toks.view(-1, 1), caches, pos)[:, -1]
         return new
 
     def _continuation_text(self, ctx: list[int], new: list[int]) -> str:

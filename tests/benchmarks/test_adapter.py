@@ -88,15 +88,20 @@ def test_results_do_not_depend_on_the_batch_size(loaded):
 
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(loaded):
+    """Batched (equal-length contexts share a forward) or not, each output is llmforge.generate's greedy
+    continuation of that context, cut before the first stop string."""
     from llmforge.generate import generate
-    lm = LLMForgeLM(model=loaded.model, tokenizer=loaded.tokenizer)
     sp = loaded.tokenizer
-    ctx = "The model learns"
-    (text,) = lm.generate_until(_requests("generate_until", [(ctx, {"until": ["."], "max_gen_toks": 12})]))
-    ids = sp.encode(ctx)
-    new = generate(loaded.model, ids, 12, temperature=0.0, eos_id=sp.eos_id())
-    full = sp.decode(ids + new)[len(sp.decode(ids)):]
-    assert text == full.split(".")[0]
+    contexts = ["The model learns", "Tests check numbers", "The model learns", "Install the package"]
+    reqs = _requests("generate_until", [(c, {"until": ["."], "max_gen_toks": 12}) for c in contexts])
+    expected = []
+    for ctx in contexts:
+        ids = sp.encode(ctx)
+        new = generate(loaded.model, ids, 12, temperature=0.0, eos_id=sp.eos_id())
+        expected.append(sp.decode(ids + new)[len(sp.decode(ids)):].split(".")[0])
+    for bs in (1, 4):
+        lm = LLMForgeLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=bs)
+        assert lm.generate_until(reqs) == expected
 
 
 def test_bits_per_byte_equals_llmforge_eval_loss_on_the_same_text(bench_run, tmp_path):
