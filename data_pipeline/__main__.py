@@ -54,10 +54,10 @@ def _cmd_merge(args) -> int:
 
 
 def _find_tokenizer(prefix: str) -> str:
-    d = os.path.dirname(os.path.abspath(prefix))
-    for cand in (os.path.join(d, "tokenizer.model"), os.path.join(os.path.dirname(d), "tokenizer.model")):
-        if os.path.isfile(cand):
-            return cand
+    from llmforge.common.shards import find_tokenizer
+    found = find_tokenizer([prefix])
+    if found:
+        return found
     raise FileNotFoundError(f"no tokenizer.model next to {prefix} or one folder up (pass --tokenizer)")
 
 

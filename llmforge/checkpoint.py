@@ -54,17 +54,22 @@ def _model_sd(model_parts):
 
 
 def _local_optim(opt):
-    """ZeRO-1 (ZeroRedundancyOptimizer): the optimizer over the parameters this rank owns. Its state dict uses the
-    same per-parameter keys as an unsharded optimizer, each rank contributing its own keys, so the checkpoint
-    loads into any layout (and ZeRO-1 loads from any layout, each rank reading only the keys it owns)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    return opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
+    """ZeRO-1: the optimizer over the parameters this rank owns. Its state dict uses the same per-parameter keys as
+    an unsharded optimizer, each rank contributing its own keys, so the checkpoint loads into any layout."""
+    from llmforge.parallel.data_parallel import local_optimizer
+    return local_optimizer(opt)
+
+
+def _has_params(opt) -> bool:
+    """False for the optimizer of a pipeline stage whose parameters are all frozen (train.freeze): no state."""
+    return any(len(g["params"]) for g in opt.param_groups)
 
 
 def _optim_sd(model_parts, optimizers):
     sd = {}
     for part, opt in zip(model_parts, optimizers):
-        sd.update(get_optimizer_state_dict(part, _local_optim(opt), options=_OPTS))
+        if _has_params(_local_optim(opt)):
+            sd.update(get_optimizer_state_dict(part, _local_optim(opt), options=_OPTS))
     return sd
 
 
@@ -218,7 +223,8 @@ class Checkpointer:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if load_optimizer:
             for part, opt in zip(model_parts, optimizers):
-                set_optimizer_state_dict(part, _local_optim(opt), state["optim"], options=_OPTS)
+                if _has_params(_local_optim(opt)):
+                    set_optimizer_state_dict(part, _local_optim(opt), state["optim"], options=_OPTS)
         rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
         if load_rng and os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
             try:

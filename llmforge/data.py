@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from llmforge.common.shards import IndexedShard
+from llmforge.common.shards import IndexedShard, find_tokenizer  # noqa: F401  (re-exported)
 
 
 def _shard_prefixes(path: str, split: str) -> list[str]:
@@ -31,15 +31,6 @@ def _shard_prefixes(path: str, split: str) -> list[str]:
         return []
     found = sorted(glob.glob(path if path.endswith(".idx") else path + ".idx")) or sorted(glob.glob(path + "*.idx"))
     return [f[:-4] for f in found]
-
-
-def find_tokenizer(paths: list[str]) -> str | None:
-    for p in paths:
-        base = p if os.path.isdir(p) else os.path.dirname(os.path.dirname(os.path.abspath(p)))
-        for cand in (os.path.join(base, "tokenizer.model"), os.path.join(os.path.dirname(os.path.abspath(p)), "tokenizer.model")):
-            if os.path.isfile(cand):
-                return cand
-    return None
 
 
 class TokenWindows:

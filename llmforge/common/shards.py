@@ -171,3 +171,15 @@ def merge_shards(prefixes: list[str], out_prefix: str) -> None:
         for s in shards:
             for i in range(len(s)):
                 w.add_document(s.doc(i))
+
+
+def find_tokenizer(paths: list[str]) -> str | None:
+    """The ``tokenizer.model`` of the first data path that has one: a pipeline output dir holds it at its top, a
+    shard prefix (``DIR/shards/train-00000``) two folders up or beside the shard."""
+    for p in paths:
+        base = p if os.path.isdir(p) else os.path.dirname(os.path.dirname(os.path.abspath(p)))
+        for cand in (os.path.join(base, "tokenizer.model"), os.path.join(os.path.dirname(os.path.abspath(p)),
+                                                                         "tokenizer.model")):
+            if os.path.isfile(cand):
+                return cand
+    return None
