@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = -100          # F.cross_entropy's default: targets with this id do not count
-CHUNK_ELEMENTS = 1 << 26     # logits per fp32 chunk (256 MiB): bounds the transient upcast
+CHUNK_ELEMENTS = 1 << 25     # logits per fp32 chunk (128 MiB): bounds the transient upcast
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

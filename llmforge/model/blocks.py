@@ -96,16 +96,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        rep = q.shape[2] // k.shape[2]
-        if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        # grouped-query attention: each kv head serves n_heads / n_kv_heads query heads. SDPA's enable_gqa reads
+        # the shared K/V in place (no repeat_interleave copies of K/V, which cost memory and bandwidth)
+        gqa = q.shape[2] != k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is None or start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # decoding with a cache: query i sits at position start_pos + i
             kv_len = k.shape[2]
             mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

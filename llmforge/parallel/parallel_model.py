@@ -11,9 +11,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from llmforge.data import validation_batches
+from llmforge.loss import cross_entropy
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ParallelModel:
             x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/sft.py)
             with amp():
                 logits = model(x)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            total += cross_entropy(logits, y, reduction="sum").item()  # also on vocab shards
             count += int((y != IGNORE).sum())
         model.train()
         return (total / count if count else float("nan")), count

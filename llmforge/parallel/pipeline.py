@@ -2,9 +2,11 @@
 
 The model is cut into ``pp x stages_per_rank`` stages by deep-copying it and deleting what a stage does not own
 (layers, and tok/pos embeddings or norm/output set to None): parameter names stay those of the whole model, so
-checkpoints move between layouts. Single-stage schedules (GPipe, 1F1B) give rank r stage r; multi-stage ones
-give it stages r, r+pp (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) or r, 2*pp-1-r (the "V" of
-ZBVZeroBubble and DualPipeV). With more stages than layers the embedding / output head get stages of their own.
+checkpoints move between layouts. The engines cut the meta-device model (parallel/build.py): a copy costs no
+memory, and each rank materialises only its own stages' shards. Single-stage schedules (GPipe, 1F1B) give rank
+r stage r; multi-stage ones give it stages r, r+pp (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) or
+r, 2*pp-1-r (the "V" of ZBVZeroBubble and DualPipeV). With more stages than layers the embedding / output head
+get stages of their own.
 
 Microbatches: see ``llmforge.parallel.pipeline_microbatches``. The loss is the mean over equal microbatches of the
 per-microbatch mean loss (= the full-batch mean), gradients are scaled by 1/microbatches by the schedule, so a
@@ -17,11 +19,11 @@ import copy
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from llmforge.data import validation_batches
+from llmforge.loss import cross_entropy
 
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
 
@@ -117,7 +119,7 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
                 with amp():
                     h = local[s](h)
                 if s == n_stages - 1:
-                    total += F.cross_entropy(h.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+                    total += cross_entropy(h, y, reduction="sum").double()  # also on vocab shards
                 elif owner[s + 1] != me:
                     dist.send(h.float().contiguous(), group=pp_group, group_dst=owner[s + 1])
             count += int((y != IGNORE).sum())

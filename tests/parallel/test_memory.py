@@ -40,7 +40,7 @@ def _measure(rank, world, zero_stage):
     block_total = sum(p.numel() * 4 for p in model.layers.parameters())
     pm = parallelize(model, dims, mesh, cfg, torch.device("cpu"))
     part = pm.parts[0]
-    opt = (pm.extras.get("optimizers") or [build_optimizer([part], cfg.train, torch.device("cpu"))])[0]
+    opt = (pm.zero1_optimizers or [build_optimizer([part], cfg.train, torch.device("cpu"))])[0]
     x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(rank))
     logits = part(x)
     blocks = part.module.layers if hasattr(part, "module") else part.layers

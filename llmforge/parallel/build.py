@@ -1,0 +1,179 @@
+"""Build the parallel model without ever holding the whole model on one rank: meta device → parallelize → local
+shards materialised (``to_empty``) → layout-independent init (or an HF folder read straight into the shards).
+
+``build_parallel_model`` is what the engines call. The model is created on the ``meta`` device (no memory),
+pipeline stages are cut from that meta model, TP / recompute / compile / FSDP are applied to meta modules, and
+only then does each rank allocate its own shards and fill them. The values come from ``llmforge.model.init``,
+a pure function of (seed, parameter name, global position), so any layout starts from exactly the weights of
+one process (the layout-equivalence tests compare against a single process that goes through this same path).
+
+With ``device`` = meta nothing is materialised: the dry run (``llmforge.dryrun``) walks the same path on a fake
+process group to count what each rank would hold.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from llmforge.model.blocks import rope_tables
+from llmforge.model.init import canonical_name, fill_, init_full_model
+from llmforge.model.transformer import Transformer
+
+
+def meta_model(margs) -> Transformer:
+    """The whole model on the meta device: shapes and names only, no storage."""
+    with torch.device("meta"):
+        return Transformer(margs)
+
+
+def build_model(margs, seed: int, device: torch.device | str = "cpu") -> Transformer:
+    """An unsharded model with the layout-independent initial weights (what one process of
+    ``build_parallel_model`` holds): for engines that shard the model themselves (DeepSpeed) and for tools."""
+    model = materialize_empty(meta_model(margs), device)
+    init_full_model(model, seed)
+    init_buffers(model, device)
+    return model
+
+
+def build_parallel_model(margs, dims, mesh, cfg, device: torch.device, loss_fn=None,
+                         init_from_hf: str | None = None):
+    """The ``ParallelModel`` for this rank: built on meta, parallelised, local shards materialised on ``device``
+    and initialised from ``cfg.seed`` (or loaded from the Hugging Face folder ``init_from_hf``)."""
+    from .apply import parallelize_all
+    torch.manual_seed(cfg.seed)  # the global RNG starts where it always did (the weights do not use it)
+    model = meta_model(margs)
+    materialize = None
+    if torch.device(device).type != "meta":
+        def materialize(parts: list[nn.Module]) -> None:
+            for part in parts:
+                materialize_empty(part, device)
+                init_local_params(part, margs, cfg.seed)
+                init_buffers(part, device)
+            if init_from_hf:
+                load_hf_sharded(parts, init_from_hf, margs)
+    return parallelize_all(model, dims, mesh, cfg, device, loss_fn, materialize=materialize)
+
+
+# ------------------------------------------------------------------------------------------------ local shards
+def materialize_empty(module: nn.Module, device) -> nn.Module:
+    """``to_empty`` (allocates this rank's shards, uninitialised) and re-tie the output head to the embedding:
+    ``to_empty`` replaces each module's parameter separately, which would untie them."""
+    module.to_empty(device=device)
+    if module.args.tie_embeddings and module.tok_embeddings is not None and module.output is not None:
+        module.output.weight = module.tok_embeddings.weight
+    return module
+
+
+def local_index(p: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Global indices this rank holds of a DTensor parameter, per sharded tensor dim ({} for a plain tensor).
+    Handles uneven shards and FSDP's strided sharding on top of TP (same rules as DTensor's own offsets)."""
+    if not isinstance(p, DTensor):
+        return {}
+    mesh, coord = p.device_mesh, p.device_mesh.get_coordinate()
+    sizes, out = list(p.shape), {}
+    for mesh_dim, pl in enumerate(p.placements):
+        if isinstance(pl, (Shard, _StridedShard)):
+            size, idx = _get_shard_size_and_offsets(sizes[pl.dim], mesh.size(mesh_dim), coord[mesh_dim], pl,
+                                                    out.get(pl.dim), p.shape[pl.dim], False)
+            sizes[pl.dim] = size
+            out[pl.dim] = idx
+    return out
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+@torch.no_grad()
+def init_local_params(module: nn.Module, margs, seed: int) -> None:
+    """Fill every parameter's local shard with its slice of the layout-independent initial value."""
+    for name, p in module.named_parameters():
+        local = local_tensor(p)
+        if local.numel() == 0:
+            continue
+        idx = local_index(p)
+        fill_(local, name, margs, seed, tuple(p.shape), idx.get(0), idx.get(1))
+
+
+def init_buffers(module: nn.Module, device) -> None:
+    """Non-persistent buffers (RoPE tables) are computed, never loaded: recompute them after ``to_empty``."""
+    args = module.args
+    if args.family != "gpt2":
+        module.rope_cos, module.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, device)
+
+
+# ------------------------------------------------------------------------------------------------ HF import
+def check_hf_shape(margs, hf_dir: str) -> None:
+    from llmforge.export_hf import hf_model_args
+    args = hf_model_args(hf_dir)
+    keys = ["family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "tie_embeddings"]
+    keys += ["rope_theta"] if args.family == "llama" else ["max_seq_len"]
+    diff = [f"{k}: model {getattr(margs, k)} vs {getattr(args, k)}" for k in keys if getattr(margs, k) != getattr(args, k)]
+    if diff:
+        raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
+
+
+class _LlamaSafetensors:
+    """Reads single HF tensors (and row ranges of them) lazily: a rank reads only the rows it owns."""
+
+    def __init__(self, hf_dir: str, margs):
+        from llmforge.export_hf import LLAMA_LAYER
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            weight_map = json.load(open(index))["weight_map"]
+        else:
+            from safetensors import safe_open
+            with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        self.dir, self.weight_map = hf_dir, weight_map
+        self.names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                      "output.weight": "model.embed_tokens.weight" if margs.tie_embeddings else "lm_head.weight"}
+        for i in range(margs.n_layers):
+            for ours, hf in LLAMA_LAYER.items():
+                self.names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+
+    def read(self, name: str, rows: torch.Tensor | None) -> torch.Tensor:
+        from safetensors import safe_open
+        hf = self.names[name]
+        if hf not in self.weight_map:
+            raise ValueError(f"{self.dir}: weight {hf!r} missing")
+        with safe_open(os.path.join(self.dir, self.weight_map[hf]), "pt") as f:
+            sl = f.get_slice(hf)
+            if rows is None:
+                return sl[:]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            return sl[lo:hi][rows - lo]
+
+
+@torch.no_grad()
+def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
+    """Copy an HF folder's weights into the local shards. Llama safetensors are read tensor by tensor and row
+    range by row range (no rank holds the model); other formats (GPT-2, .bin) are small and read whole."""
+    check_hf_shape(margs, hf_dir)
+    lazy = margs.family == "llama" and (os.path.isfile(os.path.join(hf_dir, "model.safetensors")) or
+                                        os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json")))
+    if lazy:
+        reader = _LlamaSafetensors(hf_dir, margs)
+    else:
+        from llmforge.export_hf import import_hf
+        _, full = import_hf(hf_dir)
+    for part in parts:
+        for name, p in part.named_parameters():
+            local = local_tensor(p)
+            if local.numel() == 0:
+                continue
+            idx, key = local_index(p), canonical_name(name)
+            if lazy:
+                value = reader.read(key, idx.get(0))
+            else:
+                value = full[key]
+                value = value[idx[0]] if 0 in idx else value
+            if 1 in idx:
+                value = value[:, idx[1]]
+            local.copy_(value.view(local.shape))
