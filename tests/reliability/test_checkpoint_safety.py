@@ -14,19 +14,35 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, train_cmd, write_synthetic_shards
+from tests.conftest import ROOT, run_cli, write_synthetic_shards
 
 TINY = os.path.join(ROOT, "configs", "train", "tiny-cpu.yaml")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A run dir as training leaves it (config.yaml, checkpoints/step_00000002), written in this process: the
+    tiny model after one optimizer step, saved by the trainer's Checkpointer (world-1 gloo group)."""
+    import torch
+    from llmforge.checkpoint import Checkpointer
+    from llmforge.config import RunConfig, dump_config, load_config
+    from llmforge.model.presets import model_args
+    from llmforge.model.transformer import Transformer
+    from llmforge.run_loading import ensure_process_group
     root = tmp_path_factory.mktemp("ckpt-safety")
     synth = write_synthetic_shards(str(root / "synth"), n_train=40, n_valid=6)
     run = str(root / "run")
-    p = run_cli(train_cmd() + [TINY, f"data.paths=[{synth}]", f"run_dir={run}", "model.vocab_size=64",
-                               "train.steps=2", "data.seq_len=64", "train.eval_batches=1"], timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = load_config(RunConfig, TINY, [f"data.paths=[{synth}]", f"run_dir={run}", "model.vocab_size=64",
+                                        "train.steps=2", "data.seq_len=64"])
+    dump_config(cfg, os.path.join(run, "config.yaml"))
+    torch.manual_seed(0)
+    model = Transformer(model_args(cfg.model, None))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 64, (2, 17))
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    ensure_process_group()
+    Checkpointer(os.path.join(run, "checkpoints")).save(2, [model], [opt], {"step": 2, "samples": 16})
     return {"run": run, "synth": synth}
 
 
