@@ -30,6 +30,7 @@ _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 BULLETS = ("•", "-", "*", "‣", "◦")
+DATATROVE_BULLETS = ("•", "-")
 _STRIP = operator.methodcaller("strip", "".join(sorted(PUNCTUATION)))
 _STRIP_DATATROVE = operator.methodcaller("strip", "".join(sorted(DATATROVE_PUNCTUATION)))
 _HAS_ALPHA_BMP = None
@@ -46,9 +47,6 @@ def count_alpha_words(ws: list[str]) -> int:
     misses = itertools.compress(ws, map(operator.not_, found))
     wide = [w for w in misses if not w.isascii()]  # may hold a letter beyond the BMP
     return len(found) - found.count(None) + sum(any(map(str.isalpha, w)) for w in wide)
-
-
-DATATROVE_BULLETS = ("•", "-")
 
 
 def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
