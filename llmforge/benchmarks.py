@@ -69,7 +69,7 @@ def check_task_files(include_paths: list[str]) -> None:
                 raise ConfigError(f"{path}: a task file must be a YAML mapping (task:, dataset_path:, ...)")
 
 
-def task_manager(include_paths: list[str], names: list[str]):
+def task_manager(include_paths: list[str], names: list[str], what: str = "--tasks"):
     """An lm-eval TaskManager that knows every requested name. lm-eval's own catalogue (thousands of files) is
     indexed only when a name is not among the shipped and included tasks. Cached per set of folders."""
     require_lm_eval()
@@ -88,8 +88,8 @@ def task_manager(include_paths: list[str], names: list[str]):
     missing = unknown_tasks(best, names)
     hints = {n: difflib.get_close_matches(n, best.all_tasks, n=3) for n in missing}
     hint = "; ".join(f"{n!r}: did you mean {', '.join(h)}?" for n, h in hints.items() if h)
-    raise ConfigError(f"--tasks: unknown task {', '.join(map(repr, missing))} (not in llmforge/eval_tasks, "
-                      f"--include-path {include_paths or '(none)'} or lm-eval's tasks)" + (f"; {hint}" if hint else ""))
+    raise ConfigError(f"{what}: unknown task {', '.join(map(repr, missing))} (not in llmforge/eval_tasks, the "
+                      f"include paths {include_paths or '(none)'} or lm-eval's tasks)" + (f"; {hint}" if hint else ""))
 
 
 def _maybe_builtin(name: str) -> bool:
@@ -209,6 +209,17 @@ def unsharded_copy(model_parts, margs, tmp_dir: str, device="cpu"):
         if rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return model
+
+
+def check_training_tasks(eval_cfg, tok_path: str | None) -> None:
+    """Before training starts (not at the first evaluation): lm-eval installed, a tokenizer to read text with, task
+    files that parse, every name known. One ConfigError line otherwise."""
+    if not eval_cfg.tasks:
+        return
+    if not tok_path:
+        raise ConfigError("eval.tasks: the run has no tokenizer.model (token-id data): lm-eval tasks are text")
+    check_task_files(list(eval_cfg.include_paths))
+    task_manager(list(eval_cfg.include_paths), list(eval_cfg.tasks), "eval.tasks")
 
 
 def run_tasks_in_training(model_parts, margs, tokenizer, eval_cfg, run_dir: str, device="cpu") -> dict[str, float]:
