@@ -59,7 +59,7 @@ def claim(out: str) -> bool:
             raise OutputDirError(f"output_dir {out} is a file, not a folder")
         created = not os.path.exists(out)
         if not created:
-            names = sorted(n for n in os.listdir(out))
+            names = sorted(n for n in os.listdir(out) if n != LOCK_FILE)  # a lock alone: a claim cut short
             ours = os.path.isfile(os.path.join(out, "work", "fingerprint.json"))  # written before the marker existed
             if names and not ours:
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
