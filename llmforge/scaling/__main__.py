@@ -65,6 +65,10 @@ def cmd_fit(a) -> int:
     print(f"fit of {stats['points']} points: L(N, D) = {law.E:.4g} + {law.A:.4g} / N^{law.alpha:.4f} + "
           f"{law.B:.4g} / D^{law.beta:.4f}; rmse {stats['rmse_loss']:.4g}; at 1e21 FLOPs: N {n:.3g}, D {d:.3g}")
     print(f"wrote {out} and {png}")
+    if stats["degenerate"]:
+        print(f"warning: {' and '.join(stats['degenerate'])} fitted as ~0: the points show no gain from more "
+              f"{' or '.join({'alpha': 'parameters', 'beta': 'tokens'}[k] for k in stats['degenerate'])}; "
+              "widen the sweep (sizes and tokens over at least 10x each, runs long enough to learn)", file=sys.stderr)
     print(json.dumps(result | {"law": out, "plot": png}))
     return 0
 

@@ -17,6 +17,7 @@ import numpy as np
 
 FIELDS = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3  # Hoffmann et al.: Huber loss on log-loss with delta = 1e-3 (robust to outlying runs)
+MIN_EXPONENT = 1e-4  # alpha, beta >= this: a law stays usable (flagged "degenerate") when N or D shows no effect
 
 
 class ScalingError(ValueError):
@@ -57,7 +58,8 @@ class ScalingLaw:
 # "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102, 2024), Table 1. At Chinchilla's budget of 5.76e23
 # FLOPs its optimum is ~72B parameters on ~1.33T tokens (Chinchilla itself: 70B on 1.4T).
 BESIROGLU_2024 = ScalingLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
-                            source="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (arXiv:2404.10102)")
+                            source="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt "
+                                   "(arXiv:2404.10102)")
 
 
 def read_points(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,11 +135,12 @@ def fit(params, tokens, loss, delta: float = HUBER_DELTA, starts: int = 24) -> t
     axes = [np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.5, 0.5),
             np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5)]
     grid = np.array(np.meshgrid(*axes, indexing="ij")).reshape(5, -1).T
+    grid[:, 3:] = np.maximum(grid[:, 3:], MIN_EXPONENT)  # exponent starts inside the bounds
     order = np.argsort(_grid_objective(grid, log_n, log_d, log_l, delta), kind="stable")[:starts]
     best, agree = None, 0
     for theta0 in grid[order]:
         res = minimize(_objective, theta0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                       bounds=[(-30, 60), (-30, 60), (-5, 5), (0, 5), (0, 5)],
+                       bounds=[(-30, 60), (-30, 60), (-5, 5), (MIN_EXPONENT, 5), (MIN_EXPONENT, 5)],
                        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
         same = best is not None and (abs(res.fun - best.fun) <= 1e-9 * abs(best.fun) + 1e-14
                                      or float(np.max(np.abs(res.x - best.x))) < 1e-4)
@@ -153,6 +156,8 @@ def fit(params, tokens, loss, delta: float = HUBER_DELTA, starts: int = 24) -> t
     pred = law.loss(params, tokens)
     stats = {"residual": float(best.fun), "rmse_loss": float(np.sqrt(np.mean((pred - loss) ** 2))),
              "max_rel_error": float(np.max(np.abs(pred / loss - 1))), "points": int(len(log_n)), "huber_delta": delta}
+    # An exponent pinned near 0: the points show no effect of N (or D); plans from such a law mean little.
+    stats["degenerate"] = [k for k, v in (("alpha", alpha), ("beta", beta)) if v < 10 * MIN_EXPONENT]
     return law, stats
 
 

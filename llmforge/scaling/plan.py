@@ -190,7 +190,8 @@ def table(plan: dict) -> str:
         ("cluster", f"{plan['gpus']} x {plan['gpu']}, MFU {plan['mfu']:.0%}: {plan['gpu_hours']:,.0f} GPU-hours, "
                     f"{plan['wall_hours']:,.1f} h wall"),
         ("layout", lay["description"]),
-        ("memory per GPU", f"{m['total']:.1f} GiB of {plan['usable_gib_per_gpu']:.1f} usable (states {m['states']:.1f}, "
+        ("memory per GPU", f"{m['total']:.1f} GiB of {plan['usable_gib_per_gpu']:.1f} usable "
+                           f"(states {m['states']:.1f}, "
                            f"activations {m['activations']:.1f}, logits {m['logits']:.1f})"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -28,7 +28,8 @@ from .shapes import Shape, round_to_shape
 
 COLUMNS = ("params", "tokens", "loss", "non_embedding_params", "flops", "n_layers", "dim", "n_heads", "n_kv_heads",
            "ffn_dim", "steps", "run_dir")
-TASK_SCRIPT = "#!/bin/bash\n# Runs the argv it is given; nothing from the config is interpolated into shell text.\nexec \"$@\"\n"
+TASK_SCRIPT = ("#!/bin/bash\n# Runs the argv it is given; nothing from the config is interpolated into shell text.\n"
+               "exec \"$@\"\n")
 
 
 @dataclasses.dataclass
@@ -139,7 +140,8 @@ def plan_runs(sweep: SweepConfig, cfg: RunConfig, base_path: str) -> list[Run]:
             warmup = min(cfg.train.warmup_steps, max(1, steps // 10))  # short runs still decay over most of their steps
             keys = {f"model.{k}": v for k, v in shape.model_overrides().items()}
             keys.update({"run_dir": run_dir, "train.steps": steps, "train.warmup_steps": warmup})
-            argv = launcher + [base_path] + [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items()]
+            argv = launcher + [base_path] + [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                             for k, v in keys.items()]
             runs.append(Run(name, shape, steps, tokens, run_dir, argv))
     return runs
 
