@@ -30,12 +30,14 @@ DEFAULT_BATCH_SIZE = 16
 
 @register_model("llmforge")
 class LLMForgeLM(TemplateLM):
-    """lm-eval's LM interface over an llmforge Transformer and its sentencepiece tokenizer."""
+    """lm-eval's LM interface over an llmforge Transformer and its sentencepiece tokenizer. ``--model_args`` keys:
+    run_dir, checkpoint, batch_size, device, max_length, max_gen_toks (any other is refused with a TypeError)."""
 
     def __init__(self, run_dir: str | None = None, checkpoint: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
                  device: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
-                 model=None, tokenizer=None, max_batch_size: int | None = None, **_ignored) -> None:
+                 model=None, tokenizer=None, max_batch_size: int | None = None) -> None:
         super().__init__()
+        self.checkpoint, self.step = None, None
         if model is None:
             if not run_dir:
                 raise ValueError("--model_args: give run_dir=RUN_DIR (an llmforge run with checkpoints)")
