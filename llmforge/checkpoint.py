@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from llmforge.safe_pickle import SafeFileSystemReader, load_metadata
+from llmforge.common.atomic import atomic_path
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -44,6 +45,23 @@ def _disk_full(e: BaseException, depth: int = 0) -> bool:
         if _disk_full(inner[0] if isinstance(inner, tuple) else inner, depth + 1):
             return True
     return _disk_full(e.__cause__, depth + 1) or _disk_full(e.__context__, depth + 1)
+
+
+def _out_of_space(path: str) -> bool:
+    """Whether 1 MiB more cannot be written under ``path`` for lack of space or quota. Needed besides the errno:
+    torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...")."""
+    probe = os.path.join(path, f".space-probe.tmp{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 def _model_sd(model_parts):
@@ -81,9 +99,8 @@ def _rng_state() -> dict:
 
 
 def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def _dump_json(obj, path: str) -> None:
@@ -162,10 +179,11 @@ class Checkpointer:
     def _failed(self, e: BaseException, step: int, tmp: str, final: str):
         """A failed save leaves nothing behind (a half-written temp folder would hold the space the next save needs);
         a full disk becomes one line saying what to do, other errors propagate unchanged."""
+        full = _disk_full(e) or _out_of_space(self.root)  # probed before the partial save frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e):
+        if full:
             raise CheckpointError(f"disk full while saving checkpoint step {step} to {final} (the partial save was "
-                                  f"removed; the newest complete checkpoint is intact): free space under "
+                                  f"removed; earlier checkpoints are untouched): free space under "
                                   f"{self.root} and rerun the same command to resume") from None
         raise e
 

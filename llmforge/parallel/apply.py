@@ -32,9 +32,10 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     ``materialize(parts)`` allocates and fills this rank's shards after FSDP, before DDP / ZeRO-1 / the
     schedule; with ``device`` = meta (the dry run) nothing is allocated and DDP is not wrapped."""
     p = cfg.parallel
-    if cfg.train.freeze:  # before PP split / TP / FSDP / DDP, which all keep requires_grad (llmforge/sft.py)
+    frozen = set()
+    if cfg.train.freeze:  # before PP split / TP / FSDP / DDP, which keep requires_grad (llmforge/sft.py)
         from llmforge.sft import freeze
-        freeze(model, cfg.train.freeze)
+        frozen = set(freeze(model, cfg.train.freeze))
     on_meta = next(model.parameters()).is_meta
     pipelined = dims.pp > 1
     if pipelined:
@@ -54,6 +55,9 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
             apply_tp(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
             if pipelined and p.sequence_parallel:
                 sequence_parallel_stage_io(part, mesh["tp"], first, last)
+            for name, param in part.named_parameters():  # SequenceParallel re-registers norms as trainable
+                if name in frozen:
+                    param.requires_grad_(False)
         apply_recompute(part, cfg.recompute, cfg.recompute_every)
         if p.compile:
             apply_compile(part)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.parallel.conftest import max_rel, param_max_diff
 from tests.sft.conftest import train
@@ -61,3 +62,18 @@ def test_kill_9_then_rerun_is_bitwise_identical(sft_env, pre_run, tmp_path):
     assert max(r[0] for r in curve(run)) == 3  # died after step 3 (checkpoint of step 2 on disk)
     train(run, SFT, *args)
     assert curve(run) == curve(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,layout", [
+    ("tp2", ["parallel.tp=2"]),  # torch's SequenceParallel re-registers norm weights: they must stay frozen
+    ("pp2", ["parallel.pp=2", "train.micro_batch_size=2"]),  # stage 0 has nothing to train: no optimizer state
+])
+def test_freeze_holds_in_parallel_layouts(sft_env, pre_run, tmp_path, name, layout):
+    from tests.parallel.conftest import final_params
+    run = train(str(tmp_path / name), SFT, *_args(sft_env, pre_run, "train.steps=3", "checkpoint.interval=2",
+                                                  "train.freeze=[embeddings,blocks:1]", *layout), nproc=2)
+    before, after = final_params(pre_run), final_params(run)
+    frozen = [k for k in before if k.startswith(("tok_embeddings.", "layers.0."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["layers.1.attention.wq.weight"], after["layers.1.attention.wq.weight"])
