@@ -178,3 +178,26 @@ def test_disk_full_during_save_is_one_line_and_leaves_no_temp(loaded, monkeypatc
     assert [s for s, _ in list_checkpoints(root)] == [2]
     ck.save(5, [model], [opt], {"step": 5, "samples": 40})  # space freed: the next save works
     assert [s for s, _ in list_checkpoints(root)] == [5, 2]
+
+
+def test_a_real_full_disk_during_save_is_one_line(loaded, tmp_path):
+    """A small tmpfs (when this test may mount one) runs full for real: torch's writer then raises a RuntimeError,
+    not an OSError, and the save must still say "disk full" and leave nothing behind."""
+    import shutil as sh
+    import subprocess
+
+    import torch
+    from llmforge.checkpoint import CheckpointError, Checkpointer
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not sh.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        _, model = loaded
+        root = str(mnt / "checkpoints")
+        with pytest.raises(CheckpointError, match="disk full"):
+            Checkpointer(root).save(3, [model], [torch.optim.AdamW(model.parameters())], {"step": 3, "samples": 0})
+        assert os.listdir(root) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
