@@ -312,7 +312,6 @@ def _merge_specials(toks: list[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1 << 17)
 def _split_chunk(chunk: str) -> tuple[str, ...]:
     special = _special(chunk)
     if special:
@@ -323,9 +322,17 @@ def _split_chunk(chunk: str) -> tuple[str, ...]:
     return tuple(_merge_specials(toks) if len(toks) > 1 else toks)
 
 
+_CACHED_CHUNK_CHARS = 48  # words repeat; long chunks (URLs, code, base64) rarely do and would fill the cache
+_split_short = functools.lru_cache(maxsize=1 << 17)(_split_chunk)
+
+
+def _split_any(chunk: str) -> tuple[str, ...]:
+    return _split_short(chunk) if len(chunk) <= _CACHED_CHUNK_CHARS else _split_chunk(chunk)
+
+
 def datatrove_words(text: str) -> list[str]:
     # str.split cuts at str.isspace() characters, exactly where spaCy does; map + chain keep the loop in C
-    return list(itertools.chain.from_iterable(map(_split_chunk, text.split())))
+    return list(itertools.chain.from_iterable(map(_split_any, text.split())))
 
 
 def datatrove_sentence_count(line: str) -> int:
