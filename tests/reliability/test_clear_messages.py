@@ -3,7 +3,6 @@ error in both halves; relative data paths are stored absolute in a run's config.
 context is cut from the left with a warning instead of leaving no room to generate."""
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
