@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from llmforge.common.atomic import write_text
 
 
 class HostfileError(ValueError):
@@ -85,10 +86,7 @@ def write_hostfile(path: str, hosts: list[str], slots: int) -> None:
         raise HostfileError(f"--slots must be >= 1, got {slots}")
     if len(set(hosts)) != len(hosts):
         raise HostfileError(f"duplicate hosts in node list: {hosts}")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(f"{h} slots={slots}\n" for h in hosts)
-    os.replace(tmp, path)
+    write_text(path, "".join(f"{h} slots={slots}\n" for h in hosts))
 
 
 def read_hostfile(path: str) -> dict[str, int]:

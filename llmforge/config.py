@@ -214,12 +214,9 @@ def to_dict(cfg) -> dict:
 
 def dump_config(cfg, path: str) -> None:
     """Write the resolved config as YAML, atomically (temp name + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    from llmforge.common.atomic import write_text
     resolved = cfg.resolved_dict() if hasattr(cfg, "resolved_dict") else to_dict(cfg)
-    with open(tmp, "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def describe(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:

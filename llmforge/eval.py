@@ -24,6 +24,7 @@ import torch
 from llmforge.config import ConfigError
 from llmforge.data import build_datasets
 from llmforge.run_loading import load_run, run_cli
+from llmforge.common.atomic import write_json
 
 DEFAULT_MAX_TOKENS = 1 << 20  # ~1M scored tokens: a perplexity good to well under 1% on any real split
 
@@ -60,11 +61,7 @@ def max_batches(option: str | None, cfg, batch_size: int) -> int:
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, obj, sort_keys=False)
 
 
 def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_size: int = 0,

@@ -6,6 +6,7 @@ import math
 import os
 
 import torch
+from llmforge.common.atomic import atomic_path, write_text
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -113,10 +114,7 @@ def truncate_metrics(path: str, keep_until_step: int) -> None:
                 continue  # a line torn by a kill
             if row.get("step", 0) <= keep_until_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 def plot_run(run_dir: str) -> str | None:
@@ -142,7 +140,7 @@ def plot_run(run_dir: str) -> str | None:
     ax.legend(loc="upper right")
     out = os.path.join(run_dir, "loss.png")
     fig.tight_layout()
-    fig.savefig(out + ".tmp.png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(out + ".tmp.png", out)
     return out

@@ -16,6 +16,7 @@ import sys
 import time
 
 from llmforge.config import ConfigError
+from llmforge.common.atomic import write_json
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped on a signal after saving; rerun (requeue) to resume"
 LOCK_NAME = ".llmforge.lock"
@@ -133,11 +134,7 @@ def _log_changes(cfg, log) -> None:
 
 
 def write_fingerprint(cfg, plan) -> None:
-    path = os.path.join(cfg.run_dir, "fingerprint.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(fingerprint(cfg, plan), f, indent=1)
-    os.replace(tmp, path)
+    write_json(os.path.join(cfg.run_dir, "fingerprint.json"), fingerprint(cfg, plan), sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------------------ preemption

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +22,7 @@ from llmforge.engines.base import Engine, TrainingError
 from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.optim import lr_factor
 from llmforge.run_plan import RunPlan, plan_run
+from llmforge.common.atomic import copy_file
 
 
 def fault_steps(kind: str) -> set[int]:
@@ -46,9 +46,7 @@ def write_run_files(cfg, plan: RunPlan, engine: Engine) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     if plan.tok_path:
-        tmp = os.path.join(cfg.run_dir, "tokenizer.model.tmp")
-        shutil.copyfile(plan.tok_path, tmp)
-        os.replace(tmp, os.path.join(cfg.run_dir, "tokenizer.model"))
+        copy_file(plan.tok_path, os.path.join(cfg.run_dir, "tokenizer.model"))
     from llmforge.sft import copy_chat_template
     copy_chat_template(cfg.data.paths, cfg.run_dir)  # SFT data: generate / export_hf use it
     write_fingerprint(cfg, plan)

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import math
 import os
 import re
 import shutil
-import sys
 
 import torch
 import torch.distributed as dist
@@ -40,6 +38,7 @@ from llmforge.optim import param_groups
 from llmforge.run_plan import batch_plan
 
 from .base import Engine, TrainingError
+from llmforge.common.atomic import write_json, write_text
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
 KNOWN_KEYS = set("""
@@ -192,10 +191,7 @@ def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> Non
     engine.save_checkpoint(root, tag=tag, client_state=dict(state), save_latest=False)
     dist.barrier()
     if rank == 0:  # the commit point: `latest` names a tag only once every rank has written its part
-        tmp = os.path.join(root, f"latest.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(tag)
-        os.replace(tmp, os.path.join(root, "latest"))
+        write_text(os.path.join(root, "latest"), tag)
         steps = sorted((d for d in os.listdir(root) if re.match(r"^step_\d+$", d)), reverse=True)
         for old in steps[steps.index(tag) + keep:] if tag in steps else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -322,10 +318,7 @@ class DeepSpeedEngine(Engine):
                 f"micro {p.micro} per rank, {p.accum} accumulation steps")
 
     def write_run_files(self, run_dir: str) -> None:
-        tmp = os.path.join(run_dir, "deepspeed_config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.conf, f, indent=1)
-        os.replace(tmp, os.path.join(run_dir, "deepspeed_config.json"))
+        write_json(os.path.join(run_dir, "deepspeed_config.json"), self.conf, sort_keys=False)
 
     def set_lr(self, lr: float) -> float:
         if not self.own_schedule:
