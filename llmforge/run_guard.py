@@ -32,8 +32,12 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # under a regular file, read-only, ...
+            raise ConfigError(f"run_dir {run_dir}: cannot write there ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
