@@ -74,6 +74,8 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
     cfg = run.cfg
     if cfg.data.seq_len > run.model.args.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={run.model.args.max_seq_len}")
+    from llmforge.data_checks import check_data
+    check_data(cfg.data, run.model.args.vocab_size)  # overridden data.paths: same tokenizer, ids within the model
     _, valid = build_datasets(cfg.data, cfg.seed)
     if not valid:
         raise ConfigError(f"data.paths={cfg.data.paths}: no validation windows (no shards/valid-* and "
