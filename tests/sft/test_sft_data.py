@@ -112,3 +112,28 @@ def test_shipped_instruction_set_passes_the_pipeline_whole(tmp_path, sft_env):
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["input"]["read_errors"] == 0 and not stats["removed_by_rule"]
     assert stats["output"]["train"]["docs"] + stats["output"]["valid"]["docs"] == len(rows)
+
+
+def test_truncation_right_cuts_long_rows_and_rejects_rows_left_without_response(tmp_path, sft_env):
+    from llmforge.common.chat import ChatTemplate as Template
+    t = Template(sft_env["tok"])
+    long_prompt = " ".join(["amber"] * 30)
+    rows = [{"prompt": "basil", "response": " ".join(["cedar"] * 30)},  # cut inside the response: kept
+            {"prompt": long_prompt, "response": "dune"}]                # cut before the response: a bad row
+    src = write_jsonl(str(tmp_path / "rows.jsonl"), rows)
+    out = str(tmp_path / "out")
+    assert run_pipeline(src, out, sft_env["tok"], "sft.max_tokens=24", "sft.truncation=right", "input.on_error=skip",
+                        "shards.valid_fraction=0") == 0
+    (ids, mask), = _docs(out, "train")
+    full_ids, full_mask = t.encode([{"role": "user", "content": rows[0]["prompt"]},
+                                    {"role": "assistant", "content": rows[0]["response"]}])
+    assert ids == full_ids[:24] and mask == full_mask[:24] and 0 < sum(mask) < sum(full_mask)
+    assert json.load(open(os.path.join(out, "stats.json")))["input"]["read_errors"] == 1
+
+
+def test_mixing_sft_and_pretraining_paths_is_refused(sft_env):
+    from llmforge.config import ConfigError
+    from llmforge.sft import is_sft_data
+    assert is_sft_data([sft_env["data"]]) and not is_sft_data([sft_env["pre_data"]])
+    with pytest.raises(ConfigError, match="mixes SFT data"):
+        is_sft_data([sft_env["data"], sft_env["pre_data"]])
