@@ -117,7 +117,8 @@ def build_sft_datasets(data_cfg, seed: int):
         prefixes = _shard_prefixes(p, "train")
         if not prefixes:
             raise FileNotFoundError(f"data.paths: no .bin/.idx shards found at {p}")
-        template = json.load(open(os.path.join(p, TEMPLATE_FILE))) if os.path.isfile(os.path.join(p, TEMPLATE_FILE)) else {}
+        tpath = os.path.join(p, TEMPLATE_FILE)
+        template = json.load(open(tpath)) if os.path.isfile(tpath) else {}
         pad = int(template.get("pad_id", 0))
         docs = SFTDocs(prefixes, data_cfg.seq_len, pad)
         vprefixes = _shard_prefixes(p, "valid")
@@ -289,7 +290,8 @@ def resolve_init_from(cfg, tok_path: str | None):
         import sentencepiece as spm
         data_vocab = spm.SentencePieceProcessor(model_file=tok_path).vocab_size()
         if data_vocab > margs.vocab_size:
-            raise ConfigError(f"train.init_from: the data's tokenizer has {data_vocab} ids, the model {margs.vocab_size}")
+            raise ConfigError(f"train.init_from: the data's tokenizer has {data_vocab} ids, the model "
+                              f"{margs.vocab_size}")
     cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
     return margs
 

@@ -63,10 +63,12 @@ def test_multi_turn_masks_every_assistant_turn(sft_env):
 
 BAD = [
     ('{"prompt": "amber"}', "missing field 'response'"),
-    ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unknown role 'robot'"),
+    ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+     "unknown role 'robot'"),
     ('{"prompt": "amber", "response": "   "}', "empty response"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "last message must be the assistant"),
-    ('{"prompt": "amber basil cedar dune ember fjord gale heron iris", "response": "kelp"}', "exceed sft.max_tokens=20"),
+    ('{"prompt": "amber basil cedar dune ember fjord gale heron iris", "response": "kelp"}',
+     "exceed sft.max_tokens=20"),
     ('{"text": "plain"}', "missing field 'prompt'/'response' or 'messages'"),
     ('{"prompt": 3, "response": "x"}', "field 'prompt' is int"),
 ]

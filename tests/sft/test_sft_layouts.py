@@ -22,7 +22,8 @@ def _args(sft_env, pre_run, *extra):
 
 def _metrics(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-    return ({r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["val_loss"] for r in rows if "val_loss" in r})
+    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+            {r["step"]: r["val_loss"] for r in rows if "val_loss" in r})
 
 
 @pytest.fixture(scope="module")
