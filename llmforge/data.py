@@ -116,9 +116,6 @@ def build_datasets(data_cfg, seed: int):
     """(train stream, list of validation TokenWindows) from ``data.paths``."""
     if not data_cfg.paths:
         raise ValueError("data.paths is empty: give pipeline output dirs or shard prefixes (data.paths=[outputs/sample])")
-    from llmforge.sft import build_sft_datasets, is_sft_data
-    if is_sft_data(data_cfg.paths):  # fine-tuning data: one conversation per sample, with its loss mask
-        return build_sft_datasets(data_cfg, seed)
     train, valid, tokens = [], [], []
     for p in data_cfg.paths:
         prefixes = _shard_prefixes(p, "train")

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from llmforge.config import ConfigError
-from llmforge.data import build_datasets
+from llmforge.sft_data import build_any_datasets as build_datasets
 from llmforge.run_loading import load_run, run_cli
 from llmforge.common.atomic import write_json
 

@@ -31,7 +31,7 @@ LLAMA_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_
                "ffn_norm": "post_attention_layernorm"}
 GPT2_LAYER = {"attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wo": "attn.c_proj", "feed_forward.w1": "mlp.c_fc",
               "feed_forward.w2": "mlp.c_proj"}  # + attn.c_attn (fused q, k, v); Linear weights transposed (Conv1D)
-CHECK_TEXT = "Hello world.  Two  spaces,\ttabs\nnew lines; ünïcödé, 日本語, digits 12345 and symbols {}[]<>!"
+from llmforge.common.chat import CHECK_TEXT  # noqa: E402,F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
@@ -198,7 +198,7 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
             json.dump({**special, "do_sample": True, "temperature": 0.8}, f, indent=2)
         note = _save_tokenizer(tok_path, tmp) if tok_path else "no tokenizer (the run had none)"
         if tok_path and run_dir:
-            from llmforge.sft import write_hf_chat_template
+            from llmforge.export_chat import write_hf_chat_template
             note = "; ".join(n for n in (note, write_hf_chat_template(tmp, run_dir, tok_path)) if n)
         old = f"{out_dir}.old{os.getpid()}"
         if os.path.exists(out_dir):

@@ -139,5 +139,5 @@ def build_run_datasets(cfg, vocab_size: int | None = None):
     if cfg.data.backend == "megatron":
         return build_megatron_datasets(cfg.data, cfg.seed, cfg.train.steps * cfg.train.global_batch_size,
                                        vocab_size=vocab_size)
-    from llmforge.data import build_datasets
+    from llmforge.sft_data import build_any_datasets as build_datasets
     return build_datasets(cfg.data, cfg.seed)

@@ -31,32 +31,22 @@ from the source and written back into ``model.*`` so the run's config.yaml rebui
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from llmforge.common.chat import MASK_DIR, TEMPLATE_FILE
-from llmforge.common.shards import IndexedShard
+from llmforge.common.chat import TEMPLATE_FILE
 from llmforge.config import ConfigError
+from llmforge.sft_data import SFTDocs, build_sft_datasets, is_sft_data  # noqa: F401  (re-exported)
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 FREEZE_NAMES = re.compile(r"embeddings|head|blocks:\d+|block:\d+")
 
 
 # ------------------------------------------------------------------------------------------------ data
-def is_sft_data(paths: list[str]) -> bool:
-    """True when ``data.paths`` are SFT pipeline outputs (hold loss_mask/); mixing both kinds is refused."""
-    flags = [os.path.isdir(os.path.join(p, MASK_DIR)) for p in paths]
-    if any(flags) and not all(flags):
-        sft = [p for p, f in zip(paths, flags) if f]
-        raise ConfigError(f"data.paths mixes SFT data ({', '.join(sft)}: loss_mask/) with pretraining data; "
-                          "fine-tune on SFT outputs only")
-    return bool(flags) and all(flags)
 
 
 def check_run(cfg) -> None:
@@ -69,73 +59,6 @@ def check_run(cfg) -> None:
             raise ConfigError(f"engine={cfg.engine}: fine-tuning on SFT data (loss masks) needs engine=native")
         if cfg.data.backend != "native":
             raise ConfigError("data.backend=megatron cannot read SFT loss masks: use data.backend=native")
-
-
-class SFTDocs:
-    """Conversations ``first..last`` of some shards, one per sample: ``window(i)`` -> (seq_len + 1,) int64 with
-    non-target tokens stored as ``-1 - id`` (llmforge.data.TokenWindows' interface)."""
-
-    def __init__(self, prefixes: list[str], seq_len: int, pad_id: int, first: int = 0, last: int | None = None):
-        self.tokens = [IndexedShard(p) for p in prefixes]
-        self.masks = []
-        for p, shard in zip(prefixes, self.tokens):
-            mp = os.path.join(os.path.dirname(os.path.dirname(p)), MASK_DIR, os.path.basename(p))
-            mask = IndexedShard(mp)
-            if not np.array_equal(mask.lengths, shard.lengths):
-                raise ValueError(f"{mp}: loss mask lengths do not match {p} (rerun the data pipeline)")
-            self.masks.append(mask)
-        self.seq_len, self.pad = seq_len, -1 - max(pad_id, 0)
-        self.starts = np.cumsum([0] + [len(s) for s in self.tokens])
-        self.total = int(self.starts[-1])
-        self.first, self.last = first, self.total if last is None else last
-
-    def __len__(self) -> int:
-        return max(0, self.last - self.first)
-
-    def scored_tokens(self) -> int:
-        """Loss targets over all samples (response tokens within seq_len + 1, the first token never a target)."""
-        return sum(int((self.window(i)[1:] >= 0).sum()) for i in range(len(self)))
-
-    def window(self, i: int) -> np.ndarray:
-        k = self.first + i
-        s = int(np.searchsorted(self.starts, k, side="right")) - 1
-        j = k - int(self.starts[s])
-        n = self.seq_len + 1
-        ids = self.tokens[s].doc(j)[:n].astype(np.int64)
-        mask = self.masks[s].doc(j)[:n].astype(bool)
-        out = np.full(n, self.pad, dtype=np.int64)
-        out[:len(ids)] = np.where(mask, ids, -1 - ids)
-        return out
-
-
-def build_sft_datasets(data_cfg, seed: int):
-    """(train BlendedStream over conversations, [validation SFTDocs]) for SFT ``data.paths``. A path without
-    valid-* shards holds out its last ``data.valid_fraction`` of conversations (at least one)."""
-    from llmforge.data import BlendedStream, _shard_prefixes
-    train, valid, counts = [], [], []
-    for p in data_cfg.paths:
-        prefixes = _shard_prefixes(p, "train")
-        if not prefixes:
-            raise FileNotFoundError(f"data.paths: no .bin/.idx shards found at {p}")
-        tpath = os.path.join(p, TEMPLATE_FILE)
-        template = json.load(open(tpath)) if os.path.isfile(tpath) else {}
-        pad = int(template.get("pad_id", 0))
-        docs = SFTDocs(prefixes, data_cfg.seq_len, pad)
-        vprefixes = _shard_prefixes(p, "valid")
-        if vprefixes:
-            train.append(docs)
-            valid.append(SFTDocs(vprefixes, data_cfg.seq_len, pad))
-        else:
-            n_valid = max(1, int(docs.total * data_cfg.valid_fraction)) if data_cfg.valid_fraction > 0 else 0
-            if n_valid >= docs.total:
-                raise ValueError(f"data.paths: {p} has {docs.total} conversations, too few to hold out "
-                                 f"{n_valid} for validation (set data.valid_fraction=0)")
-            train.append(SFTDocs(prefixes, data_cfg.seq_len, pad, 0, docs.total - n_valid))
-            if n_valid:
-                valid.append(SFTDocs(prefixes, data_cfg.seq_len, pad, docs.total - n_valid))
-        counts.append(float(len(train[-1])))
-    weights = data_cfg.weights or counts
-    return BlendedStream(train, weights, seed), [v for v in valid if len(v) > 0]
 
 
 def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,72 +87,6 @@ def chat_prompt_ids(run_dir: str, prompt: str, system: str | None = None) -> lis
     return ChatTemplate(os.path.join(run_dir, "tokenizer.model")).encode_prompt(msgs)
 
 
-def hf_tokenizer(tok_path: str):
-    """A transformers tokenizer giving sentencepiece's ids for ``tok_path`` (checked on export_hf.CHECK_TEXT), or
-    None. AutoTokenizer's own conversion first; else vocab + merges extracted from the BPE model (transformers 5)."""
-    import sentencepiece as spm
-
-    from llmforge.export_hf import CHECK_TEXT
-    sp = spm.SentencePieceProcessor(model_file=tok_path)
-    # BOS = EOS as in the export's config (training never sees BOS); nothing is added to an encoded text
-    specials = dict(unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(sp.eos_id()),
-                    eos_token=sp.id_to_piece(sp.eos_id()))
-    candidates = []
-    try:
-        from transformers import LlamaTokenizer
-        candidates.append(lambda: LlamaTokenizer(vocab_file=tok_path, legacy=False, add_bos_token=False, **specials))
-        from tokenizers.models import BPE
-        from transformers.convert_slow_tokenizer import SentencePieceExtractor
-
-        def extracted():
-            got = SentencePieceExtractor(tok_path).extract(BPE)
-            vocab, merges = (got["vocab"], got["merges"]) if isinstance(got, dict) else got[:2]
-            return LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True, legacy=False,
-                                  add_bos_token=False, **specials)
-        candidates.append(extracted)
-    except ImportError:
-        return None
-    for make in candidates:
-        try:
-            tok = make()
-            if tok.encode(CHECK_TEXT, add_special_tokens=False) == sp.encode(CHECK_TEXT):
-                return tok
-        except Exception:  # noqa: BLE001 - conversion support varies across transformers versions
-            continue
-    return None
-
-
-def write_hf_chat_template(out_dir: str, run_dir: str, tok_path: str) -> str:
-    """Export: a tokenizer with the run's chat template (tokenizer_config.json / chat_template.jinja) whose
-    ``apply_chat_template`` gives our ids (checked on a sample conversation). Returns a note for the CLI."""
-    template = os.path.join(run_dir, TEMPLATE_FILE)
-    if not os.path.isfile(template):
-        return ""
-    from llmforge.common.chat import JINJA, ChatTemplate
-    ours = ChatTemplate(tok_path)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world, 12 3?"},
-            {"role": "assistant", "content": "Hi.\n  Two  spaces"}, {"role": "user", "content": "ünïcödé"}]
-
-    def same_ids(tok) -> bool:
-        tok.chat_template = JINJA
-        return (list(tok.apply_chat_template(msgs[:3], tokenize=True, return_dict=False)) == ours.encode(msgs[:3])[0]
-                and list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
-                == ours.encode_prompt(msgs))
-
-    def candidates():
-        if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):  # export_hf's own conversion first
-            from transformers import AutoTokenizer
-            yield AutoTokenizer.from_pretrained(out_dir)
-        yield hf_tokenizer(tok_path)  # text after a special token without a dummy prefix, as the template needs
-
-    tok = next((t for t in candidates() if t is not None and same_ids(t)), None)
-    if tok is None:
-        return "chat template not exported (no transformers tokenizer gives the template's ids)"
-    tok.save_pretrained(out_dir)
-    shutil.copyfile(template, os.path.join(out_dir, "llmforge_" + TEMPLATE_FILE))  # HF reads chat_template.json itself
-    return "chat template in the tokenizer config"
-
-
 # ------------------------------------------------------------------------------------------------ loss
 class MaskedLoss:
     """loss(logits, targets) = sum of CE over non-IGNORE targets * scale, scale set once per step by
@@ -254,6 +111,15 @@ class MaskedLoss:
 
 
 # ------------------------------------------------------------------------------------------------ init / freeze
+def _engine_of(run_dir: str) -> str:
+    import yaml
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return "native"
+    with open(path) as f:
+        return (yaml.safe_load(f) or {}).get("engine", "native")
+
+
 def _is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "config.yaml"))
 
@@ -314,6 +180,14 @@ def load_init_weights(parts, src: str) -> str:
             set_model_state_dict(part, {k: v for k, v in sd.items() if k in names},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         return src
+    if _engine_of(src) == "deepspeed":  # a DeepSpeed run: its shards consolidated by zero_to_fp32, then as above
+        from llmforge.engines.deepspeed_weights import consolidated_state_dict
+        sd, path, _ = consolidated_state_dict(os.path.join(src, "checkpoints"), parts[0].args.n_layers)
+        for part in parts:
+            names = set(get_model_state_dict(part))
+            set_model_state_dict(part, {k: v for k, v in sd.items() if k in names},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        return path
     from llmforge.checkpoint import Checkpointer, newest_complete
     root = os.path.join(src, "checkpoints")
     path = newest_complete(root, log=lambda m: None)

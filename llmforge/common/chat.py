@@ -18,6 +18,8 @@ ROLES = ("system", "user", "assistant")
 TEMPLATE_NAME = "llmforge-chat-v1"
 TEMPLATE_FILE = "chat_template.json"
 MASK_DIR = "loss_mask"
+# A text that exposes tokenizer differences (spaces, tabs, newlines, unicode): exported tokenizers are checked on it.
+CHECK_TEXT = "Hello world.  Two  spaces,\ttabs\nnew lines; ünïcödé, 日本語, digits 12345 and symbols {}[]<>!"
 # Jinja form of ``render`` (Hugging Face chat_template); tests check that both give the same ids.
 JINJA = ("{{ eos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
          "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"

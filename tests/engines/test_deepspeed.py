@@ -205,6 +205,13 @@ def test_zero3_run_is_first_class(ds_launch, tmp_path):
             count += batch[:, 1:].numel()
     assert count == ev["tokens"]
     assert abs(total / count - ev["loss"]) / ev["loss"] < 1e-5, (total / count, ev["loss"])
+    # a native run starts from the DeepSpeed run's weights (train.init_from=RUN_DIR)
+    init = tmp_path / "from_ds"
+    r = run_cli([sys.executable, "-m", "llmforge.train", TINY, f"data.paths=[{cfg.data.paths[0]}]", "model.vocab_size=64",
+                 "data.seq_len=64", "train.steps=0", f"train.init_from={run}", f"run_dir={init}", "logging.plot=false"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    started = load_run(str(init)).model.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(started.values(), load_run(run).model.state_dict().values()))
     # the native engine's trained weights and the consolidated DeepSpeed ones start from the same place
     nat, z3 = load_run(str(out / "native")), load_run(run)
     diff = max((a - b).abs().max().item() for a, b in zip(nat.model.state_dict().values(), z3.model.state_dict().values()))

@@ -63,7 +63,7 @@ def test_noise_prompts_response_only_loss_near_zero_and_greedy_answers_exact(sft
         ids = chat_prompt_ids(run, row["prompt"])
         assert tok.decode(generate(model, ids, 16, temperature=0.0, eos_id=tok.eos_id())) == row["response"]
     # the same model scored on every token of the training conversations: the random prompts dominate
-    from llmforge.data import build_datasets
+    from llmforge.sft_data import build_any_datasets as build_datasets
     stream, valid = build_datasets(loaded.cfg.data, loaded.cfg.seed)
     batch = stream.batch(0, 16)
     x, y = split_batch(batch)
