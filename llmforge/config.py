@@ -377,7 +377,8 @@ class RunConfig:
             need(getattr(p, k) >= 1, f"parallel.{k}", "must be >= 1")
         need(p.dp_replicate == -1 or p.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1 or -1 (auto)")
         need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
-        need(p.dp_shard == 1 or p.zero_stage in (2, 3), "parallel.dp_shard",
+        # DeepSpeed's ZeRO stages all partition over every data-parallel rank: dp_shard is just their count there
+        need(p.dp_shard == 1 or p.zero_stage in (2, 3) or self.engine == "deepspeed", "parallel.dp_shard",
              f"dp_shard={p.dp_shard} shards parameters: use parallel.zero_stage=2 or 3 (or dp_replicate for DDP)")
         need(self.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", "must be disabled/offline/online")
         need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")

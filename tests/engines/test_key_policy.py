@@ -44,3 +44,11 @@ def test_refused_keys_are_refused_in_one_line(key):
 def test_defaults_pass_under_both_engines():
     check_config(load_config(RunConfig, TINY, ["engine=deepspeed"]))
     NativeEngine.check_config(load_config(RunConfig, TINY, []))
+
+
+def test_dp_shard_with_zero1_is_a_deepspeed_layout():
+    """DeepSpeed partitions ZeRO-1 state over every data-parallel rank: dp_shard=2 zero_stage=1 is valid there
+    (the contract's launcher line), while native keeps refusing it (FSDP is ZeRO-2/3)."""
+    check_config(load_config(RunConfig, TINY, ["engine=deepspeed", "parallel.dp_shard=2", "parallel.zero_stage=1"]))
+    with pytest.raises(ConfigError, match="parallel.dp_shard"):
+        load_config(RunConfig, TINY, ["parallel.dp_shard=2", "parallel.zero_stage=1"])
