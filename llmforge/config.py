@@ -301,7 +301,7 @@ class ParallelConfig:
     pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")
     pp_microbatches: int = opt(0, "pipeline microbatches per step (0: local batch / micro_batch_size)")
     sequence_parallel: bool = opt(True, "shard norms/dropout activations along the sequence under TP")
-    loss_parallel: bool = opt(False, "under TP keep the logits sharded over the vocabulary; the loss runs on shards")
+    loss_parallel: bool = opt(True, "under TP keep the logits sharded over the vocabulary; the loss runs on shards")
     compile: bool = opt(False, "torch.compile each transformer block")
 
 

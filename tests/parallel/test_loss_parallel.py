@@ -81,6 +81,7 @@ def test_loss_parallel_equals_one_process(tmp_path, preset):
 
 @pytest.mark.parametrize("name,nproc,overrides", [
     ("tp2_loss_parallel", 2, ["parallel.tp=2", "parallel.loss_parallel=true"]),
+    ("tp2_gathered_logits", 2, ["parallel.tp=2", "parallel.loss_parallel=false"]),  # the all-gather path
     pytest.param("pp2_tp2_loss_parallel", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.loss_parallel=true"],
                  marks=pytest.mark.slow),
 ])
