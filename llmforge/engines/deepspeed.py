@@ -38,6 +38,7 @@ from llmforge.optim import param_groups
 from llmforge.run_plan import batch_plan
 
 from .base import Engine, TrainingError
+from .deepspeed_weights import latest_tag
 from llmforge.common.atomic import write_json, write_text
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
@@ -178,14 +179,6 @@ def pipeline_module(model, pp: int):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _latest(root: str) -> str | None:
-    path = os.path.join(root, "latest")
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    return tag if os.path.isdir(os.path.join(root, tag)) else None
-
-
 def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> None:
     tag = f"step_{step:08d}"
     engine.save_checkpoint(root, tag=tag, client_state=dict(state), save_latest=False)
@@ -199,7 +192,7 @@ def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> Non
 
 
 def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
-    tag = [_latest(root) if rank == 0 else None]
+    tag = [latest_tag(root) if rank == 0 else None]
     dist.broadcast_object_list(tag, src=0)
     if tag[0] is None:
         return 0, 0, None
