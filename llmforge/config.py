@@ -314,6 +314,18 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    tasks: list[str] = opt([], "lm-eval benchmark tasks run during training (llmforge.benchmarks), e.g. "
+                               "[sample_valid_bpb, sample_next_line_mc]; logged as task/metric")
+    include_paths: list[str] = opt([], "extra folders of lm-eval task YAML files (the shipped llmforge/eval_tasks "
+                                       "are always searched)")
+    interval: int = opt(0, "run eval.tasks every N steps (0: every train.eval_interval steps) and at the end")
+    limit: int = opt(0, "examples per task (0: all)")
+    num_fewshot: int = opt(-1, "few-shot examples per prompt (-1: each task's own default)")
+    batch_size: int = opt(16, "requests per forward pass of the lm-eval adapter")
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     wandb: str = opt("disabled", "disabled | offline | online (never online unless asked)")
     wandb_project: str = opt("llmforge", "wandb project name")
@@ -340,6 +352,7 @@ class RunConfig:
     parallel: ParallelConfig = opt(ParallelConfig(), "parallel layout")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpointing")
     logging: LoggingConfig = opt(LoggingConfig(), "metrics sinks")
+    eval: EvalConfig = opt(EvalConfig(), "downstream benchmarks during training (lm-evaluation-harness)")
     dist: DistConfig = opt(DistConfig(), "device and process group")
     deepspeed: dict = opt({}, "raw DeepSpeed config merged over the generated one (engine: deepspeed)")
 
@@ -384,6 +397,9 @@ class RunConfig:
         need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")
         need(self.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        need(self.eval.interval >= 0 and self.eval.limit >= 0, "eval.interval/eval.limit", "must be >= 0")
+        need(self.eval.num_fewshot >= -1, "eval.num_fewshot", "must be >= 0, or -1 for each task's default")
+        need(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
         for name in t.freeze:
             need(re.fullmatch(r"embeddings|head|blocks:\d+|block:\d+", name) is not None, "train.freeze",
                  f"unknown group {name!r}; valid: embeddings, head, blocks:K (the first K), block:I")

@@ -86,6 +86,7 @@ class Trainer:
         self.nan_steps, self.kill_steps = fault_steps("nan"), fault_steps("kill")
         self.metrics: MetricsLogger | None = None
         self.stop: StopSignal | None = None
+        self.tokenizer = None  # eval.tasks: the run's sentencepiece model, loaded at the first benchmark
         self.world = world
         self.bad_t = torch.zeros((), dtype=torch.int64, device=device)      # consecutive skipped steps
         self.bad_peak_t = torch.zeros((), dtype=torch.int64, device=device)  # their longest run since the last check
@@ -146,6 +147,17 @@ class Trainer:
         row = {"step": self.step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))}
         self.metrics.log(dict(row, val_tokens=n) if final else row)
 
+    def benchmark(self) -> None:
+        """eval.tasks (lm-evaluation-harness) on the model gathered the way checkpoints are; task/metric values go to
+        metrics.jsonl and wandb. Collective: every rank calls it, rank 0 scores (llmforge.benchmarks)."""
+        from llmforge.benchmarks import run_tasks_in_training
+        if self.tokenizer is None:
+            import sentencepiece as spm
+            self.tokenizer = spm.SentencePieceProcessor(model_file=self.plan.tok_path)
+        row = run_tasks_in_training(self.engine.pm.parts, self.plan.margs, self.tokenizer, self.cfg.eval,
+                                    self.cfg.run_dir, self.device)
+        self.metrics.log({"step": self.step, **row})
+
     def after_step(self, out: dict, dt: float) -> None:
         cfg, t = self.cfg, self.cfg.train
         if self.is_log_step(self.step):
@@ -158,6 +170,9 @@ class Trainer:
         middle = self.step < t.steps
         if t.eval_interval and self.step % t.eval_interval == 0 and middle and self.plan.valid:
             self.evaluate_and_log()
+        every = cfg.eval.interval or t.eval_interval
+        if cfg.eval.tasks and every and self.step % every == 0 and middle:
+            self.benchmark()
         if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and middle:
             self.engine.save(self.step, self.state())
 
@@ -208,11 +223,16 @@ class Trainer:
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
         if self.plan.valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
             self.evaluate_and_log(final=True)
+        if cfg.eval.tasks:
+            self.benchmark()
         self.engine.save(self.step, self.state())
         self.engine.wait()
         self.metrics.close()
         if self.rank == 0:
             png = plot_run(cfg.run_dir) if cfg.logging.plot else None
+            if cfg.logging.plot and cfg.eval.tasks:
+                from llmforge.benchmarks import plot_benchmarks
+                plot_benchmarks(cfg.run_dir)  # benchmarks.png, the loss plot's companion
             self.log(f"done: {self.step} steps ({self.engine.name}); run dir {os.path.abspath(cfg.run_dir)}"
                      + (f"; plot {png}" if png else ""))
         return 0
@@ -234,6 +254,9 @@ def run_training(cfg) -> int:
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
     plan = plan_run(cfg, world, cls.resolve_layout)
+    if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation
+        from llmforge.benchmarks import check_training_tasks
+        check_training_tasks(cfg.eval, plan.tok_path)
     lock = RunLock(cfg.run_dir).acquire() if rank0 else None  # before reading run_dir: no writer under us
     stop = StopSignal().install()
     die_with_parent()

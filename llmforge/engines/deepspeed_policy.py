@@ -57,6 +57,9 @@ KEY_POLICY: dict[str, tuple] = {
     "checkpoint.async_save": ("refused", lambda c: c.checkpoint.async_save,
                               "DeepSpeed's save_checkpoint is synchronous here; set checkpoint.async_save=false"),
     "deepspeed": ("honoured", "merged over the generated DeepSpeed config (validated)"),
+    "eval.*": ("honoured", "read only with eval.tasks, which is refused"),
+    "eval.tasks": ("refused", lambda c: bool(c.eval.tasks), "in-training benchmarks gather the native engine's "
+                   "shards; score the checkpoints with python -m llmforge.eval RUN --tasks ..., or use engine=native"),
 }
 
 

@@ -1,7 +1,8 @@
-"""A run trained sharded (FSDP2 ZeRO-3 over 2 ranks) loads into the adapter with exactly its saved weights, and
-scores like the same run trained in one process."""
+"""A run trained sharded (FSDP2 ZeRO-3 over 2 ranks) loads into the adapter with exactly its saved weights, scores
+like the same run trained in one process, and its in-training benchmark (eval.tasks) scored its gathered shards."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,12 +30,12 @@ def _requests():
 
 
 @pytest.mark.slow
-def test_zero3_run_scores_like_the_single_process_run(bench_run, bench_data, tmp_path):
+def test_zero3_run_scores_like_the_single_process_run(bench_run, bench_data, text_tasks, tmp_path):
     run_dir = str(tmp_path / "zero3")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "llmforge.train", "configs/train/tiny-cpu.yaml", f"data.paths=[{bench_data}]",
                           f"run_dir={run_dir}", *SAME_AS_BENCH_RUN, "parallel.dp_shard=2", "parallel.zero_stage=3",
-                          "parallel.dp_replicate=1"],
+                          "parallel.dp_replicate=1", "eval.tasks=[pub_text]", f"eval.include_paths=[{text_tasks}]"],
                          cwd=REPO, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -60,3 +61,11 @@ def test_zero3_run_scores_like_the_single_process_run(bench_run, bench_data, tmp
     print(f"ZeRO-3 vs 1 process: max relative difference of per-document log-likelihoods {worst:.1e}")
     assert worst < 1e-4
     assert torch.equal(torch.tensor(sharded.step), torch.tensor(single.step))
+
+    # eval.tasks during that run: the shards gathered on rank 0 scored like the final checkpoint
+    from llmforge.benchmarks import run_tasks_on_model
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    logged = [r for r in rows if "pub_text/bits_per_byte" in r]
+    assert [r["step"] for r in logged] == [6]
+    want = run_tasks_on_model(sharded.model, sharded.sp, ["pub_text"], text_tasks)["pub_text/bits_per_byte"]
+    assert logged[0]["pub_text/bits_per_byte"] == pytest.approx(want, rel=1e-6)
