@@ -30,9 +30,11 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "RunLock":
         run_dir = os.path.dirname(self.path)
+        self.created = not os.path.isdir(run_dir)
         try:
             os.makedirs(run_dir, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,9 +54,14 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new holder)
-            self.fd = None
+        if self.fd is None:
+            return
+        run_dir = os.path.dirname(self.path)
+        if self.created and os.listdir(run_dir) == [LOCK_NAME]:  # a start that failed before writing anything
+            os.remove(self.path)
+            os.rmdir(run_dir)
+        os.close(self.fd)  # closing drops the flock; an existing run's lock file stays (no race with a new holder)
+        self.fd = None
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from llmforge.config import dump_config, to_dict
+from llmforge.config import ConfigError, dump_config, to_dict
 from llmforge.distributed import init_distributed
 from llmforge.run_guard import PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, die_with_parent, write_fingerprint
 from llmforge.engines.base import Engine, TrainingError
@@ -246,23 +246,39 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def take_run_dir_lock(run_dir: str, rank: int) -> RunLock | None:
+    """Rank 0 takes the run_dir lock; every rank learns the outcome, so all refuse together (one line each)."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ConfigError(box[0])
+    return lock
+
+
 def run_training(cfg) -> int:
-    """Plan and run-dir checks (no collective, nothing written) → lock → process group → engine → run files →
-    the loop. A refused start leaves run_dir as it was."""
+    """Plan (no collective, nothing written) → process group → run_dir lock and resume checks → engine → run files
+    → the loop. A refused start leaves run_dir as it was."""
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
     plan = plan_run(cfg, world, cls.resolve_layout)
     if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation
         from llmforge.benchmarks import check_training_tasks
         check_training_tasks(cfg.eval, plan.tok_path)
-    lock = RunLock(cfg.run_dir).acquire() if rank0 else None  # before reading run_dir: no writer under us
     stop = StopSignal().install()
     die_with_parent()
+    lock = None
     try:
-        check_run_dir(cfg, plan, (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None))
         info = init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
+        lock = take_run_dir_lock(cfg.run_dir, info.rank)  # before reading run_dir: no other writer under us
+        check_run_dir(cfg, plan, (lambda *a: print(*a, flush=True)) if info.rank == 0 else (lambda *a: None))
         engine = cls(cfg, plan, info)
         trainer = Trainer(cfg, plan, engine, info.rank, info.world_size, info.device)
         trainer.stop = stop
