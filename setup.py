@@ -25,11 +25,18 @@ try:
     from setuptools.command.editable_wheel import editable_wheel
 
     class EditableWheelWithPth(editable_wheel):
-        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
-            out = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
-            shutil.copyfile(LM_EVAL_PTH[0], os.path.join(unpacked_wheel, LM_EVAL_PTH[1]))
+        # a private setuptools hook (checked with setuptools 84): a signature change must not break the install,
+        # only lose the .pth (then `python -m llmforge.eval --tasks` still works; the lm_eval CLI needs the .pth)
+        def _run_build_commands(self, *args, **kwargs):
+            out = super()._run_build_commands(*args, **kwargs)
+            unpacked = kwargs.get("unpacked_wheel", args[1] if len(args) > 1 else None)
+            try:
+                shutil.copyfile(LM_EVAL_PTH[0], os.path.join(unpacked, LM_EVAL_PTH[1]))
+            except (OSError, TypeError):
+                pass
             return out
-    CMDCLASS["editable_wheel"] = EditableWheelWithPth
+    if hasattr(editable_wheel, "_run_build_commands"):
+        CMDCLASS["editable_wheel"] = EditableWheelWithPth
 except ImportError:  # setuptools < 64: no PEP 660 editable installs
     pass
 
