@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from llmforge.config import ConfigError
+from llmforge.common.atomic import atomic_path
 
 SHIPPED_TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_tasks")
 _TASK_MANAGERS: dict[tuple, object] = {}
@@ -285,7 +286,7 @@ def plot_benchmarks(run_dir: str) -> str | None:
         ax.legend(loc="best", fontsize="small")
     out = os.path.join(run_dir, "benchmarks.png")
     fig.tight_layout()
-    fig.savefig(out + ".tmp.png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(out + ".tmp.png", out)
     return out

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -41,6 +40,7 @@ import torch.distributed as dist
 from llmforge.common.chat import TEMPLATE_FILE
 from llmforge.config import ConfigError
 from llmforge.sft_data import SFTDocs, build_sft_datasets, is_sft_data  # noqa: F401  (re-exported)
+from llmforge.common.atomic import copy_file
 
 IGNORE = -100  # F.cross_entropy's default ignore_index
 FREEZE_NAMES = re.compile(r"embeddings|head|blocks:\d+|block:\d+")
@@ -72,9 +72,7 @@ def copy_chat_template(paths: list[str], run_dir: str) -> None:
     for p in paths:
         src = os.path.join(p, TEMPLATE_FILE)
         if os.path.isfile(src):
-            tmp = os.path.join(run_dir, TEMPLATE_FILE + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, os.path.join(run_dir, TEMPLATE_FILE))
+            copy_file(src, os.path.join(run_dir, TEMPLATE_FILE))
             return
 
 

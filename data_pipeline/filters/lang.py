@@ -12,6 +12,7 @@ import os
 import sys
 
 import numpy as np
+from llmforge.common.atomic import atomic_path
 
 _IDENTIFIER = None
 _CACHE_KEYS = ("nb_ptc", "nb_pc", "nb_numfeats", "nb_classes", "tk_nextmove", "tk_output_keys", "tk_output_lens",
@@ -28,14 +29,12 @@ def _save(ident, path: str) -> None:
     keys = sorted(ident.tk_output)
     lens = [len(ident.tk_output[k]) for k in keys]
     values = [v for k in keys for v in ident.tk_output[k]]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, nb_ptc=ident.nb_ptc, nb_pc=ident.nb_pc, nb_numfeats=np.int64(ident.nb_numfeats),
-             nb_classes=np.array(ident.nb_classes, dtype=str),
-             tk_nextmove=np.frombuffer(ident.tk_nextmove.tobytes(), dtype=np.uint16),
-             tk_output_keys=np.array(keys, dtype=np.int64), tk_output_lens=np.array(lens, dtype=np.int64),
-             tk_output_values=np.array(values, dtype=np.int64))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, nb_ptc=ident.nb_ptc, nb_pc=ident.nb_pc, nb_numfeats=np.int64(ident.nb_numfeats),
+                 nb_classes=np.array(ident.nb_classes, dtype=str),
+                 tk_nextmove=np.frombuffer(ident.tk_nextmove.tobytes(), dtype=np.uint16),
+                 tk_output_keys=np.array(keys, dtype=np.int64), tk_output_lens=np.array(lens, dtype=np.int64),
+                 tk_output_values=np.array(values, dtype=np.int64))
 
 
 def _load(path: str):

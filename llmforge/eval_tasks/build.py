@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sys
+from llmforge.common.atomic import write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 17
@@ -112,11 +113,7 @@ def multiple_choice(items: list[dict]) -> list[dict]:
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
 def main() -> None:

@@ -8,13 +8,12 @@ estimate fits (llmforge.scaling.memory) -> a config written atomically via llmfo
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 from .law import ScalingError, ScalingLaw
 from .memory import GPUS, GPUS_PER_NODE, choose_layout, gpu_info, usable_bytes
 from .shapes import Shape, round_to_shape, smallest
+from llmforge.common import atomic
 
 DEFAULT_BASE = "configs/scaling/base.yaml"
 DEFAULT_MFU = 0.4          # a typical sustained MFU for dense bf16 training at scale
@@ -199,9 +198,4 @@ def table(plan: dict) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, sort_keys=False)

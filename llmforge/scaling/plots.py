@@ -2,11 +2,11 @@
 planned point, written atomically like the trainer's loss.png."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from .law import ScalingLaw
+from llmforge.common.atomic import atomic_path
 
 
 def _pyplot():
@@ -17,12 +17,10 @@ def _pyplot():
 
 
 def _save(fig, plt, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -25,6 +25,7 @@ from llmforge.config import ConfigError, RunConfig, _build, _set_dotted, dump_co
 from .law import ScalingError
 from .plan import tokenizer_vocab, write_json
 from .shapes import Shape, round_to_shape
+from llmforge.common.atomic import atomic_path
 
 COLUMNS = ("params", "tokens", "loss", "non_embedding_params", "flops", "n_layers", "dim", "n_heads", "n_kv_heads",
            "ffn_dim", "steps", "run_dir")
@@ -188,11 +189,10 @@ def _run_slurm(sweep: SweepConfig, runs: list[Run], out_dir: str) -> bool:
     os.makedirs(os.path.join(sdir, "logs"), exist_ok=True)
     spec, script = os.path.join(sdir, "runs.json"), os.path.join(sdir, "task.sh")
     write_json(spec, [r.argv for r in runs])
-    tmp = f"{script}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(TASK_SCRIPT)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, script)
+    with atomic_path(script) as tmp:
+        with open(tmp, "w") as f:
+            f.write(TASK_SCRIPT)
+        os.chmod(tmp, 0o755)
     s = sweep.slurm
     args = ["sbatch", "--parsable", "--job-name=scaling-sweep",
             f"--array={','.join(map(str, pending))}" + (f"%{s.max_parallel}" if s.max_parallel else ""),
@@ -234,13 +234,10 @@ def write_results(path: str, runs: list[Run]) -> list[dict]:
                      "non_embedding_params": s.non_embedding_params(), "flops": 6 * s.params() * r.tokens,
                      "n_layers": s.n_layers, "dim": s.dim, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads,
                      "ffn_dim": s.ffn_dim, "steps": r.steps, "run_dir": r.run_dir})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     return rows
 
 
