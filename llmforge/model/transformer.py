@@ -34,7 +34,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, buffer_device=None) -> None:
-        """(Re)initialise parameters and RoPE tables; called after materialising a meta-device model."""
+        """(Re)initialise parameters and RoPE tables on a whole, unsharded model (construction, inference loading).
+        Training builds on the meta device and initialises each rank's shards with llmforge.model.init instead,
+        a function of (seed, parameter name, position), so that every layout starts from the same weights."""
         if self.args.family != "gpt2":
             cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, buffer_device)
             self.rope_cos, self.rope_sin = cos, sin
