@@ -28,6 +28,17 @@ def write_synthetic_shards(out_dir, n_train=200, n_valid=10, vocab=64, seed=0):
     return out_dir
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that initialises a process group in the pytest process (in-process CLIs, DCP loads) must not leave
+    it to the next one: fork-based multi-process tests would inherit a group whose gloo threads did not survive
+    the fork, and hang in their first collective."""
+    yield
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     return write_synthetic_shards(str(tmp_path_factory.mktemp("synth")))
