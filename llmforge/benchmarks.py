@@ -25,7 +25,6 @@ import torch
 import yaml
 
 from llmforge.config import ConfigError
-from llmforge.common.atomic import atomic_path
 
 SHIPPED_TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_tasks")
 _TASK_MANAGERS: dict[tuple, object] = {}
@@ -284,9 +283,5 @@ def plot_benchmarks(run_dir: str) -> str | None:
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize="small")
-    out = os.path.join(run_dir, "benchmarks.png")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    from llmforge.metrics import save_figure
+    return save_figure(fig, os.path.join(run_dir, "benchmarks.png"))

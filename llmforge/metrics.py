@@ -138,9 +138,14 @@ def plot_run(run_dir: str) -> str | None:
     ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", alpha=0.5, label="lr")
     ax2.set_ylabel("lr")
     ax.legend(loc="upper right")
-    out = os.path.join(run_dir, "loss.png")
+    return save_figure(fig, os.path.join(run_dir, "loss.png"))
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> str:
+    """Lay out, write atomically as PNG (a reader never sees half a plot), close; every plot of a run goes here."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
     plt.close(fig)
-    return out
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from .law import ScalingLaw
-from llmforge.common.atomic import atomic_path
 
 
 def _pyplot():
@@ -17,11 +16,8 @@ def _pyplot():
 
 
 def _save(fig, plt, path: str) -> str:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    from llmforge.metrics import save_figure
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_fit(law: ScalingLaw, params, tokens, loss, path: str) -> str:
