@@ -43,8 +43,9 @@ finetune: install
 		--max-new-tokens 40
 	@echo "results: SFT shards in $(SFT_DATA)/, fine-tuned run in $(SFT_RUN)/ (eval.json: response-only loss)"
 
+# Unbuffered, with a per-test limit: a hung test fails with its stack in the log instead of eating CI's time.
 test: install-test
-	$(PYTHON) -m pytest tests -q -rs --durations=15
+	PYTHONUNBUFFERED=1 $(PYTHON) -m pytest tests -q -rs --durations=15 --timeout=900
 
 test-fast: install-test
 	$(PYTHON) -m pytest tests -q -m "not slow"

@@ -133,6 +133,36 @@ def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ pipeline stages
+def shm_buffer_path(rank: int) -> str:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory allreduce for ``rank`` (deepspeed csrc/cpu/comm/shm.cpp
+    names it after the uid, MASTER_ADDR and MASTER_PORT)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def init_deepspeed_comm(info) -> None:
+    """``deepspeed.init_distributed`` without DeepSpeed's CPU allreduce leaving its 66 MB /dev/shm buffer per rank
+    behind (it never unlinks them): /dev/shm filled up run after run, and a later run on the same port mapped a dead
+    run's buffer with stale flags. Each rank removes its own stale name before any rank maps, and its fresh one once
+    every rank has mapped them all: the mappings stay valid, and even kill -9 leaves nothing."""
+    import deepspeed
+    cpu = torch.device(info.device).type == "cpu" and dist.is_initialized()
+    if cpu:
+        _unlink(shm_buffer_path(info.rank))
+        dist.barrier()
+    deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+    if cpu:
+        dist.barrier()
+        _unlink(shm_buffer_path(info.rank))
+
+
 class _Embed(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -248,7 +278,7 @@ class DeepSpeedEngine(Engine):
         from llmforge.parallel.recompute import apply_recompute
         for k, v in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
             os.environ.setdefault(k, str(v))  # DeepSpeed reads these (plain python / srun leave some unset)
-        deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+        init_deepspeed_comm(info)
         self.cfg, self.plan, self.device, self.rank = cfg, plan, info.device, info.rank
         self.pp, self.dp = plan.layout
         self.conf = ds_config(cfg, info.world_size, resolve_dtype(cfg.train.dtype, info.device))

@@ -164,8 +164,14 @@ def test_plain_deepspeed_launcher_line(ds_launch, synth_data, tmp_path):
     """`deepspeed --num_gpus 2 --module llmforge.train CONFIG ...` as users type it: the launcher adds
     --local_rank=N, which llmforge.train accepts; losses equal the native engine's."""
     out, _ = ds_launch
-    run = tmp_path / "plain"
-    r = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "llmforge.train", TINY,
+    run, port = tmp_path / "plain", free_port()
+    # DeepSpeed's CPU allreduce buffers are named after the port and never unlinked by DeepSpeed: a dead run's
+    # (here: garbage) must not be mapped, and this run must leave none behind
+    shm = [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1)]
+    for f in shm:
+        with open(f, "wb") as fh:
+            fh.write(b"\xff" * 64)
+    r = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "llmforge.train", TINY,
                  f"data.paths=[{synth_data}]", "model.vocab_size=64", "train.steps=4", "data.seq_len=64",
                  "train.micro_batch_size=2", "logging.plot=false", "train.warmup_steps=2", "train.eval_batches=2",
                  "train.schedule=constant", f"run_dir={run}", "engine=deepspeed", "parallel.dp_shard=2",
@@ -174,6 +180,7 @@ def test_plain_deepspeed_launcher_line(ds_launch, synth_data, tmp_path):
     nat, ds = read_metrics(out / "native"), read_metrics(run)
     assert sorted(ds) == [1, 2, 3, 4]
     assert max(abs(nat[s]["loss"] - ds[s]["loss"]) / nat[s]["loss"] for s in ds) <= 1e-4
+    assert [f for f in shm if os.path.exists(f)] == []
 
 
 @pytest.mark.slow
