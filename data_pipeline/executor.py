@@ -13,6 +13,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,13 @@ def _pool_task(args):
         raise task_error(stage.name, rank, e) from None
 
 
+def _pool_worker_init() -> None:
+    """Pool.terminate() ends idle workers with SIGTERM. A Python-level handler (the CLI's, inherited by fork) only
+    runs between bytecodes: a SIGTERM that lands just before a worker blocks on the task queue's lock is never
+    handled, and the pool's join waits forever (seen once in ~50 runs). The default action ends the worker at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class LocalExecutor:
     """Stages in order; the pending tasks of a stage on a fork pool of ``workers`` processes."""
 
@@ -131,7 +139,7 @@ class LocalExecutor:
                 bar.update(1)
             return
         _POOL_CTX = ctx  # forked workers inherit it; nothing is pickled but (stage, rank)
-        with multiprocessing.get_context("fork").Pool(n_proc) as pool:
+        with multiprocessing.get_context("fork").Pool(n_proc, initializer=_pool_worker_init) as pool:
             for _ in pool.imap_unordered(_pool_task, [(stage, r) for r in pending]):
                 bar.update(1)
 
