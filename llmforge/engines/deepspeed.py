@@ -132,7 +132,7 @@ def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
     return merged
 
 
-# ------------------------------------------------------------------------------------------ pipeline stages
+# ------------------------------------------------------------------------------------------ communication
 def shm_buffer_path(rank: int) -> str:
     """The /dev/shm file of DeepSpeed's CPU shared-memory allreduce for ``rank`` (deepspeed csrc/cpu/comm/shm.cpp
     names it after the uid, MASTER_ADDR and MASTER_PORT)."""
@@ -163,6 +163,7 @@ def init_deepspeed_comm(info) -> None:
         _unlink(shm_buffer_path(info.rank))
 
 
+# ------------------------------------------------------------------------------------------ pipeline stages
 class _Embed(nn.Module):
     def __init__(self, model):
         super().__init__()
