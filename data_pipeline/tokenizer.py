@@ -142,10 +142,10 @@ def batches(docs, max_docs: int, max_chars: int = BATCH_CHARS):
 
 
 def tokenize_task(ctx, rank: int) -> dict:
-    """Encode one task's kept documents into ``work/tokens/{train,valid}-RANK`` (.bin/.idx/.ids), one
-    sentencepiece list call and one write per batch and split. sentencepiece releases the GIL while it encodes,
-    so reading the next batch and converting/writing the previous one run beside the encode call (a helper
-    thread encodes): the task takes about as long as its encode calls alone."""
+    """Encode one task's kept documents into ``work/tokens/{train,valid}-RANK`` (.bin/.idx/.ids), one write per
+    batch and split (``encode_ids`` says how a batch is encoded). sentencepiece releases the GIL while it encodes,
+    so reading the next batch and converting/writing the previous one run beside the encoding of this one (a
+    helper thread encodes): the task takes about as long as its encode calls alone."""
     cfg = ctx.cfg
     sp = spm.SentencePieceProcessor(model_file=model_path(ctx))
     eos = sp.eos_id()
