@@ -383,7 +383,8 @@ def main(argv=None):
 def _tokenize_part(result, sample_docs, mb, tmp):
     tok = tokenize_compare(sample_docs, mb, tmp)
     result["tokenize_vs_plain_encode_loop"] = tok
-    for k in ("ratio_per_worker", "ratio_2_workers", "ratio_plain_loop_2_procs"):  # goals: >= 0.95 and >= 1.8 (on an otherwise idle machine)
+    # goals: ratio_per_worker >= 0.95, ratio_2_workers >= 1.8 (idle machine); the third is the machine's ceiling
+    for k in ("ratio_per_worker", "ratio_2_workers", "ratio_plain_loop_2_procs"):
         result[f"tokenize_{k}"] = tok.get(k)
     print(f"tokenize: {tok}", flush=True)
 
