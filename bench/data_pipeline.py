@@ -189,16 +189,20 @@ def run_pipeline_cli(input_dir, out_dir, workers, extra=()):
 
 
 def tokenize_compare(sample_docs, mb, tmp, reps=5):
-    """Our tokenize stage (tokenize_task over every task: read the kept documents, encode in batches, EOS,
-    shard writer, ids) vs a plain ``sentencepiece.encode`` loop over the same documents, already in memory, with
-    the same model: per worker (the tasks one after another in this process, one encode thread) and on 2 workers
-    (the tasks over 2 forked processes, as the local executor runs them). Best of ``reps`` interleaved runs."""
+    """Our tokenize stage (tokenize_task over every task: read the kept documents, encode in batches through the
+    word cache, EOS, shard writer, ids) vs a plain ``sentencepiece.encode`` loop over the same documents, already
+    in memory, with the same model: per worker (the tasks one after another in this process) and on 2 workers
+    (the tasks over 2 forked processes, as the local executor runs them). Best of ``reps`` interleaved runs; every
+    run of ours starts with an empty word cache, as a new worker does. The synthetic input repeats the sample
+    corpus's words more than real text does, so ``cold_sample_corpus`` also times the word cache alone against the
+    plain loop on the sample corpus, each document once (little repetition, a cold cache)."""
     import functools
     import multiprocessing as mp
 
     import sentencepiece as spm
     from data_pipeline import config
     from data_pipeline.pipeline import Context
+    from data_pipeline import tokenizer
     from data_pipeline.tokenizer import kept_docs, model_path, tokenize_task
     src = os.path.join(tmp, "tokenize-input")
     make_synthetic(src, sample_docs, mb, seed=3, n_files=8)  # 8 similar tasks: 2 workers can share them evenly
@@ -228,10 +232,12 @@ def tokenize_compare(sample_docs, mb, tmp, reps=5):
             p.join()
 
     def one_worker():
+        tokenizer._ENCODER.clear()  # a new worker's empty word cache
         for t in range(ctx.n_tasks):
             tokenize_task(ctx, t)
 
     def two_workers():
+        tokenizer._ENCODER.clear()  # the forked workers start with an empty word cache
         with mp.get_context("fork").Pool(2) as pool:
             pool.map(functools.partial(tokenize_task, ctx), range(ctx.n_tasks), chunksize=1)
 
@@ -252,7 +258,28 @@ def tokenize_compare(sample_docs, mb, tmp, reps=5):
             # the machine's own ceiling for ratio_2_workers (shared caches, clocks, a noisy VM neighbour)
             "ratio_plain_loop_2_procs": round(best["plain_encode_loop"] / best["plain_encode_loop_2_procs"], 3),
             # CPU seconds of this process (its helper thread included): what a busy machine cannot distort
-            "cpu_ratio_per_worker": round(cpu["plain_encode_loop"] / cpu["ours_1_worker"], 3)}
+            "cpu_ratio_per_worker": round(cpu["plain_encode_loop"] / cpu["ours_1_worker"], 3),
+            "cold_sample_corpus": word_cache_cold([d["text"] for d in sample_docs], sp, reps)}
+
+
+def word_cache_cold(texts, sp, reps):
+    """The word cache alone (a new one each run, batches of 256) vs the plain loop, on documents seen once."""
+    import numpy as np
+    from data_pipeline.encode_cache import CachedEncoder
+    best, new = {}, 0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x in texts:
+            sp.encode(x)
+        best["plain"] = min(best.get("plain", float("inf")), time.perf_counter() - t0)
+        enc = CachedEncoder(sp, np.uint16, 1 << 18)
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), 256):
+            enc.encode(texts[i:i + 256])
+        best["cache"] = min(best.get("cache", float("inf")), time.perf_counter() - t0)
+        new = enc.stats["new_words"] / max(1, enc.stats["words"])
+    return {"docs": len(texts), "MB": round(nbytes([{"text": t} for t in texts]) / 1e6, 2),
+            "new_word_fraction": round(new, 3), "ratio": round(best["plain"] / best["cache"], 3)}
 
 
 CLUSTER_PROBE = (  # one cluster-stage task in a fresh interpreter: its peak RSS and traced (numpy + Python) peak

@@ -148,6 +148,10 @@ class TokenizerConfig:
     character_coverage: float = opt(0.9995, "sentencepiece character_coverage (byte_fallback covers the rest)")
     max_sentence_length: int = opt(8192, "longer training lines are skipped by sentencepiece")
     seed: int = opt(0, "seed of the training-sample hash")
+    encode_cache_words: int = opt(1 << 18, "tokenize stage: words whose ids each worker keeps (encoded once, "
+                                           "then copied: data_pipeline/encode_cache.py; the ids are exactly "
+                                           "sentencepiece's). About 150 B each (40 MB at the default); 0: "
+                                           "sentencepiece on every document")
 
 
 @dataclasses.dataclass
@@ -155,7 +159,7 @@ class ShardConfig:
     target_mb: float = opt(256.0, "start a new .bin after about this many megabytes of tokens")
     valid_fraction: float = opt(0.005, "documents whose id hashes below this fraction go to valid-*")
     split_seed: int = opt(0, "seed of the validation-split hash")
-    batch_docs: int = opt(256, "documents encoded per sentencepiece call")
+    batch_docs: int = opt(256, "tokenize stage: documents encoded and written per batch")
 
 
 @dataclasses.dataclass
@@ -243,6 +247,7 @@ class PipelineConfig:
         need(self.tokenizer.model_type in ("bpe", "unigram"), "tokenizer.model_type", "must be bpe or unigram")
         need(self.tokenizer.vocab_size >= 300 or bool(self.tokenizer.model_path), "tokenizer.vocab_size",
              "must be >= 300 (256 byte-fallback pieces + specials)")
+        need(self.tokenizer.encode_cache_words >= 0, "tokenizer.encode_cache_words", "must be >= 0")
         need(0 <= self.shards.valid_fraction < 1, "shards.valid_fraction", "must be in [0, 1)")
         need(self.shards.target_mb > 0, "shards.target_mb", "must be > 0")
         m = self.dedup.minhash

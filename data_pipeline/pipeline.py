@@ -7,6 +7,7 @@ Everything intermediate lives in ``<output_dir>/work``; the final outputs appear
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,8 @@ from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json")
 BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
-RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files")
+RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files",
+                "tokenizer.encode_cache_words")  # keys that change how a run goes, never what it writes
 
 
 class Context:
@@ -116,7 +118,11 @@ def finalize_task(ctx, _rank: int) -> dict:
 def fingerprint(ctx, hash_cache: dict | None = None) -> str:
     """Hash of everything that determines the outputs: config (minus runtime keys), the input files' content and
     the tokenizer.model_path file's content (content hashes, cached: output_dir.py)."""
-    cfg = {k: v for k, v in to_dict(ctx.cfg).items() if k not in RUNTIME_KEYS}
+    cfg = to_dict(ctx.cfg)
+    for key in RUNTIME_KEYS:
+        *parents, last = key.split(".")
+        section = functools.reduce(dict.get, parents, cfg)
+        section.pop(last, None)
     files = input_digests(ctx.units, ctx.cfg.tokenizer.model_path, {} if hash_cache is None else hash_cache)
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -4,13 +4,12 @@ Ids are fixed: unk=0 bos=1 eos=2 pad=3. Training sees a deterministic sample of 
 deduped) training-split text, chosen by a hash of the document id, and writes the model through
 ``model_writer`` with a fixed thread count, so the .model bytes depend only on the data and config (a
 sentencepiece model records its model_prefix and num_threads: neither may vary). Each document is encoded
-and followed by EOS; uint16 ids when the vocabulary fits, else int32 (shards.token_dtype)."""
+(exactly ``sp.encode``, through the word cache of encode_cache.py when the model allows it) and followed by EOS;
+uint16 ids when the vocabulary fits, else int32 (shards.token_dtype)."""
 from __future__ import annotations
 
 import io
-import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import sentencepiece as spm
@@ -18,6 +17,7 @@ import xxhash
 
 from .atomic_io import read_jsonl, write_bytes
 from .dedup.stages import load_removed
+from .encode_cache import CachedEncoder, not_cacheable
 from .executor import PipelineError
 from .prepare import prepared_path
 from .shards import ShardWriter, token_dtype
@@ -95,14 +95,14 @@ def task_shard_prefix(work: str, split: str, rank: int) -> str:
     return os.path.join(work, "tokens", f"{split}-{rank:05d}")
 
 
-BATCH_CHARS = 1 << 16  # a batch also ends at this many characters: small batches keep the overlap below deep
+BATCH_CHARS = 1 << 16  # a batch also ends at this many characters: bounded memory whatever the documents
 
 
 def encode_ids(sp, texts: list[str], threads: int) -> list:
-    """Each document's ids. sentencepiece >= 0.2.1 returns int32 arrays (``out_type="numpy"``: no Python int per
-    token, which is what a plain ``encode`` loop pays for); older releases return lists, which ``assemble`` takes as
-    well. On one thread, one call per document beats the list API (measured: its thread-pool dispatch costs ~8%);
-    on more, the list API spreads the batch over ``threads`` (-1: every core). The GIL is released either way."""
+    """Each document's ids by sentencepiece itself (models the word cache cannot take apart): int32 arrays from
+    sentencepiece >= 0.2.1 (``out_type="numpy"``), else lists. On one thread, one call per document beats the list
+    API (measured: its thread-pool dispatch costs ~8%); on more, the list API spreads the batch over ``threads``
+    (-1: every core)."""
     try:
         if threads == 1:
             return [sp.encode(t, out_type="numpy") for t in texts]
@@ -111,22 +111,33 @@ def encode_ids(sp, texts: list[str], threads: int) -> list:
         return sp.encode(texts, num_threads=threads)
 
 
-def assemble(encoded: list, eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of a batch (arrays or lists, one per document) -> (all ids with an EOS after each document, lengths
-    with the EOS), built with whole-array numpy steps: no per-document write."""
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    n_ids = int(lengths.sum())
-    out = np.full(n_ids + len(encoded), eos, dtype=dtype)
-    ids_at = np.ones(len(out), dtype=bool)
-    ids_at[np.cumsum(lengths + 1) - 1] = False  # every slot but the EOS after each document
-    if n_ids:
-        out[ids_at] = (np.concatenate(encoded) if isinstance(encoded[0], np.ndarray)
-                       else np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=n_ids))
-    return out, lengths + 1
+_ENCODER: dict = {}  # this worker's cached encoder: its words carry over from task to task
 
 
-def encode_block(sp, texts: list[str], eos: int, dtype, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    return assemble(encode_ids(sp, texts, threads), eos, dtype)
+def make_encoder(sp, dtype, cache_words: int, threads: int):
+    """``encode(texts) -> [ids as bytes of dtype]``: the word cache (encode_cache.py) when the model allows it,
+    else sentencepiece document by document. Exactly ``sp.encode`` either way."""
+    why = not_cacheable(sp) if cache_words > 0 else "tokenizer.encode_cache_words=0"
+    if why:
+        return lambda texts: [np.asarray(a, dtype=dtype).tobytes() for a in encode_ids(sp, texts, threads)], why
+    key = (xxhash.xxh64_hexdigest(sp.serialized_model_proto()), np.dtype(dtype).str, cache_words)
+    if _ENCODER.get("key") != key:
+        _ENCODER.update(key=key, encoder=CachedEncoder(sp, dtype, cache_words))
+    return _ENCODER["encoder"].encode, ""
+
+
+def assemble(encoded: list[bytes], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of a batch (raw bytes of ``dtype``, one per document) -> (all ids with an EOS after each document,
+    lengths with the EOS): one join, no per-document write."""
+    eos_bytes = np.array([eos], dtype=dtype).tobytes()
+    tokens = np.frombuffer(eos_bytes.join(encoded) + eos_bytes if encoded else b"", dtype=dtype)
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) // np.dtype(dtype).itemsize + 1
+    return tokens, lengths
+
+
+def encode_block(sp, texts: list[str], eos: int, dtype, threads: int = 1, cache_words: int = 0):
+    encode, _ = make_encoder(sp, dtype, cache_words, threads)
+    return assemble(encode(texts), eos, dtype)
 
 
 def batches(docs, max_docs: int, max_chars: int = BATCH_CHARS):
@@ -143,24 +154,19 @@ def batches(docs, max_docs: int, max_chars: int = BATCH_CHARS):
 
 def tokenize_task(ctx, rank: int) -> dict:
     """Encode one task's kept documents into ``work/tokens/{train,valid}-RANK`` (.bin/.idx/.ids), one write per
-    batch and split (``encode_ids`` says how a batch is encoded). sentencepiece releases the GIL while it encodes,
-    so reading the next batch and converting/writing the previous one run beside the encoding of this one (a
-    helper thread encodes): the task takes about as long as its encode calls alone."""
+    batch and split. ``make_encoder`` says how a batch is encoded."""
     cfg = ctx.cfg
     sp = spm.SentencePieceProcessor(model_file=model_path(ctx))
     eos = sp.eos_id()
     dtype = token_dtype(sp.vocab_size())
     threads = 1 if cfg.workers > 1 else -1  # processes already use the cores; one worker uses every thread
-
-    def encode(texts):
-        return encode_ids(sp, texts, threads)
-
+    encode, uncached_why = make_encoder(sp, dtype, cfg.tokenizer.encode_cache_words, threads)
     writers = {s: ShardWriter(task_shard_prefix(ctx.work, s, rank), dtype) for s in ("train", "valid")}
     ids_out = {s: [] for s in writers}
     stats = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in writers}
 
-    def write(batch: list[dict], encoded) -> None:
-        tokens, lengths = assemble(encoded.result(), eos, dtype)
+    def write(batch: list[dict]) -> None:
+        tokens, lengths = assemble(encode([d["text"] for d in batch]), eos, dtype)
         valid = np.fromiter((is_valid(d["id"], cfg) for d in batch), dtype=bool, count=len(batch))
         for split, docs_mask in (("train", ~valid), ("valid", valid)):
             if not docs_mask.any():
@@ -176,15 +182,8 @@ def tokenize_task(ctx, rank: int) -> dict:
             st["bytes"] += sum(len(d["text"].encode("utf-8")) for d in chosen)
 
     try:
-        with ThreadPoolExecutor(1) as encoder:
-            pending = None
-            for batch in batches(kept_docs(ctx, rank), cfg.shards.batch_docs):
-                job = (batch, encoder.submit(encode, [d["text"] for d in batch]))
-                if pending:
-                    write(*pending)  # the previous batch, while this one encodes
-                pending = job
-            if pending:
-                write(*pending)
+        for batch in batches(kept_docs(ctx, rank), cfg.shards.batch_docs):
+            write(batch)
         for s, w in writers.items():
             write_bytes(task_shard_prefix(ctx.work, s, rank) + ".ids", "".join(i + "\n" for i in ids_out[s]).encode())
             w.close()
@@ -192,4 +191,4 @@ def tokenize_task(ctx, rank: int) -> dict:
         for w in writers.values():
             w.abort()
         raise
-    return stats
+    return {**stats, "word_cache": uncached_why or "on"}

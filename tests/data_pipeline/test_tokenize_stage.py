@@ -1,5 +1,5 @@
-"""The tokenize stage's block path (sentencepiece's list API, numpy concatenation, one write per batch) produces
-exactly the ids and bytes of encoding and writing one document at a time."""
+"""The tokenize stage's block path (the word cache or sentencepiece's list API, one join, one write per batch)
+produces exactly the ids and bytes of encoding and writing one document at a time."""
 from __future__ import annotations
 
 import io
@@ -30,8 +30,9 @@ def test_encode_block_equals_per_document_encoding():
     assert lengths.tolist() == [len(e) for e in expected]
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == [i for e in expected for i in e]
-    again, _ = encode_block(sp, TEXTS, 2, np.uint16, threads=2)  # threads change nothing
-    assert again.tobytes() == tokens.tobytes()
+    for kw in ({"threads": 2}, {"cache_words": 100}):  # threads and the word cache change nothing
+        again, _ = encode_block(sp, TEXTS, 2, np.uint16, **kw)
+        assert again.tobytes() == tokens.tobytes(), kw
 
 
 def test_add_documents_writes_the_bytes_of_add_document(tmp_path):
