@@ -68,7 +68,8 @@ def train_tokenizer_task(ctx, _rank: int) -> dict:
         sp = spm.SentencePieceProcessor(model_proto=data)
         write_bytes(model_path(ctx), data)
         return {"trained": False, "source": tcfg.model_path, "vocab_size": sp.vocab_size(),
-                "special_ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}}
+                "special_ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()},
+                "word_cache": not_cacheable(sp) or "usable"}
     total = sum(s["kept_bytes"] for s in ctx.prepare_stats)
     rate = min(1.0, tcfg.sample_bytes / max(1, total))
     counts = {"docs": 0, "bytes": 0}
@@ -88,7 +89,7 @@ def train_tokenizer_task(ctx, _rank: int) -> dict:
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     return {"trained": True, "model_type": tcfg.model_type, "vocab_size": sp.vocab_size(),
             "special_ids": dict(SPECIAL_IDS), "sample_rate": round(rate, 6), "sample_docs": counts["docs"],
-            "sample_bytes": counts["bytes"]}
+            "sample_bytes": counts["bytes"], "word_cache": not_cacheable(sp) or "usable"}
 
 
 def task_shard_prefix(work: str, split: str, rank: int) -> str:
@@ -160,7 +161,7 @@ def tokenize_task(ctx, rank: int) -> dict:
     eos = sp.eos_id()
     dtype = token_dtype(sp.vocab_size())
     threads = 1 if cfg.workers > 1 else -1  # processes already use the cores; one worker uses every thread
-    encode, uncached_why = make_encoder(sp, dtype, cfg.tokenizer.encode_cache_words, threads)
+    encode, _ = make_encoder(sp, dtype, cfg.tokenizer.encode_cache_words, threads)
     writers = {s: ShardWriter(task_shard_prefix(ctx.work, s, rank), dtype) for s in ("train", "valid")}
     ids_out = {s: [] for s in writers}
     stats = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in writers}
@@ -191,4 +192,4 @@ def tokenize_task(ctx, rank: int) -> dict:
         for w in writers.values():
             w.abort()
         raise
-    return {**stats, "word_cache": uncached_why or "on"}
+    return stats

@@ -51,6 +51,13 @@ def _kill_when(proc, pattern, timeout=240):
     proc.wait()
 
 
+def test_without_the_word_cache_every_byte_is_the_same(dup_corpus, reference, tmp_path):
+    corpus, _ = dup_corpus
+    out = str(tmp_path / "out")
+    run_inproc(corpus, out, "workers=2", "tasks=4", "tokenizer.encode_cache_words=0")
+    assert tree_hashes(out, SKIP) == tree_hashes(reference, SKIP)
+
+
 @pytest.mark.parametrize("stage", ["prepare", "tokenize"])
 def test_sigkill_then_rerun_is_byte_identical(stage, dup_corpus, reference, tmp_path):
     corpus, _ = dup_corpus
@@ -68,7 +75,7 @@ def test_finished_run_reruns_as_noop_and_changed_config_restarts(dup_corpus, tmp
     out = str(tmp_path / "out")
     first = run_inproc(corpus, out, "workers=1")
     before = tree_hashes(out, SKIP)
-    again = run_inproc(corpus, out, "workers=2", "keep_work_files=false")
+    again = run_inproc(corpus, out, "workers=2", "keep_work_files=false", "tokenizer.encode_cache_words=0")
     assert sum(again["task_seconds"].values()) == sum(first["task_seconds"].values())  # no task ran again
     assert tree_hashes(out, SKIP) == {k: v for k, v in before.items()
                                       if not k.startswith(("work/prepared", "work/signatures", "work/dedup", "work/tokens"))}
