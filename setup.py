@@ -67,6 +67,7 @@ setup(
         "datasketch>=1.6",
         "xxhash",
         "sentencepiece",
+        "protobuf",  # reads a sentencepiece model's settings (data_pipeline/encode_cache.py); wandb needs it too
         "wandb",
         "megatron-core",
         "trafilatura",

@@ -29,7 +29,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from llmforge.config import ConfigError
 from llmforge.distributed import resolve_dtype
@@ -38,6 +37,7 @@ from llmforge.optim import param_groups
 from llmforge.run_plan import batch_plan
 
 from .base import Engine, TrainingError
+from .deepspeed_pipe import pipe_eval, pipeline_module
 from .deepspeed_weights import latest_tag
 from llmforge.common.atomic import write_json, write_text
 
@@ -161,52 +161,6 @@ def init_deepspeed_comm(info) -> None:
     if cpu:
         dist.barrier()
         _unlink(shm_buffer_path(info.rank))
-
-
-# ------------------------------------------------------------------------------------------ pipeline stages
-class _Embed(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.tok_embeddings, self.pos_embeddings = model.tok_embeddings, model.pos_embeddings
-
-    def forward(self, tokens):
-        h = self.tok_embeddings(tokens)
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(tokens.shape[1], device=h.device))
-        return h
-
-
-class _Block(nn.Module):
-    def __init__(self, block, model):
-        super().__init__()
-        self.block, self.rope = block, model.args.family != "gpt2"
-        self.register_buffer("cos", model.rope_cos.clone(), persistent=False)
-        self.register_buffer("sin", model.rope_sin.clone(), persistent=False)
-
-    def forward(self, h):
-        n = h.shape[1]
-        return self.block(h, self.cos[:n], self.sin[:n]) if self.rope else self.block(h)
-
-
-class _Head(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.norm, self.output = model.norm, model.output
-
-    def forward(self, h):
-        return self.output(self.norm(h))
-
-
-def pipeline_module(model, pp: int):
-    from deepspeed.pipe import PipelineModule
-    layers = [_Embed(model), *[_Block(b, model) for b in model.layers.values()], _Head(model)]
-    module = PipelineModule(layers=layers, num_stages=pp, loss_fn=loss_fn, partition_method="uniform")
-    # DeepSpeed sums gradient norms over the stages of a pipeline only for parameters marked model-parallel
-    # (Megatron's attribute); unmarked ones count on stage 0 alone, which clips with a wrong norm. Every
-    # parameter here lives on exactly one stage, so the mark is true.
-    for p in module.parameters():
-        p.model_parallel = True
-    return module
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -388,7 +342,7 @@ class DeepSpeedEngine(Engine):
 
     def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
         from llmforge.parallel import ParallelModel
-        pm = ParallelModel([self.engine], eval_fn=_pipe_eval(self.engine) if self.pp > 1 else None)
+        pm = ParallelModel([self.engine], eval_fn=pipe_eval(self.engine) if self.pp > 1 else None)
         return pm.evaluate(valid, self.plan.micro, max_batches, self.device, contextlib.nullcontext)
 
     def save(self, step: int, state: dict) -> None:
@@ -397,18 +351,3 @@ class DeepSpeedEngine(Engine):
     def load_latest(self, log) -> dict | None:
         step, samples, path = resume(self.engine, self.root, self.rank, log)
         return None if path is None else {"step": step, "samples": samples, "path": path}
-
-
-def _pipe_eval(engine):
-    """Validation loss through PipelineEngine.eval_batch (full micro batches; the mean over equal-size micro
-    batches is the token mean the native evaluate() reports)."""
-    from llmforge.data import validation_batches
-
-    def evaluate(valid, micro, max_batches, device, amp):
-        batches = [b for b in validation_batches(valid, micro, max_batches) if len(b) == micro]
-        if not batches:
-            return float("nan"), 0
-        it = iter([(b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches])
-        loss = engine.eval_batch(it, num_micro_batches=len(batches))
-        return float(loss.float().item()), sum(b[:, 1:].numel() for b in batches)
-    return evaluate

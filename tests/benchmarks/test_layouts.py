@@ -1,5 +1,6 @@
-"""A run trained sharded (FSDP2 ZeRO-3 over 2 ranks) loads into the adapter with exactly its saved weights, scores
-like the same run trained in one process, and its in-training benchmark (eval.tasks) scored its gathered shards."""
+"""A run trained sharded (FSDP2 ZeRO-3, tensor parallel or pipeline parallel over 2 ranks) loads into the adapter
+with exactly its saved weights, scores like the same run trained in one process, and its in-training benchmark
+(eval.tasks) scored its gathered shards."""
 from __future__ import annotations
 
 import json
@@ -29,13 +30,19 @@ def _requests():
     return [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(TEXTS)]
 
 
+LAYOUTS = {"zero3": ["parallel.dp_shard=2", "parallel.zero_stage=3", "parallel.dp_replicate=1"],
+           "tp2": ["parallel.tp=2", "parallel.dp_replicate=1"],
+           "pp2": ["parallel.pp=2", "parallel.dp_replicate=1"]}
+
+
 @pytest.mark.slow
-def test_zero3_run_scores_like_the_single_process_run(bench_run, bench_data, text_tasks, tmp_path):
-    run_dir = str(tmp_path / "zero3")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_run_scores_like_the_single_process_run(layout, bench_run, bench_data, text_tasks, tmp_path):
+    run_dir = str(tmp_path / layout)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "llmforge.train", "configs/train/tiny-cpu.yaml", f"data.paths=[{bench_data}]",
-                          f"run_dir={run_dir}", *SAME_AS_BENCH_RUN, "parallel.dp_shard=2", "parallel.zero_stage=3",
-                          "parallel.dp_replicate=1", "eval.tasks=[pub_text]", f"eval.include_paths=[{text_tasks}]"],
+                          f"run_dir={run_dir}", *SAME_AS_BENCH_RUN, *LAYOUTS[layout], "eval.tasks=[pub_text]",
+                          f"eval.include_paths=[{text_tasks}]"],
                          cwd=REPO, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -58,7 +65,7 @@ def test_zero3_run_scores_like_the_single_process_run(bench_run, bench_data, tex
     single = load_run(bench_run)
     ref = LLMForgeLM(model=single.model, tokenizer=single.tokenizer, batch_size=3).loglikelihood_rolling(_requests())
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    print(f"ZeRO-3 vs 1 process: max relative difference of per-document log-likelihoods {worst:.1e}")
+    print(f"{layout} vs 1 process: max relative difference of per-document log-likelihoods {worst:.1e}")
     assert worst < 1e-4
     assert torch.equal(torch.tensor(sharded.step), torch.tensor(single.step))
 

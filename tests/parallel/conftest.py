@@ -65,10 +65,17 @@ def _child(rank: int, world: int, port: int, argv: list[str], log: str, patch) -
 
 def launch(nproc: int, overrides: list[str], run_dir: str, timeout: float = 240, patch=None,
            grace_after_first_exit: float | None = None) -> tuple[list[int], list[float]]:
-    """Run the trainer on ``nproc`` forked ranks; return (exit codes, exit times) (logs: <run_dir>.rank*.log).
-    Ranks still alive at ``timeout`` (or ``grace_after_first_exit`` s after the first rank ends) are killed."""
+    """Run the trainer (tiny-cpu + BASE) on ``nproc`` forked ranks; see ``launch_argv``."""
+    return launch_argv(nproc, [CONFIG, *BASE, f"run_dir={run_dir}", *overrides], run_dir, timeout, patch,
+                       grace_after_first_exit)
+
+
+def launch_argv(nproc: int, argv: list[str], run_dir: str, timeout: float = 240, patch=None,
+                grace_after_first_exit: float | None = None) -> tuple[list[int], list[float]]:
+    """Run ``llmforge.train argv`` on ``nproc`` forked ranks; return (exit codes, exit times) (logs:
+    <run_dir>.rank*.log). Ranks still alive at ``timeout`` (or ``grace_after_first_exit`` s after the first rank
+    ends) are killed."""
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    argv = [CONFIG, *BASE, f"run_dir={run_dir}", *overrides]
     ctx = mp.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_child, args=(r, nproc, port, argv, f"{run_dir}.rank{r}.log", patch))

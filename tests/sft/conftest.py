@@ -90,25 +90,10 @@ def make_env(root: str) -> dict:
 
 def train(run_dir: str, config: str, *overrides: str, nproc: int = 1, patch=None, expect_ok: bool = True,
           timeout: float = 240) -> str:
-    """The real trainer entry point on ``nproc`` forked ranks (tests/parallel/conftest helpers)."""
-    import multiprocessing as mp
-    import time
-
-    from tests.parallel.conftest import _child, free_port, logs
-    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    """The real trainer entry point on ``nproc`` forked ranks (tests/parallel/conftest.py)."""
+    from tests.parallel.conftest import launch_argv, logs
     argv = [config, f"run_dir={run_dir}", "logging.plot=false", *overrides]
-    port, ctx = free_port(), mp.get_context("fork")
-    procs = [ctx.Process(target=_child, args=(r, nproc, port, argv, f"{run_dir}.rank{r}.log", patch))
-             for r in range(nproc)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.time()))
-        if p.is_alive():
-            p.kill()
-            p.join()
-    codes = [p.exitcode for p in procs]
+    codes, _ = launch_argv(nproc, argv, run_dir, timeout, patch)
     if expect_ok:
         assert codes == [0] * nproc, f"{run_dir}: exit codes {codes}\n{logs(run_dir)}"
     return run_dir
