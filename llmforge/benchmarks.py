@@ -182,8 +182,10 @@ def unsharded_copy(model_parts, margs, tmp_dir: str, device="cpu"):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    from llmforge.lora import adapter_spec, add_adapters, merge
     from llmforge.run_loading import empty_model
     from llmforge.safe_pickle import SafeFileSystemReader
+    lora = adapter_spec(model_parts)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -199,9 +201,12 @@ def unsharded_copy(model_parts, margs, tmp_dir: str, device="cpu"):
     try:
         if rank == 0:
             model = empty_model(margs, device)
+            if lora:  # fine-tuned adapters: load them beside the frozen weights, then fold them in
+                add_adapters(model, **lora)
             full = {"model": model.state_dict()}
             dcp.load(full, storage_reader=SafeFileSystemReader(tmp_dir), no_dist=True)
             model.load_state_dict(full["model"])
+            model = merge(model) if lora else model
             model.eval()
     finally:
         if dist.is_initialized():

@@ -225,15 +225,17 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+    def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True, load_rng: bool = True,
+             skip=None) -> dict:
         """Load into the (possibly parallelised) model parts and optimizers; return trainer_state. Inference passes
-        ``load_rng=False``: the RNG state matters only to a resumed training run."""
+        ``load_rng=False``: the RNG state matters only to a resumed training run. ``skip(name)``: model entries the
+        checkpoint does not hold and that keep their value (LoRA adapters when fine-tuning starts)."""
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint not found: {path}")
         # The metadata is a pickle: read it through the allow-list first (a crafted file is refused here, in one
         # line naming it), and let DCP read it the same way, never with plain pickle.load.
         load_metadata(os.path.join(path, ".metadata"))
-        state = {"model": _model_sd(model_parts)}
+        state = {"model": {k: v for k, v in _model_sd(model_parts).items() if skip is None or not skip(k)}}
         if load_optimizer:
             state["optim"] = _optim_sd(model_parts, optimizers)
         dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))

@@ -261,6 +261,15 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class LoRAConfig:
+    rank: int = opt(0, "LoRA adapters of this rank on the blocks' target linears; everything else is frozen "
+                       "(0: off). Merged into the weights by eval, generate and export_hf (llmforge/lora.py)")
+    alpha: float = opt(16.0, "LoRA scale: the update is (alpha / rank) B A")
+    targets: list[str] = opt(["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+                             "linear layers of each block that get adapters (attention wq wk wv wo, MLP w1 w2 w3)")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     steps: int = opt(100, "optimizer steps to run")
     global_batch_size: int = opt(8, "sequences per optimizer step, summed over all data-parallel ranks")
@@ -289,6 +298,7 @@ class TrainConfig:
                              "or a Hugging Face folder; the model shape comes from it (llmforge/sft.py)")
     freeze: list[str] = opt([], "parameter groups kept fixed: embeddings | head (final norm + output) | blocks:K "
                                 "(the first K blocks) | block:I")
+    lora: LoRAConfig = opt(LoRAConfig(), "low-rank adapters (LoRA)")
 
 
 @dataclasses.dataclass
@@ -400,6 +410,13 @@ class RunConfig:
         need(self.eval.interval >= 0 and self.eval.limit >= 0, "eval.interval/eval.limit", "must be >= 0")
         need(self.eval.num_fewshot >= -1, "eval.num_fewshot", "must be >= 0, or -1 for each task's default")
         need(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        need(t.lora.rank >= 0, "train.lora.rank", "must be >= 0")
+        need(t.lora.alpha > 0, "train.lora.alpha", "must be > 0")
+        bad = sorted(set(t.lora.targets) - {"wq", "wk", "wv", "wo", "w1", "w2", "w3"})
+        need(not bad and (t.lora.targets or not t.lora.rank), "train.lora.targets",
+             f"{bad or 'empty'}: choose from wq, wk, wv, wo, w1, w2, w3")
+        need(not t.lora.rank or p.tp == 1, "train.lora.rank", "LoRA adapters are not tensor-parallel: use "
+             "parallel.tp=1 (data parallel, ZeRO and pipeline stages all work)")
         for name in t.freeze:
             need(re.fullmatch(r"embeddings|head|blocks:\d+|block:\d+", name) is not None, "train.freeze",
                  f"unknown group {name!r}; valid: embeddings, head, blocks:K (the first K), block:I")

@@ -76,14 +76,17 @@ def file_sha256(path: str | None) -> str | None:
 
 
 def fingerprint(cfg, plan) -> dict:
-    """Everything that must not change when a run resumes: the model shape, the sequence length, the tokenizer
-    (by content), the data blend and its weights, the seed and the data backend."""
+    """Everything that must not change when a run resumes: the model shape (LoRA adapters included), the sequence
+    length, the tokenizer (by content), the data blend and its weights, the seed and the data backend."""
     m = plan.margs
     fp = {f"model.{k}": getattr(m, k) for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                  "vocab_size", "rope_theta", "norm_eps", "tie_embeddings")}
     fp.update({"data.seq_len": cfg.data.seq_len, "data.backend": cfg.data.backend, "seed": cfg.seed,
                "data.paths": [os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths],
                "data.weights": cfg.data.weights, "tokenizer": file_sha256(plan.tok_path)})
+    lora = cfg.train.lora  # the adapters are part of the model (their shapes are in the checkpoints)
+    fp.update({"train.lora.rank": lora.rank, "train.lora.alpha": lora.alpha,
+               "train.lora.targets": sorted(lora.targets)})
     return fp
 
 

@@ -2,7 +2,8 @@
 
 Shared by ``llmforge.eval``, ``llmforge.generate`` and ``llmforge.export_hf``. The checkpoint is read with DCP
 into one unsharded model in this process, so a checkpoint saved by any layout (DDP, FSDP2, TP, PP) loads: DCP
-reshards by parameter name. Problems raise :class:`RunLoadError`, whose message is one printable line.
+reshards by parameter name. LoRA adapters (``train.lora``) are loaded and merged into the weights. Problems raise
+:class:`RunLoadError`, whose message is one printable line.
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
     except ValueError as e:
         raise RunLoadError(f"{run_dir}/config.yaml: {e}") from None
     model = empty_model(args)
+    lora = cfg.train.lora
+    if lora.rank:  # the checkpoint holds the adapters beside the frozen weights: load both, then fold them in
+        from llmforge.lora import add_adapters
+        add_adapters(model, lora.rank, lora.alpha, lora.targets)
     ensure_process_group()
     try:  # model weights only: a checkpoint's optimizer state is not needed for inference
         state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False,
@@ -105,6 +110,9 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
             raise RunLoadError(str(e)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
+    if lora.rank:
+        from llmforge.lora import merge
+        merge(model)
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, int(state.get("step", 0)))
 

@@ -28,6 +28,9 @@ from the source and written back into ``model.*`` so the run's config.yaml rebui
 ``train.freeze``: ``embeddings`` (token and position embeddings), ``head`` (final norm and output projection),
 ``blocks:K`` (the first K transformer blocks), ``block:I`` (block I). With tied embeddings, ``embeddings`` and
 ``head`` share the one matrix. Frozen parameters get no gradient and no optimizer state and stay bit-identical.
+
+``train.lora.rank``: LoRA adapters on the blocks' linears, everything else frozen (llmforge/lora.py); the
+pretrained weights load by name and the adapters start at zero effect.
 """
 from __future__ import annotations
 
@@ -187,11 +190,16 @@ def load_init_weights(parts, src: str) -> str:
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         return path
     from llmforge.checkpoint import Checkpointer, newest_complete
+    from llmforge.run_loading import run_config
+    if run_config(src).train.lora.rank:
+        raise ConfigError(f"train.init_from={src}: that run trained LoRA adapters; start from its export "
+                          f"(python -m llmforge.export_hf {src} OUT merges them), train.init_from=OUT")
     root = os.path.join(src, "checkpoints")
     path = newest_complete(root, log=lambda m: None)
     if path is None:
         raise ConfigError(f"train.init_from: no complete checkpoint under {root}")
-    Checkpointer(root, rank=dist.get_rank()).load(path, parts, [], load_optimizer=False, load_rng=False)
+    Checkpointer(root, rank=dist.get_rank()).load(path, parts, [], load_optimizer=False, load_rng=False,
+                                                  skip=lambda name: name.endswith((".lora_a", ".lora_b")))
     return path
 
 

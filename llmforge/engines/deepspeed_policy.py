@@ -51,6 +51,10 @@ KEY_POLICY: dict[str, tuple] = {
                         "weights load there through train.init_from=RUN_DIR)"),
     "train.freeze": ("refused", lambda c: bool(c.train.freeze), "freezing parameter groups is native-only for now; "
                      "use engine=native"),
+    "train.lora.rank": ("refused", lambda c: c.train.lora.rank > 0, "LoRA adapters are native-only for now; use "
+                        "engine=native"),
+    "train.lora.alpha": ("honoured", "only read with train.lora.rank>0, which is refused"),
+    "train.lora.targets": ("honoured", "only read with train.lora.rank>0, which is refused"),
     "parallel.compile": ("honoured", "torch.compile of each block before deepspeed.initialize"),
     "checkpoint.interval": ("honoured", SHARED), "checkpoint.keep": ("honoured", "old step_N tags removed"),
     "checkpoint.resume": ("honoured", "load_checkpoint of the `latest` tag"),

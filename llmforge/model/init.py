@@ -10,7 +10,7 @@ tensor's slice bit for bit (on the same device type).
 
 The distributions are the model's (``Transformer.init_weights``): normal(0.02) for embeddings and input
 projections, 0.02/sqrt(2L) for the residual output projections (wo, w2), 0.01 for GPT-2 positions, dim^-0.5 for
-an untied output head, ones/zeros for norms and biases.
+an untied output head, ones/zeros for norms and biases; LoRA adapters: A normal(1/sqrt(fan in)), B zeros.
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def init_spec(name: str, args: ModelArgs) -> tuple[str, float]:
     """("normal", std) | ("ones", 0) | ("zeros", 0) for a parameter of the plain model, by name."""
     name = canonical_name(name)
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or name.endswith("_norm.bias") or name == "norm.bias":
+    if leaf == "bias" or name.endswith("_norm.bias") or name == "norm.bias" or leaf == "lora_b":
         return "zeros", 0.0
+    if leaf == "lora_a":  # LoRA's down projection (llmforge/lora.py): std 1/sqrt(fan in) of its layer
+        layer = name.rsplit(".", 2)[-2]
+        return "normal", {"w2": args.ffn_dim, "wo": args.n_heads * args.head_dim}.get(layer, args.dim) ** -0.5
     if "norm" in name.rsplit(".", 2)[-2]:  # attention_norm / ffn_norm / norm weights
         return "ones", 0.0
     if name == "tok_embeddings.weight":

@@ -33,6 +33,10 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     schedule; with ``device`` = meta (the dry run) nothing is allocated and DDP is not wrapped."""
     p = cfg.parallel
     frozen = set()
+    if cfg.train.lora.rank:  # before freeze / PP split / FSDP / DDP: the adapters are parameters like any other
+        from llmforge.lora import add_adapters
+        lora = cfg.train.lora
+        add_adapters(model, lora.rank, lora.alpha, lora.targets, seed=cfg.seed)
     if cfg.train.freeze:  # before PP split / TP / FSDP / DDP, which keep requires_grad (llmforge/sft.py)
         from llmforge.sft import freeze
         frozen = set(freeze(model, cfg.train.freeze))

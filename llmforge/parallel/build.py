@@ -169,6 +169,8 @@ def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
             if local.numel() == 0:
                 continue
             idx, key = local_index(p), canonical_name(name)
+            if key.endswith((".lora_a", ".lora_b")):  # LoRA adapters (llmforge/lora.py) keep their initial value
+                continue
             if lazy:
                 value = reader.read(key, idx.get(0))
             else:

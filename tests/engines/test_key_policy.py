@@ -17,6 +17,7 @@ REFUSED_EXAMPLES = {
     "checkpoint.async_save": ["checkpoint.async_save=true"],
     "train.init_from": ["train.init_from=runs/x"],
     "train.freeze": ["train.freeze=[embeddings]"],
+    "train.lora.rank": ["train.lora.rank=4"],
     "eval.tasks": ["eval.tasks=[sample_valid_bpb]"],
 }
 
