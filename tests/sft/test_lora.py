@@ -54,7 +54,8 @@ def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(sft_env, pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,layout", [("ddp2", []), ("zero3", ["parallel.zero_stage=3"]),
+@pytest.mark.parametrize("name,layout", [("ddp2", []), ("zero1", ["parallel.zero_stage=1"]),
+                                         ("zero3", ["parallel.zero_stage=3"]),
                                          ("pp2", ["parallel.pp=2", "parallel.pp_schedule=1F1B"])])
 def test_lora_layout_equals_one_process(sft_env, pre_run, lora_ref, tmp_path, name, layout):
     ref_dir, (ref_loss, ref_val) = lora_ref
