@@ -201,6 +201,12 @@ class Reader:
         if len(text) > self.cfg.max_doc_chars:
             return self._bad(where, f"document of {len(text)} characters exceeds input.max_doc_chars="
                                     f"{self.cfg.max_doc_chars}")
+        if not text.isascii():
+            try:  # JSON may escape half of a surrogate pair ("\ud800"): not a character, and no encoder takes it
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return self._bad(where, f"text holds an unpaired surrogate (U+{ord(text[e.start]):04X}) at character "
+                                        f"{e.start}: not valid Unicode")
         if len(text.strip()) < self.cfg.min_doc_chars:
             self.stats["empty"] += 1
             return None

@@ -37,6 +37,8 @@ CASES = {
     "invalid_utf8": ("bad.jsonl", lambda: _good() + [b'{"text": "caf\xe9 ok"}'], "", "bad.jsonl:4: invalid UTF-8"),
     "broken_json": ("bad.jsonl", lambda: _good(2) + [b'{"text": "unterminated'] + _good(1), "",
                     "bad.jsonl:3: broken JSON"),
+    "lone_surrogate": ("bad.jsonl.gz", lambda: _good(2) + [b'{"text": "half a pair \\ud83d here"}'], "gz",
+                       "bad.jsonl.gz:3: text holds an unpaired surrogate (U+D83D) at character 12"),
     "missing_text": ("bad.jsonl", lambda: _good(1) + [b'{"body": "x"}'], "", "bad.jsonl:2: missing text field 'text'"),
     "not_a_string": ("bad.jsonl", lambda: [b'{"text": 5}'], "", "bad.jsonl:1: text field 'text' is int"),
     "huge_doc": ("bad.jsonl", lambda: _good(1) + [json.dumps({"text": "word " * 3000}).encode()], "",
