@@ -118,13 +118,12 @@ _ENCODER: dict = {}  # this worker's cached encoder: its words carry over from t
 def make_encoder(sp, dtype, cache_words: int, threads: int):
     """``encode(texts) -> [ids as bytes of dtype]``: the word cache (encode_cache.py) when the model allows it,
     else sentencepiece document by document. Exactly ``sp.encode`` either way."""
-    why = not_cacheable(sp) if cache_words > 0 else "tokenizer.encode_cache_words=0"
-    if why:
-        return lambda texts: [np.asarray(a, dtype=dtype).tobytes() for a in encode_ids(sp, texts, threads)], why
+    if cache_words <= 0 or not_cacheable(sp):
+        return lambda texts: [np.asarray(a, dtype=dtype).tobytes() for a in encode_ids(sp, texts, threads)]
     key = (xxhash.xxh64_hexdigest(sp.serialized_model_proto()), np.dtype(dtype).str, cache_words)
     if _ENCODER.get("key") != key:
         _ENCODER.update(key=key, encoder=CachedEncoder(sp, dtype, cache_words))
-    return _ENCODER["encoder"].encode, ""
+    return _ENCODER["encoder"].encode
 
 
 def assemble(encoded: list[bytes], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +136,7 @@ def assemble(encoded: list[bytes], eos: int, dtype) -> tuple[np.ndarray, np.ndar
 
 
 def encode_block(sp, texts: list[str], eos: int, dtype, threads: int = 1, cache_words: int = 0):
-    encode, _ = make_encoder(sp, dtype, cache_words, threads)
-    return assemble(encode(texts), eos, dtype)
+    return assemble(make_encoder(sp, dtype, cache_words, threads)(texts), eos, dtype)
 
 
 def batches(docs, max_docs: int, max_chars: int = BATCH_CHARS):
@@ -161,7 +159,7 @@ def tokenize_task(ctx, rank: int) -> dict:
     eos = sp.eos_id()
     dtype = token_dtype(sp.vocab_size())
     threads = 1 if cfg.workers > 1 else -1  # processes already use the cores; one worker uses every thread
-    encode, _ = make_encoder(sp, dtype, cfg.tokenizer.encode_cache_words, threads)
+    encode = make_encoder(sp, dtype, cfg.tokenizer.encode_cache_words, threads)
     writers = {s: ShardWriter(task_shard_prefix(ctx.work, s, rank), dtype) for s in ("train", "valid")}
     ids_out = {s: [] for s in writers}
     stats = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in writers}

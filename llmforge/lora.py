@@ -22,6 +22,11 @@ import torch.nn.functional as F
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA adapter's (a pretrained checkpoint or HF folder never holds one)."""
+    return name.endswith((".lora_a", ".lora_b"))
+
+
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` with ``lora_a``/``lora_b`` beside its weight (made by ``add_adapters``, not constructed)."""
     lora_a: nn.Parameter
@@ -68,14 +73,21 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets=TARGETS, see
 
 
 def adapter_spec(model_parts) -> dict | None:
-    """``{rank, alpha, targets}`` of the adapters in these (possibly parallelised) parts, or None."""
+    """``{rank, alpha, targets}`` of the adapters in these (possibly parallelised) parts, or None. Collective when
+    a process group is up: a pipeline rank whose stages hold no block learns it from the others."""
+    import torch.distributed as dist
     targets, spec = set(), None
     for part in model_parts:
         for name, sub in part.named_modules():
             if isinstance(sub, LoRALinear):
                 spec = {"rank": sub.lora_rank, "alpha": sub.lora_alpha}
                 targets.add(name.rsplit(".", 1)[-1])
-    return None if spec is None else {**spec, "targets": sorted(targets)}
+    spec = None if spec is None else {**spec, "targets": sorted(targets)}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        specs = [None] * dist.get_world_size()
+        dist.all_gather_object(specs, spec)
+        spec = next((s for s in specs if s is not None), None)
+    return spec
 
 
 @torch.no_grad()

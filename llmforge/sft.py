@@ -190,6 +190,7 @@ def load_init_weights(parts, src: str) -> str:
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         return path
     from llmforge.checkpoint import Checkpointer, newest_complete
+    from llmforge.lora import is_adapter
     from llmforge.run_loading import run_config
     if run_config(src).train.lora.rank:
         raise ConfigError(f"train.init_from={src}: that run trained LoRA adapters; start from its export "
@@ -199,7 +200,7 @@ def load_init_weights(parts, src: str) -> str:
     if path is None:
         raise ConfigError(f"train.init_from: no complete checkpoint under {root}")
     Checkpointer(root, rank=dist.get_rank()).load(path, parts, [], load_optimizer=False, load_rng=False,
-                                                  skip=lambda name: name.endswith((".lora_a", ".lora_b")))
+                                                  skip=is_adapter)
     return path
 
 

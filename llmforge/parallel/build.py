@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import _get_shard_size_and_offsets
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from llmforge.lora import is_adapter
 from llmforge.model.blocks import rope_tables
 from llmforge.model.init import canonical_name, fill_, init_full_model
 from llmforge.model.transformer import Transformer
@@ -169,7 +170,7 @@ def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
             if local.numel() == 0:
                 continue
             idx, key = local_index(p), canonical_name(name)
-            if key.endswith((".lora_a", ".lora_b")):  # LoRA adapters (llmforge/lora.py) keep their initial value
+            if is_adapter(key):  # LoRA adapters (llmforge/lora.py) keep their initial value
                 continue
             if lazy:
                 value = reader.read(key, idx.get(0))

@@ -20,13 +20,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def lora_ref(sft_env, pre_run, tmp_path_factory):
+def lora_eval(tmp_path_factory) -> list[str]:
+    """An in-training benchmark (eval.tasks) at the end of the run: it scores the gathered, merged adapters."""
+    pytest.importorskip("lm_eval")
+    from tests.benchmarks.conftest import write_text_task
+    folder = write_text_task(str(tmp_path_factory.mktemp("lora_tasks")), "lora_text",
+                             ["amber basil cedar dune", "reverse these words please", "maple nectar onyx pine"])
+    return ["eval.tasks=[lora_text]", f"eval.include_paths=[{folder}]"]
+
+
+@pytest.fixture(scope="module")
+def lora_ref(sft_env, pre_run, lora_eval, tmp_path_factory):
     run = train(str(tmp_path_factory.mktemp("lora") / "run"), SFT, *_args(sft_env, pre_run, *LORA,
-                                                                           "checkpoint.interval=4"))
+                                                                           "checkpoint.interval=4", *lora_eval))
     return run, _metrics(run)
 
 
-def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(sft_env, pre_run, lora_ref, tmp_path):
+def _benchmark(run_dir: str) -> float:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    return [r["lora_text/bits_per_byte"] for r in rows if "lora_text/bits_per_byte" in r][-1]
+
+
+def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(pre_run, lora_eval, lora_ref, tmp_path):
     from llmforge.lora import add_adapters, merge
     from llmforge.run_loading import load_run
     run, (loss, _) = lora_ref
@@ -44,7 +59,9 @@ def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(sft_env, pr
     add_adapters(adapted, 4, 8.0)
     adapted.load_state_dict(after)
     tokens = torch.randint(0, merged.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    from llmforge.benchmarks import unsharded_copy  # what in-training benchmarks (eval.tasks) score
+    from llmforge.benchmarks import run_tasks_on_model, unsharded_copy  # what in-training benchmarks score
+    scored = run_tasks_on_model(merged, load_run(run).tokenizer, ["lora_text"], lora_eval[1].split("=[")[1][:-1])
+    assert _benchmark(run) == pytest.approx(scored["lora_text/bits_per_byte"], rel=1e-6)
     gathered = unsharded_copy([adapted], adapted.args, str(tmp_path / "gather"))
     with torch.no_grad():
         want = adapted(tokens)
@@ -57,16 +74,17 @@ def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(sft_env, pr
 @pytest.mark.parametrize("name,layout", [("ddp2", []), ("zero1", ["parallel.zero_stage=1"]),
                                          ("zero3", ["parallel.zero_stage=3"]),
                                          ("pp2", ["parallel.pp=2", "parallel.pp_schedule=1F1B"])])
-def test_lora_layout_equals_one_process(sft_env, pre_run, lora_ref, tmp_path, name, layout):
+def test_lora_layout_equals_one_process(sft_env, pre_run, lora_eval, lora_ref, tmp_path, name, layout):
     ref_dir, (ref_loss, ref_val) = lora_ref
     run = train(str(tmp_path / name), SFT, *_args(sft_env, pre_run, *LORA, "checkpoint.interval=4",
-                                                  "train.micro_batch_size=2", *layout), nproc=2)
+                                                  "train.micro_batch_size=2", *lora_eval, *layout), nproc=2)
     loss, val = _metrics(run)
     assert max_rel(loss, ref_loss) <= 1e-5, (loss, ref_loss)
     assert max_rel(val, ref_val) <= 1e-5, (val, ref_val)
     got, want = final_params(run), final_params(ref_dir)
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    assert _benchmark(run) == pytest.approx(_benchmark(ref_dir), rel=1e-5)
 
 
 def test_resume_refusals_and_export(sft_env, pre_run, lora_ref, tmp_path):
