@@ -144,6 +144,9 @@ def resolve_init_from(cfg, tok_path: str | None):
             src_cfg = run_config(src)
         except RunLoadError as e:
             raise ConfigError(f"train.init_from: {e} (nor a Hugging Face folder: no config.json)") from None
+        if src_cfg.train.lora.rank:  # its checkpoints hold unmerged adapters
+            raise ConfigError(f"train.init_from={src}: that run trained LoRA adapters; start from its export "
+                              f"(python -m llmforge.export_hf {src} OUT merges them), train.init_from=OUT")
         tok = os.path.join(src, "tokenizer.model")
         vocab = None
         if os.path.isfile(tok):
@@ -191,10 +194,6 @@ def load_init_weights(parts, src: str) -> str:
         return path
     from llmforge.checkpoint import Checkpointer, newest_complete
     from llmforge.lora import is_adapter
-    from llmforge.run_loading import run_config
-    if run_config(src).train.lora.rank:
-        raise ConfigError(f"train.init_from={src}: that run trained LoRA adapters; start from its export "
-                          f"(python -m llmforge.export_hf {src} OUT merges them), train.init_from=OUT")
     root = os.path.join(src, "checkpoints")
     path = newest_complete(root, log=lambda m: None)
     if path is None:
