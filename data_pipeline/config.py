@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmforge.config import ConfigError, load_config, opt  # noqa: F401  (re-exported for the CLI)
+from llmforge.config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
 
 STEP_NAMES = ("clean", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb")
 
@@ -25,33 +25,33 @@ class InputConfig:
     hf_split: str = opt("train", "split for hf_dataset / load_from_disk DatasetDicts")
     hf_streaming: bool = opt(True, "stream hf_dataset instead of downloading it first")
     on_error: str = opt("fail", "fail: stop at a bad record naming file:line | skip: count it under 'read_errors'")
-    max_doc_chars: int = opt(5_000_000, "a document longer than this is a bad record (on_error decides)")
-    min_doc_chars: int = opt(1, "shorter documents (after reading) are dropped and counted as 'empty'")
+    max_doc_chars: int = opt(5_000_000, "a document longer than this is a bad record (on_error decides)", ge=1)
+    min_doc_chars: int = opt(1, "shorter documents (after reading) are dropped and counted as 'empty'", ge=0)
     task_mb: float = opt(32.0, "with tasks=0: one task per this many MB of a plain jsonl or parquet file (split "
-                               "by byte range / row group), plus one per other file; at most 64")
+                               "by byte range / row group), plus one per other file; at most 64", gt=0)
 
 
 @dataclasses.dataclass
 class CleanConfig:
     enabled: bool = opt(True, "Unicode NFC, control characters removed, whitespace normalised")
     normalization: str = opt("NFC", "unicodedata form: NFC | NFKC | none")
-    max_blank_lines: int = opt(1, "collapse runs of blank lines to at most this many")
+    max_blank_lines: int = opt(1, "collapse runs of blank lines to at most this many", ge=0)
 
 
 @dataclasses.dataclass
 class LengthConfig:
     enabled: bool = opt(True, "drop documents outside character / word bounds")
-    min_chars: int = opt(200, "fewer characters -> removed (rule length.min_chars)")
-    max_chars: int = opt(1_000_000, "more characters -> removed (rule length.max_chars)")
-    min_words: int = opt(0, "fewer whitespace words -> removed (0: off)")
+    min_chars: int = opt(200, "fewer characters -> removed (rule length.min_chars)", ge=0)
+    max_chars: int = opt(1_000_000, "more characters -> removed (rule length.max_chars)", ge=1)
+    min_words: int = opt(0, "fewer whitespace words -> removed (0: off)", ge=0)
 
 
 @dataclasses.dataclass
 class LangConfig:
     enabled: bool = opt(True, "language ID with langid (offline model from the PyPI package)")
     languages: list[str] = opt(["en"], "ISO 639-1 codes to keep (empty: keep all, only annotate)")
-    min_score: float = opt(0.65, "normalised langid probability below this -> removed")
-    max_chars: int = opt(2000, "classify only this many leading characters (speed)")
+    min_score: float = opt(0.65, "normalised langid probability below this -> removed", ge=0, le=1)
+    max_chars: int = opt(2000, "classify only this many leading characters (speed)", ge=1)
 
 
 @dataclasses.dataclass
@@ -59,13 +59,13 @@ class GopherRepetitionConfig:
     enabled: bool = opt(True, "Gopher repetition rules (Rae et al. 2021, datatrove defaults)")
     words: str = opt("whitespace", "words of the n-gram rules: whitespace | datatrove (the words datatrove 0.10.1 "
                                    "counts, for identical decisions; see filters/word_split.py)")
-    dup_line_frac: float = opt(0.30, "duplicate lines / lines")
-    dup_para_frac: float = opt(0.30, "duplicate paragraphs / paragraphs")
-    dup_line_char_frac: float = opt(0.20, "characters in duplicate lines / characters")
-    dup_para_char_frac: float = opt(0.20, "characters in duplicate paragraphs / characters")
-    top_n_grams: dict = opt({2: 0.20, 3: 0.18, 4: 0.16}, "n -> max character fraction of the top n-gram")
+    dup_line_frac: float = opt(0.30, "duplicate lines / lines", ge=0, le=1)
+    dup_para_frac: float = opt(0.30, "duplicate paragraphs / paragraphs", ge=0, le=1)
+    dup_line_char_frac: float = opt(0.20, "characters in duplicate lines / characters", ge=0, le=1)
+    dup_para_char_frac: float = opt(0.20, "characters in duplicate paragraphs / characters", ge=0, le=1)
+    top_n_grams: dict = opt({2: 0.20, 3: 0.18, 4: 0.16}, "n -> max character fraction of the top n-gram", ge=0, le=1)
     dup_n_grams: dict = opt({5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-                            "n -> max character fraction covered by duplicated n-grams")
+                            "n -> max character fraction covered by duplicated n-grams", ge=0, le=1)
 
 
 @dataclasses.dataclass
@@ -73,15 +73,15 @@ class GopherQualityConfig:
     enabled: bool = opt(True, "Gopher quality rules (Rae et al. 2021)")
     words: str = opt("whitespace", "words counted by the rules: whitespace | datatrove (the words datatrove 0.10.1 "
                                    "counts, for identical decisions; see filters/word_split.py)")
-    min_words: int = opt(50, "fewer non-symbol words -> removed")
-    max_words: int = opt(100_000, "more non-symbol words -> removed")
-    min_avg_word_length: float = opt(3.0, "mean word length bounds")
-    max_avg_word_length: float = opt(10.0, "mean word length bounds")
-    max_symbol_word_ratio: float = opt(0.10, "'#' and ellipsis count / words")
-    max_bullet_lines_ratio: float = opt(0.90, "lines starting with a bullet / lines")
-    max_ellipsis_lines_ratio: float = opt(0.30, "lines ending with an ellipsis / lines")
-    min_alpha_words_ratio: float = opt(0.80, "words with an alphabetic character / words")
-    min_stop_words: int = opt(2, "at least this many distinct words of {the, be, to, of, and, that, have, with}")
+    min_words: int = opt(50, "fewer non-symbol words -> removed", ge=0)
+    max_words: int = opt(100_000, "more non-symbol words -> removed", ge=0)
+    min_avg_word_length: float = opt(3.0, "mean word length bounds", ge=0)
+    max_avg_word_length: float = opt(10.0, "mean word length bounds", ge=0)
+    max_symbol_word_ratio: float = opt(0.10, "'#' and ellipsis count / words", ge=0)
+    max_bullet_lines_ratio: float = opt(0.90, "lines starting with a bullet / lines", ge=0, le=1)
+    max_ellipsis_lines_ratio: float = opt(0.30, "lines ending with an ellipsis / lines", ge=0, le=1)
+    min_alpha_words_ratio: float = opt(0.80, "words with an alphabetic character / words", ge=0, le=1)
+    min_stop_words: int = opt(2, "at least this many distinct words of {the, be, to, of, and, that, have, with}", ge=0)
 
 
 @dataclasses.dataclass
@@ -90,14 +90,14 @@ class C4Config:
     words: str = opt("whitespace", "sentence counting: whitespace (a period, ? or ! before a space) | datatrove "
                                    "(datatrove 0.10.1's spaCy sentencizer, for identical decisions)")
     terminal_punct: bool = opt(True, "drop lines not ending in . ? ! \" '")
-    min_words_per_line: int = opt(3, "drop lines with fewer words")
-    max_word_length: int = opt(1000, "drop lines containing a longer word")
+    min_words_per_line: int = opt(3, "drop lines with fewer words", ge=0)
+    max_word_length: int = opt(1000, "drop lines containing a longer word", ge=1)
     javascript: bool = opt(True, "drop lines mentioning javascript")
     policy: bool = opt(True, "drop cookie / privacy / terms-of-use lines")
     remove_citations: bool = opt(True, "strip [1], [edit], [citation needed]")
     lorem_ipsum: bool = opt(True, "drop documents containing 'lorem ipsum'")
     curly_bracket: bool = opt(True, "drop documents containing '{' (the published rule; it also removes most code)")
-    min_sentences: int = opt(5, "drop documents with fewer sentences after line filtering")
+    min_sentences: int = opt(5, "drop documents with fewer sentences after line filtering", ge=0)
 
 
 @dataclasses.dataclass
@@ -105,11 +105,11 @@ class FineWebConfig:
     enabled: bool = opt(True, "FineWeb quality rules (Penedo et al. 2024)")
     words: str = opt("datatrove", "words of new_line_ratio: datatrove (as FineWeb's reference implementation "
                                   "counts them) | whitespace (faster)")
-    line_punct_thr: float = opt(0.12, "min fraction of lines ending in terminal punctuation")
-    short_line_length: int = opt(30, "a line this short or shorter counts as short")
-    short_line_thr: float = opt(0.67, "max fraction of short lines")
-    char_dup_ratio: float = opt(0.01, "max fraction of characters in duplicated lines")
-    new_line_ratio: float = opt(0.30, "max newlines per word")
+    line_punct_thr: float = opt(0.12, "min fraction of lines ending in terminal punctuation", ge=0, le=1)
+    short_line_length: int = opt(30, "a line this short or shorter counts as short", ge=0)
+    short_line_thr: float = opt(0.67, "max fraction of short lines", ge=0, le=1)
+    char_dup_ratio: float = opt(0.01, "max fraction of characters in duplicated lines", ge=0, le=1)
+    new_line_ratio: float = opt(0.30, "max newlines per word", ge=0)
 
 
 @dataclasses.dataclass
@@ -120,13 +120,13 @@ class ExactDedupConfig:
 @dataclasses.dataclass
 class MinHashConfig:
     enabled: bool = opt(True, "MinHash LSH near-duplicate removal (datasketch, xxh64, scheme affine64)")
-    ngram: int = opt(5, "word n-gram shingle size")
-    bands: int = opt(14, "LSH bands (14 x 8: S-curve threshold ~0.72)")
-    rows: int = opt(8, "hashes per band")
-    seed: int = opt(1, "MinHash permutation seed")
+    ngram: int = opt(5, "word n-gram shingle size", ge=1)
+    bands: int = opt(14, "LSH bands (14 x 8: S-curve threshold ~0.72)", ge=1)
+    rows: int = opt(8, "hashes per band", ge=1)
+    seed: int = opt(1, "MinHash permutation seed", ge=0, le=2**32 - 1)
     verify: bool = opt(False, "drop candidate pairs whose exact shingle Jaccard < threshold (memory ~ candidates)")
-    threshold: float = opt(0.7, "Jaccard threshold for verification and the precision estimate")
-    precision_sample: int = opt(200, "candidate pairs checked exactly to estimate LSH precision (0: off)")
+    threshold: float = opt(0.7, "Jaccard threshold for verification and the precision estimate", ge=0, le=1)
+    precision_sample: int = opt(200, "candidate pairs checked exactly to estimate LSH precision (0: off)", ge=0)
 
 
 @dataclasses.dataclass
@@ -135,31 +135,33 @@ class DedupConfig:
     minhash: MinHashConfig = opt(MinHashConfig(), "near dedup")
     write_clusters: bool = opt(True, "write work/dedup/clusters.jsonl.zst (member ids per duplicate cluster)")
     cluster_tasks: int = opt(0, "bucket tasks, each a range of bucket keys (partitioned union-find, then one "
-                                "merge); 0: one per dedup.cluster_task_mb of input, at most 64. No output depends on it")
-    cluster_task_mb: float = opt(1000.0, "with cluster_tasks=0: MB of input (on disk) per bucket task")
+                                "merge); 0: one per dedup.cluster_task_mb of input, at most 64. No output depends on it",
+                             ge=0)
+    cluster_task_mb: float = opt(1000.0, "with cluster_tasks=0: MB of input (on disk) per bucket task", gt=0)
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    vocab_size: int = opt(4096, "sentencepiece vocabulary size (ids unk=0 bos=1 eos=2 pad=3)")
+    vocab_size: int = opt(4096, "sentencepiece vocabulary size (ids unk=0 bos=1 eos=2 pad=3)", ge=1)
     model_type: str = opt("bpe", "bpe | unigram")
     model_path: str = opt("", "use this existing .model instead of training one")
-    sample_bytes: int = opt(20_000_000, "train on a deterministic sample of about this many bytes of kept text")
-    character_coverage: float = opt(0.9995, "sentencepiece character_coverage (byte_fallback covers the rest)")
-    max_sentence_length: int = opt(8192, "longer training lines are skipped by sentencepiece")
-    seed: int = opt(0, "seed of the training-sample hash")
+    sample_bytes: int = opt(20_000_000, "train on a deterministic sample of about this many bytes of kept text", ge=1)
+    character_coverage: float = opt(0.9995, "sentencepiece character_coverage (byte_fallback covers the rest)",
+                                    gt=0, le=1)
+    max_sentence_length: int = opt(8192, "longer training lines are skipped by sentencepiece", ge=1)
+    seed: int = opt(0, "seed of the training-sample hash", ge=0, le=2**32 - 1)
     encode_cache_words: int = opt(1 << 18, "tokenize stage: words whose ids each worker keeps (encoded once, "
                                            "then copied: data_pipeline/encode_cache.py; the ids are exactly "
                                            "sentencepiece's). About 150 B each (40 MB at the default); 0: "
-                                           "sentencepiece on every document")
+                                           "sentencepiece on every document", ge=0)
 
 
 @dataclasses.dataclass
 class ShardConfig:
-    target_mb: float = opt(256.0, "start a new .bin after about this many megabytes of tokens")
-    valid_fraction: float = opt(0.005, "documents whose id hashes below this fraction go to valid-*")
-    split_seed: int = opt(0, "seed of the validation-split hash")
-    batch_docs: int = opt(256, "tokenize stage: documents encoded and written per batch")
+    target_mb: float = opt(256.0, "start a new .bin after about this many megabytes of tokens", gt=0)
+    valid_fraction: float = opt(0.005, "documents whose id hashes below this fraction go to valid-*", ge=0, lt=1)
+    split_seed: int = opt(0, "seed of the validation-split hash", ge=0, le=2**32 - 1)
+    batch_docs: int = opt(256, "tokenize stage: documents encoded and written per batch", ge=1)
 
 
 @dataclasses.dataclass
@@ -171,21 +173,21 @@ class SFTConfig:
     system_key: str = opt("system", "optional system-message field in {prompt, response} rows")
     messages_key: str = opt("messages", "field of [{role: system|user|assistant, content}] in chat rows")
     max_tokens: int = opt(0, "a conversation longer than this many tokens is a bad row (on_error) unless "
-                             "truncation=right (0: no limit; use the trainer's data.seq_len + 1)")
+                             "truncation=right (0: no limit; use the trainer's data.seq_len + 1)", ge=0)
     truncation: str = opt("none", "none | right: cut at max_tokens (a row left without response tokens is bad)")
 
 
 @dataclasses.dataclass
 class SlurmConfig:
     partition: str = opt("", "sbatch --partition (empty: the cluster default)")
-    cpus_per_task: int = opt(1, "sbatch --cpus-per-task")
+    cpus_per_task: int = opt(1, "sbatch --cpus-per-task", ge=1)
     mem: str = opt("", "sbatch --mem, e.g. 8G (empty: default)")
     time: str = opt("", "sbatch --time, e.g. 02:00:00 (empty: default)")
-    max_parallel: int = opt(0, "array throttle %N (0: none)")
+    max_parallel: int = opt(0, "array throttle %N (0: none)", ge=0)
     extra_args: list[str] = opt([], "more sbatch arguments, passed as separate argv items")
     python: str = opt("", "python interpreter for the tasks (empty: the one submitting)")
     wait: bool = opt(True, "poll until the jobs finish, then print the summary")
-    poll_s: float = opt(2.0, "seconds between polls")
+    poll_s: float = opt(2.0, "seconds between polls", gt=0)
 
 
 @dataclasses.dataclass
@@ -193,18 +195,21 @@ class RayConfig:
     address: str = opt("", "Ray cluster: empty = RAY_ADDRESS, else a cluster started here by `ray start`, else a new "
                            "local instance with `workers` CPUs | auto (an existing cluster only) | HOST:6379 | "
                            "ray://HOST:10001 (Ray Client)")
-    num_cpus_per_task: float = opt(1.0, "CPUs Ray reserves for each task (sets how many run at once)")
-    max_retries: int = opt(3, "Ray retries of a task whose worker died (tasks are idempotent)")
-    object_store_mb: int = opt(256, "object store of a local instance started here (tasks pass only small objects)")
+    num_cpus_per_task: float = opt(1.0, "CPUs Ray reserves for each task (sets how many run at once)", gt=0)
+    max_retries: int = opt(3, "Ray retries of a task whose worker died (tasks are idempotent)", ge=0)
+    object_store_mb: int = opt(256, "object store of a local instance started here (tasks pass only small objects)",
+                               ge=75)
     log_to_driver: bool = opt(False, "stream the Ray workers' stdout/stderr to this terminal")
+    connect_timeout: float = opt(60.0, "seconds to wait for the Ray cluster at ray.address (or auto) to answer "
+                                       "before the run fails in one line naming the address", gt=0)
 
 
 @dataclasses.dataclass
 class PipelineConfig:
     output_dir: str = opt("outputs/data", "where shards/, tokenizer.model, stats.json, config.yaml and work/ go")
-    workers: int = opt(2, "local worker processes (does not change any output)")
+    workers: int = opt(2, "local worker processes (does not change any output)", ge=1)
     tasks: int = opt(0, "input tasks, each a contiguous range of the input (big jsonl/parquet files are split); "
-                        "0: automatic (input.task_mb). Outputs do not depend on it")
+                        "0: automatic (input.task_mb). Outputs do not depend on it", ge=0)
     executor: str = opt("local", "local | slurm | ray")
     steps: list[str] = opt(list(STEP_NAMES), "order of the per-document steps (each also has enabled)")
     keep_work_files: bool = opt(True, "keep work/prepared, signatures, dedup, tokens after success (false: delete "
@@ -230,14 +235,10 @@ class PipelineConfig:
         def need(ok, key, msg):
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
+        check_ranges(self)  # every numeric key's declared range (opt(..., ge=...)): also for configs built in code
         need(bool(self.input.paths) or bool(self.input.hf_dataset), "input.paths", "no input given")
-        need(self.workers >= 1, "workers", "must be >= 1")
-        need(self.tasks >= 0, "tasks", "must be >= 0")
-        need(self.input.task_mb > 0, "input.task_mb", "must be > 0")
-        need(self.dedup.cluster_tasks >= 0, "dedup.cluster_tasks", "must be >= 0")
-        need(self.dedup.cluster_task_mb > 0, "dedup.cluster_task_mb", "must be > 0")
         need(self.executor in ("local", "slurm", "ray"), "executor", f"{self.executor!r} is not local, slurm or ray")
-        need(self.ray.num_cpus_per_task > 0, "ray.num_cpus_per_task", "must be > 0")
+        need(0 < self.ray.connect_timeout < float("inf"), "ray.connect_timeout", "must be finite and > 0 (seconds)")
         for s in self.steps:
             need(s in STEP_NAMES, "steps", f"unknown step {s!r}; valid: {', '.join(STEP_NAMES)}")
         need(len(set(self.steps)) == len(self.steps), "steps", "a step is listed twice")
@@ -247,11 +248,14 @@ class PipelineConfig:
         need(self.tokenizer.model_type in ("bpe", "unigram"), "tokenizer.model_type", "must be bpe or unigram")
         need(self.tokenizer.vocab_size >= 300 or bool(self.tokenizer.model_path), "tokenizer.vocab_size",
              "must be >= 300 (256 byte-fallback pieces + specials)")
-        need(self.tokenizer.encode_cache_words >= 0, "tokenizer.encode_cache_words", "must be >= 0")
-        need(0 <= self.shards.valid_fraction < 1, "shards.valid_fraction", "must be in [0, 1)")
-        need(self.shards.target_mb > 0, "shards.target_mb", "must be > 0")
-        m = self.dedup.minhash
-        need(m.bands >= 1 and m.rows >= 1 and m.ngram >= 1, "dedup.minhash", "bands, rows and ngram must be >= 1")
+        for lo, hi in (("length.min_chars", "length.max_chars"), ("gopher_quality.min_words", "gopher_quality.max_words"),
+                       ("gopher_quality.min_avg_word_length", "gopher_quality.max_avg_word_length")):
+            lo_v, hi_v = (getattr(getattr(self, k.split(".")[0]), k.split(".")[1]) for k in (lo, hi))
+            need(lo_v <= hi_v, lo, f"{lo_v} is above {hi}={hi_v}: the rule would remove every document")
+        for name in ("top_n_grams", "dup_n_grams"):  # n -> fraction: the values have a range, the keys are sizes
+            sizes = getattr(self.gopher_repetition, name)
+            need(all(str(n).isdigit() and int(n) >= 1 for n in sizes), f"gopher_repetition.{name}",
+                 f"keys are n-gram sizes >= 1, got {sorted(map(str, sizes))}")
         need(self.clean.normalization in ("NFC", "NFKC", "none"), "clean.normalization", "must be NFC, NFKC or none")
         for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
             words = getattr(self, name).words
@@ -259,7 +263,6 @@ class PipelineConfig:
         need(not self.sft.enabled or bool(self.tokenizer.model_path), "tokenizer.model_path",
              "sft.enabled needs the pretraining tokenizer (tokenizer.model_path=.../tokenizer.model)")
         need(self.sft.truncation in ("none", "right"), "sft.truncation", "must be none or right")
-        need(self.sft.max_tokens >= 0, "sft.max_tokens", "must be >= 0")
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -21,7 +21,7 @@ def test_unknown_key_exits_2_naming_key_and_suggestion(tmp_path):
 
 def test_bad_values_are_config_errors(tmp_path):
     p = cli("run", "configs/data/sample.yaml", f"output_dir={tmp_path / 'o'}", "workers=0")
-    assert p.returncode == 2 and p.stderr.strip() == "error: workers: must be >= 1"
+    assert p.returncode == 2 and p.stderr.strip() == "error: workers=0 is out of range: must be >= 1"
     p = cli("run", "configs/data/sample.yaml", "steps=[clean,nope]")
     assert p.returncode == 2 and "unknown step 'nope'" in p.stderr
 
