@@ -3,7 +3,8 @@
 Export writes ``model.safetensors``, ``config.json`` (LlamaForCausalLM or GPT2LMHeadModel), ``generation_config.json``
 and the tokenizer: ``tokenizer.model`` (the run's sentencepiece model) plus, when transformers is installed and
 its conversion reproduces sentencepiece's ids on a check text, ``tokenizer.json``/``tokenizer_config.json``.
-Everything goes to a temp folder that is renamed into place. Import (``import_hf``, ``load_hf_into``) reads such
+Everything goes to a temp folder that is renamed into place, and only into a new or empty folder or one export_hf
+wrote before (``.llmforge-export`` lists the files it wrote; a folder holding anything else is refused). Import (``import_hf``, ``load_hf_into``) reads such
 a folder (or a Llama/GPT-2 folder from the Hub, already downloaded) back into our parameter names.
 
 Name mapping. Llama: our RoPE already uses HF's rotate-half layout, so q/k rows need no permutation; w1/w3/w2 are
@@ -140,6 +141,31 @@ def args_from_hf_config(c: dict) -> ModelArgs:
 
 
 # ------------------------------------------------------------------------------------------------ export
+EXPORT_MARKER = ".llmforge-export"  # {"written_by": "llmforge.export_hf", "files": [what the export wrote]}
+
+
+def check_export_dir(out_dir: str) -> None:
+    """Write only into a new or empty folder, or an earlier export nobody added to: a folder holding a config.json
+    beside the user's README and subfolders (a downloaded model, a model card being written) is never replaced."""
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a folder: refusing to overwrite it")
+    names = sorted(os.listdir(out_dir))
+    try:
+        with open(os.path.join(out_dir, EXPORT_MARKER)) as f:
+            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    others = [n for n in names if n not in ours]
+    if not others:
+        return
+    shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+    what = "an earlier export that now also holds" if ours else "not a Hugging Face export written by export_hf: it holds"
+    raise ValueError(f"{out_dir} is {what} {shown}: refusing to overwrite it (choose a new or empty folder)")
+
+
 def _save_tokenizer(tok_path: str, out: str) -> str:
     """Copy tokenizer.model; add transformers' tokenizer files when the conversion reproduces sentencepiece."""
     shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
@@ -174,8 +200,7 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
     ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.sft)."""
     from safetensors.torch import save_file
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
-        raise ValueError(f"{out_dir} exists and is not a Hugging Face export: refusing to overwrite it")
+    check_export_dir(out_dir)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tok_path:
         import sentencepiece as spm
@@ -200,6 +225,8 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
         if tok_path and run_dir:
             from llmforge.export_chat import write_hf_chat_template
             note = "; ".join(n for n in (note, write_hf_chat_template(tmp, run_dir, tok_path)) if n)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:  # last: the folder is renamed into place after it
+            json.dump({"written_by": "llmforge.export_hf", "files": sorted(os.listdir(tmp))}, f, indent=1)
         old = f"{out_dir}.old{os.getpid()}"
         if os.path.exists(out_dir):
             os.rename(out_dir, old)  # a previous export: swapped out, then removed
@@ -213,6 +240,7 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
 
 def export_run(run_dir: str, out_dir: str, dtype: str = "fp32", overrides=None) -> tuple[str, str]:
     from llmforge.run_loading import load_run
+    check_export_dir(out_dir)  # before loading the run: a refusal costs nothing
     run = load_run(run_dir, overrides, log=lambda m: print(m, file=sys.stderr))
     tok = os.path.join(run_dir, "tokenizer.model")
     note = save_hf(run.model.args, run.model.state_dict(), out_dir, tok if os.path.isfile(tok) else None, dtype,

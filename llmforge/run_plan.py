@@ -51,10 +51,9 @@ def resolve_model_args(cfg, tok_path: str | None):
     if not cfg.train.init_from_hf:
         return model_args(cfg.model, vocab_from_tokenizer(tok_path))
     from llmforge.export_hf import hf_model_args
+    from llmforge.sft import check_init_source
     margs = hf_model_args(cfg.train.init_from_hf)
-    data_vocab = vocab_from_tokenizer(tok_path)
-    if data_vocab and data_vocab > margs.vocab_size:
-        raise ConfigError(f"train.init_from_hf: the data's tokenizer has {data_vocab} ids, the model {margs.vocab_size}")
+    check_init_source(cfg, "train.init_from_hf", cfg.train.init_from_hf, margs, tok_path)  # family, tokenizer, vocab
     cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
     return margs
 

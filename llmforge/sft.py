@@ -152,18 +152,29 @@ def resolve_init_from(cfg, tok_path: str | None):
         if os.path.isfile(tok):
             import sentencepiece as spm
             vocab = spm.SentencePieceProcessor(model_file=tok).vocab_size()
-            if tok_path and open(tok, "rb").read() != open(tok_path, "rb").read():
-                print(f"warning: train.init_from: {tok} differs from the data's tokenizer {tok_path}; "
-                      "token ids may not mean the same", flush=True)
         margs = model_args(src_cfg.model, vocab)
+    check_init_source(cfg, "train.init_from", src, margs, tok_path)
+    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
+    return margs
+
+
+def check_init_source(cfg, key: str, src: str, margs, tok_path: str | None) -> None:
+    """A start from ``src`` (``key`` = train.init_from / init_from_hf) that contradicts the run: an explicit
+    model.family other than the source's (its shape wins over the preset, but a named family is a statement), a
+    tokenizer other than the data's (llmforge.data_checks.check_init_tokenizer; train.allow_tokenizer_change
+    permits it), or a data vocabulary larger than the model's. The shards' largest id is checked against
+    margs.vocab_size with the data (build_run_datasets)."""
+    if cfg.model.family and cfg.model.family != margs.family:
+        raise ConfigError(f"{key}={src} is a {margs.family} model but model.family={cfg.model.family}: drop "
+                          f"model.family (the shape comes from {src}) or start from a {cfg.model.family} model")
+    from llmforge.data_checks import check_init_tokenizer
+    check_init_tokenizer(key, src, tok_path, cfg.train.allow_tokenizer_change)
     if tok_path:
         import sentencepiece as spm
         data_vocab = spm.SentencePieceProcessor(model_file=tok_path).vocab_size()
         if data_vocab > margs.vocab_size:
-            raise ConfigError(f"train.init_from: the data's tokenizer has {data_vocab} ids, the model "
+            raise ConfigError(f"{key}={src}: the data's tokenizer {tok_path} has {data_vocab} ids, the model "
                               f"{margs.vocab_size}")
-    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
-    return margs
 
 
 def load_init_weights(parts, src: str) -> str:

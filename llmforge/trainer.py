@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from llmforge.config import ConfigError, dump_config, to_dict
 from llmforge.distributed import init_distributed
-from llmforge.run_guard import PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, die_with_parent, write_fingerprint
+from llmforge.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, check_run_dir_owner, die_with_parent,
+                                write_fingerprint)
 from llmforge.engines.base import Engine, TrainingError
 from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.optim import lr_factor
@@ -268,6 +269,7 @@ def run_training(cfg) -> int:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
+    check_run_dir_owner(cfg.run_dir)  # the user's own folder: refused before the lock writes into it
     plan = plan_run(cfg, world, cls.resolve_layout)
     if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation
         from llmforge.benchmarks import check_training_tasks

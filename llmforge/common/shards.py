@@ -79,8 +79,8 @@ class ShardWriter:
 
 
 def write_sidecar(path: str, dtype, tokens: int, documents: int, max_id: int) -> None:
-    """``PREFIX.stats.json`` beside .bin/.idx (the MMIDIDX format has no room for it): the largest token id, so a
-    trainer checks data against its model's vocabulary without reading every token."""
+    """``PREFIX.stats.json`` beside .bin/.idx (the MMIDIDX format has no room for it): the largest token id and
+    counts, for people and reports; the trainer's vocabulary check reads the tokens themselves (shard_max_id)."""
     with open(path, "w") as f:
         json.dump({"dtype": np.dtype(dtype).name, "documents": documents, "max_token_id": max_id, "tokens": tokens},
                   f, sort_keys=True)
@@ -88,16 +88,10 @@ def write_sidecar(path: str, dtype, tokens: int, documents: int, max_id: int) ->
 
 
 def shard_max_id(prefix: str) -> int:
-    """Largest token id in a shard (-1 if empty): from its stats sidecar when that matches the .bin's size, else
-    by reading the tokens (shards written by other tools)."""
+    """Largest token id in a shard (-1 if empty), read from its tokens (a memmap max, one sequential pass): the
+    stats sidecar is a summary anyone can edit or get wrong, and a wrong one would let an id >= vocab_size reach
+    the embedding (llmforge.data_checks caches this per file version)."""
     shard = IndexedShard(prefix)
-    try:
-        with open(shard.prefix + STATS_EXT) as f:
-            meta = json.load(f)
-        if meta["tokens"] == shard.num_tokens and meta["dtype"] == shard.dtype.name:
-            return int(meta["max_token_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     return int(shard.tokens.max()) if shard.num_tokens else -1
 
 
