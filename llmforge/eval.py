@@ -95,10 +95,27 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
             "whole_split": tokens == available, "response_only": sft}
 
 
+def check_args(a) -> None:
+    """Refuse out-of-range numeric options in one line before anything is loaded (a negative --limit used to reach
+    lm-eval and fail there with an islice traceback)."""
+    if a.batches is not None and a.batches != "train" and not a.batches.isdigit():
+        raise ConfigError(f"--batches: expected a number, 0 or 'train', got {a.batches!r}")
+    if a.batch_size < 0:
+        raise ConfigError(f"--batch-size must be >= 0 (0: the run's micro/global batch), got {a.batch_size}")
+    if a.limit is not None and not (math.isfinite(a.limit) and a.limit > 0):
+        raise ConfigError(f"--limit must be a number > 0 (examples per task, or a fraction of each task if < 1), "
+                          f"got {a.limit}")
+    if a.num_fewshot is not None and a.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0 (omit it for each task's own default), got {a.num_fewshot}")
+    if a.bootstrap_iters < 0:
+        raise ConfigError(f"--bootstrap-iters must be >= 0 (0: no stderr), got {a.bootstrap_iters}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
+        check_args(a)
         if a.tasks is not None:
             return _tasks(a)
         result = run_eval(a.run_dir, a.overrides, a.batches, a.batch_size, a.device, a.checkpoint)

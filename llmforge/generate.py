@@ -2,7 +2,8 @@
 
 Decoding uses the model's KV cache: one forward over the prompt (prefill), then one token per step. The prompt
 is preceded by EOS, the document separator the data pipeline writes after every document, so the model sees
-the prompt where documents start in training. Generation stops at EOS or after ``--max-new-tokens``.
+the prompt where documents start in training. Generation stops at EOS, after ``--max-new-tokens``, or where the
+model's context (``max_seq_len`` positions) is full, with a note saying so.
 A run without a tokenizer (synthetic data) takes and prints token ids: ``--prompt "5 17 3"``.
 A fine-tuned run (its dir holds ``chat_template.json``) wraps the prompt in the chat template as a user turn
 (``--system`` adds a system turn; ``--raw`` skips the template) and prints only the assistant's reply.
@@ -10,6 +11,7 @@ A fine-tuned run (its dir holds ``chat_template.json``) wraps the prompt in the 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -20,7 +22,7 @@ from llmforge.run_loading import load_run, run_cli
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (batch, vocab) -> next ids (batch,). temperature <= 0 means greedy."""
+    """logits (batch, vocab) -> next ids (batch,). temperature 0 means greedy (the CLI refuses < 0)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -51,7 +53,11 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
         print(f"warning: the prompt has {len(prompt_ids)} tokens but the model's context is {max_len} "
               f"(with --max-new-tokens {max_new_tokens}): keeping its last {keep} tokens", file=sys.stderr, flush=True)
         prompt_ids = prompt_ids[-keep:]
-    max_new_tokens = max(0, min(max_new_tokens, max_len - len(prompt_ids)))
+    room = max(0, max_len - len(prompt_ids))
+    if max_new_tokens > room:  # the KV cache has max_seq_len positions: say so instead of stopping early unexplained
+        print(f"note: the model's context is {max_len} tokens and the prompt takes {len(prompt_ids)}: generation "
+              f"stops after at most {room} new tokens (--max-new-tokens {max_new_tokens})", file=sys.stderr, flush=True)
+    max_new_tokens = min(max_new_tokens, room)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
@@ -89,6 +95,20 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
+def check_args(a) -> None:
+    """Refuse out-of-range options in one line before the run is loaded: a negative temperature used to mean
+    greedy silently, and NaN failed inside torch.multinomial with a traceback."""
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 or --greedy: always the most likely "
+                          f"token), got {a.temperature}")
+    if a.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if a.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: all tokens), got {a.top_k}")
+    if not 0 < a.top_p <= 1:  # also refuses NaN
+        raise ConfigError(f"--top-p must be in (0, 1] (1: off), got {a.top_p}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: _generate_cli(a))
@@ -96,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate_cli(a) -> int:
     """Validate options, load the run, sample, print the text (token ids when the run has no tokenizer)."""
-    if a.max_new_tokens < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        raise ConfigError("--max-new-tokens and --top-k must be >= 0, --top-p in (0, 1]")
+    check_args(a)
     from llmforge.distributed import pick_device
     cfg, model, tok, _ = load_run(a.run_dir, a.overrides, device=pick_device(a.device),
                                   log=lambda m: print(m, file=sys.stderr))

@@ -150,3 +150,51 @@ def test_pipeline_cli_refuses_nan_threshold(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and "gopher_repetition.dup_line_frac" in r.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------- generate / eval options
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], ["--temperature", ">= 0", "-1.0"]),   # was: silently greedy
+    (["--temperature", "nan"], ["--temperature", "nan"]),          # was: a torch.multinomial traceback
+    (["--temperature", "inf"], ["--temperature", "inf"]),
+    (["--top-p", "nan"], ["--top-p", "(0, 1]"]), (["--top-p", "0"], ["--top-p"]), (["--top-k", "-2"], ["--top-k"]),
+    (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
+])
+def test_generate_refuses_bad_options_before_loading(tmp_path, capsys, args, words):
+    from llmforge.generate import main as generate_main
+    rc = generate_main([str(tmp_path / "no-run"), "--prompt", "1 2", *args])  # checked before the run is read
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_generate_says_when_the_context_ends_the_output(capsys):
+    import torch
+    from llmforge.generate import generate
+    from llmforge.model.blocks import ModelArgs
+    from llmforge.model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_size=50,
+                                  max_seq_len=32)).eval()
+    new = generate(model, list(range(1, 11)), 100, temperature=0.0)  # 10 + 100 > 32 positions
+    err = capsys.readouterr().err
+    assert len(new) == 22 and err.count("\n") == 1, err
+    assert "context is 32" in err and "at most 22 new tokens" in err and "--max-new-tokens 100" in err
+    generate(model, list(range(1, 11)), 5, temperature=0.0)
+    assert capsys.readouterr().err == ""  # within the context: no note
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--tasks", "sample_valid_bpb", "--limit", "-1"], "--limit"),   # was: an islice error from lm-eval
+    (["--tasks", "sample_valid_bpb", "--limit", "nan"], "--limit"),
+    (["--tasks", "sample_valid_bpb", "--limit", "0"], "--limit"),
+    (["--tasks", "sample_valid_bpb", "--num-fewshot", "-1"], "--num-fewshot"),
+    (["--tasks", "sample_valid_bpb", "--bootstrap-iters", "-5"], "--bootstrap-iters"),
+    (["--batch-size", "-3"], "--batch-size"), (["--batches", "-1"], "--batches"),
+])
+def test_eval_refuses_negative_options_before_loading(tmp_path, capsys, args, word):
+    from llmforge.eval import main as eval_main
+    rc = eval_main([str(tmp_path / "no-run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and word in err and "no-run" not in err, err
