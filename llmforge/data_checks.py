@@ -103,21 +103,42 @@ def _max_id_cache(prefix: str) -> str:
     return os.path.join(root, "llmforge", "max-token-id", xxhash.xxh3_128_hexdigest(key.encode()))
 
 
-def data_max_id(prefix: str) -> int:
-    """The largest token id in a shard's .bin (shard_max_id), read once per file version."""
-    from llmforge.common.atomic import write_text
-    cache = _max_id_cache(prefix)
+def _cached(cache: str) -> int | None:
     try:
         with open(cache) as f:
             return int(f.read())
     except (OSError, ValueError):
-        pass
-    top = shard_max_id(prefix)
+        return None
+
+
+def data_max_id(prefix: str) -> int:
+    """The largest token id in a shard's .bin (shard_max_id), read once per file version. The ranks of a node
+    start together with the same cache: one reads the tokens under a flock on the entry, the others wait for
+    its answer instead of each reading the whole .bin."""
+    import fcntl
+
+    from llmforge.common.atomic import write_text
+    cache = _max_id_cache(prefix)
+    top = _cached(cache)
+    if top is not None:
+        return top
     try:
-        write_text(cache, str(top))
-    except OSError:  # a read-only home: the tokens are read again next time
-        pass
-    return top
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only home: no cache, the tokens are read every time
+        return shard_max_id(prefix)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        top = _cached(cache)  # written by the rank that held the lock before us
+        if top is None:
+            top = shard_max_id(prefix)
+            try:
+                write_text(cache, str(top))
+            except OSError:  # disk full / quota: the answer stands, uncached
+                pass
+        return top
+    finally:
+        os.close(fd)  # drops the flock
 
 
 def _sidecar_differs(prefix: str, top: int) -> str:

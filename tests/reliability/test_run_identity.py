@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +186,18 @@ def test_a_sidecar_under_reporting_max_token_id_is_refused_before_step_1(env, tm
     json.dump(dict(stats, max_token_id=299), open(prefix + ".stats.json", "w"))  # the sidecar says all is well
     line = _one_line(*_train(capsys, tmp_path / "run", data)[::2])
     assert f"{prefix} holds token id 300 (its .stats.json says 299)" in line and "vocab_size is 300" in line
+
+
+def test_the_max_id_cache_never_hides_an_edit_in_place(env, tmp_path):
+    from llmforge.config import ConfigError
+    from llmforge.data_checks import check_data_against_model
+    data = shutil.copytree(env["data"], str(tmp_path / "data"))
+    check_data_against_model([data], 300)  # read and cached
+    bin_path = os.path.join(data, "shards", "train-00000.bin")
+    st = os.stat(bin_path)
+    time.sleep(0.05)  # file times tick in kernel jiffies (up to 10 ms): an edit in the same tick keeps the ctime
+    with open(bin_path, "r+b") as f:  # same size, same inode, mtime set back: only ctime tells
+        f.write(np.array([300], dtype=np.uint16).tobytes())
+    os.utime(bin_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ConfigError, match="holds token id 300"):
+        check_data_against_model([data], 300)
