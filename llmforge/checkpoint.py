@@ -2,8 +2,12 @@
 
 Layout: ``checkpoints/step_00000010/`` holds the DCP files (model + optimizer, keyed by parameter names so a
 checkpoint loads into any parallel layout), ``trainer_state.json`` (step, samples consumed, ...),
-``rng-rank{r}.pt`` and ``COMPLETE`` (the file sizes it vouches for). Everything is written under a hidden
-temporary name first; the rename is the commit point, so a crash never leaves a loadable half checkpoint.
+``rng-rank{r}.pt`` and ``COMPLETE`` (the size and xxh3-64 content hash of every file, each hashed by the rank
+that wrote it). Everything is written under a hidden temporary name first; the rename is the commit point, so a
+crash never leaves a loadable half checkpoint. Every load verifies sizes and hashes first (each rank a share of the
+files); a marker written before hashes existed vouches for sizes only. Readers hold a shared ``flock`` on
+``COMPLETE`` while they load, and rotation keeps a checkpoint a reader holds (it is removed on a later rotation).
+The marker, its checks and the locks live in llmforge/checkpoint_integrity.py.
 """
 from __future__ import annotations
 
@@ -25,14 +29,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from llmforge.safe_pickle import SafeFileSystemReader, load_metadata
 from llmforge.common.atomic import atomic_path
+from llmforge.checkpoint_integrity import (CheckpointError, CheckpointVanished, DamagedCheckpoint,  # noqa: F401
+                                           NoUsableCheckpoint, is_complete, reading, remove_unless_read, verify,
+                                           write_marker)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or loaded, as one printable line naming the file (a ValueError, so every
-    CLI's one-line error path reports it)."""
 
 
 def _disk_full(e: BaseException, depth: int = 0) -> bool:
@@ -106,32 +108,6 @@ def _write_atomic(path: str, write) -> None:
 def _dump_json(obj, path: str) -> None:
     with open(path, "w") as f:  # closed here, so a write error (disk full) raises now, not at garbage collection
         json.dump(obj, f, indent=1)
-
-
-def _sizes(path: str) -> dict[str, int]:
-    """Every file's size (DCP's hidden .metadata included), so the marker vouches for all of them."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            if name != "COMPLETE":
-                out[os.path.relpath(full, path)] = os.path.getsize(full)
-    return dict(sorted(out.items()))
-
-
-def is_complete(path: str) -> tuple[bool, str]:
-    marker = os.path.join(path, "COMPLETE")
-    if not os.path.isfile(marker):
-        return False, "no COMPLETE marker (interrupted save)"
-    try:
-        expected = json.load(open(marker))["sizes"]
-    except (ValueError, KeyError) as e:
-        return False, f"unreadable COMPLETE marker ({e})"
-    actual = _sizes(path)
-    for name, size in expected.items():
-        if actual.get(name) != size:
-            return False, f"{name} is {actual.get(name, 'missing')} bytes, expected {size}"
-    return True, ""
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
@@ -214,24 +190,36 @@ class Checkpointer:
             self._failed(e, state.get("step", -1), tmp, final)
 
     def _finalize(self, tmp: str, final: str, trainer_state: dict) -> None:
-        dist.barrier()
         if self.rank == 0:
             _write_atomic(os.path.join(tmp, "trainer_state.json"), lambda p: _dump_json(trainer_state, p))
-            _write_atomic(os.path.join(tmp, "COMPLETE"), lambda p: _dump_json({"sizes": _sizes(tmp)}, p))
+        write_marker(tmp)  # collective: waits for every rank's files, hashes them where they were written
+        if self.rank == 0:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            for _, old in list_checkpoints(self.root)[self.keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._rotate()
         dist.barrier()
+
+    def _rotate(self) -> None:
+        """Keep the newest ``keep``; an older one a reader holds (eval of a running training) stays until a later
+        rotation finds it free."""
+        for _, old in list_checkpoints(self.root)[self.keep:]:
+            if not remove_unless_read(old):
+                print(f"checkpoint: keeping {old} for now: a reader holds it", flush=True)
 
     def load(self, path: str, model_parts, optimizers, load_optimizer: bool = True, load_rng: bool = True,
              skip=None) -> dict:
         """Load into the (possibly parallelised) model parts and optimizers; return trainer_state. Inference passes
         ``load_rng=False``: the RNG state matters only to a resumed training run. ``skip(name)``: model entries the
-        checkpoint does not hold and that keep their value (LoRA adapters when fine-tuning starts)."""
-        if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint not found: {path}")
+        checkpoint does not hold and that keep their value (LoRA adapters when fine-tuning starts). Collective:
+        every file is checked against the COMPLETE marker first (DamagedCheckpoint names the first bad one), under
+        a shared lock that keeps rotation from removing the checkpoint meanwhile (CheckpointVanished if it did
+        before the lock was taken, or never existed)."""
+        with reading(path) as status:
+            verify(path, status)
+            return self._load(path, model_parts, optimizers, load_optimizer, load_rng, skip)
+
+    def _load(self, path: str, model_parts, optimizers, load_optimizer: bool, load_rng: bool, skip) -> dict:
         # The metadata is a pickle: read it through the allow-list first (a crafted file is refused here, in one
         # line naming it), and let DCP read it the same way, never with plain pickle.load.
         load_metadata(os.path.join(path, ".metadata"))
@@ -264,11 +252,76 @@ class Checkpointer:
 
 
 def resume_candidates(ckpt_root: str, log=print) -> list[str]:
-    """Rank 0 lists the complete checkpoints (newest first) and tells the others, so every rank tries the same."""
-    choice = [complete_checkpoints(ckpt_root, log) if dist.get_rank() == 0 else None]
+    """Rank 0 lists the complete checkpoints (newest first) and tells the others, so every rank tries the same.
+    A folder holding checkpoints none of which is complete is refused on every rank (NoUsableCheckpoint) and
+    nothing is removed: they are the evidence, and a run started over would rotate them away."""
+    choice = [_resume_listing(ckpt_root, log) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
-    if dist.get_rank() == 0:  # hidden temp dirs are interrupted saves: never loadable
-        for p in glob.glob(os.path.join(ckpt_root, ".step_*.tmp")):
-            warnings.warn(f"removing interrupted checkpoint save {p}")
-            shutil.rmtree(p, ignore_errors=True)
+    if isinstance(choice[0], str):
+        raise NoUsableCheckpoint(choice[0])
+    if dist.get_rank() == 0:  # hidden temp dirs without a marker are interrupted saves (or rotations): never loadable
+        for p in glob.glob(os.path.join(ckpt_root, ".step_*.tmp")) + glob.glob(os.path.join(ckpt_root,
+                                                                                         ".step_*.removing")):
+            if p.endswith(".removing") or not os.path.isfile(os.path.join(p, "COMPLETE")):
+                warnings.warn(f"removing interrupted checkpoint save {p}")
+                shutil.rmtree(p, ignore_errors=True)
     return choice[0]
+
+
+def _resume_listing(ckpt_root: str, log) -> list[str] | str:
+    """Rank 0's candidates, or why resuming must refuse. A hidden temp folder that holds a COMPLETE marker is a save
+    that crashed between its marker and its rename: the rename is finished, never the folder removed."""
+    for tmp in glob.glob(os.path.join(ckpt_root, ".step_*.tmp")):
+        final = os.path.join(ckpt_root, os.path.basename(tmp)[1:-len(".tmp")])
+        if os.path.isfile(os.path.join(tmp, "COMPLETE")) and not os.path.exists(final):
+            os.rename(tmp, final)
+    found = complete_checkpoints(ckpt_root, log)
+    present = list_checkpoints(ckpt_root)
+    if present and not found:
+        why = is_complete(present[0][1])[1]
+        return (f"cannot resume: none of the {len(present)} checkpoints in {ckpt_root} is complete (newest "
+                f"{present[0][1]}: {why}); nothing was removed: move them away to start over")
+    return found
+
+
+def load_newest(ckpt_root: str, load, log=print, attempts: int = 10):
+    """A reader's choice (eval, generate, export_hf, train.init_from): ``(path, load(path))`` for the newest complete
+    checkpoint that verifies; ``(None, None)`` when none is complete. An incomplete or damaged one is skipped with a
+    warning naming the file; when every complete one is damaged, NoUsableCheckpoint. One that a running training
+    rotated away between listing and locking means listing again. Collective (``load`` verifies on every rank):
+    rank 0's listing is the one every rank walks."""
+    for _ in range(attempts):
+        listed = [_reader_listing(ckpt_root) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(listed, src=0)
+        if listed[0] is None:
+            continue
+        damaged = []
+        for path, why in listed[0]:
+            if why:
+                log(f"warning: skipping checkpoint {path}: {why}")
+                continue
+            try:
+                return path, load(path)
+            except CheckpointVanished:
+                break
+            except DamagedCheckpoint as e:
+                log(f"warning: skipping checkpoint {path}: {e}")
+                damaged.append(path)
+        else:
+            if damaged:
+                raise NoUsableCheckpoint(f"no usable checkpoint under {ckpt_root}: every complete one is damaged "
+                                         f"({', '.join(damaged)}; see the warnings above)")
+            return None, None
+    raise CheckpointError(f"{ckpt_root}: checkpoints kept being rotated away while loading ({attempts} tries)")
+
+
+def _reader_listing(ckpt_root: str) -> list[tuple[str, str]] | None:
+    """Rank 0: (path, why it is incomplete or "") newest first; None when one vanished while being checked (a
+    rotation renamed it away): then the caller lists again rather than report a complete checkpoint incomplete."""
+    out = []
+    for _, path in list_checkpoints(ckpt_root):
+        ok, why = is_complete(path)
+        if not ok and not os.path.isdir(path):
+            return None
+        out.append((path, why))
+    return out

@@ -2,8 +2,11 @@
 
 Shared by ``llmforge.eval``, ``llmforge.generate`` and ``llmforge.export_hf``. The checkpoint is read with DCP
 into one unsharded model in this process, so a checkpoint saved by any layout (DDP, FSDP2, TP, PP) loads: DCP
-reshards by parameter name. LoRA adapters (``train.lora``) are loaded and merged into the weights. Problems raise
-:class:`RunLoadError`, whose message is one printable line.
+reshards by parameter name. LoRA adapters (``train.lora``) are loaded and merged into the weights. Every file is
+checked against the checkpoint's COMPLETE marker (sizes and content hashes) under a shared lock first: a damaged
+checkpoint is skipped for the next older one with a warning naming the file (an explicit ``checkpoint`` is refused
+naming it), and one a running training rotates away meanwhile is replaced by the newer one it saved. Problems
+raise :class:`RunLoadError`, whose message is one printable line.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from llmforge.checkpoint import CheckpointError, Checkpointer, newest_complete
+from llmforge.checkpoint import (CheckpointError, Checkpointer, CheckpointVanished, DamagedCheckpoint,
+                                 list_checkpoints, load_newest)
 from llmforge.config import ConfigError, RunConfig, load_config
 from llmforge.model.blocks import ModelArgs
 from llmforge.model.presets import model_args
@@ -88,8 +92,7 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if checkpoint and not os.path.isdir(checkpoint):
         raise RunLoadError(f"--checkpoint {checkpoint}: not found")
-    path = checkpoint or newest_complete(ckpt_root, log=log)
-    if path is None:
+    if not checkpoint and not list_checkpoints(ckpt_root):
         raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
     tokenizer = load_tokenizer(run_dir)
     try:
@@ -102,19 +105,44 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
         from llmforge.lora import add_adapters
         add_adapters(model, lora.rank, lora.alpha, lora.targets)
     ensure_process_group()
-    try:  # model weights only: a checkpoint's optimizer state is not needed for inference
-        state = Checkpointer(ckpt_root, rank=dist.get_rank()).load(path, [model], [], load_optimizer=False,
-                                                                    load_rng=False)
-    except (Exception, CheckpointException) as e:  # DCP raises several types (one a BaseException); name the checkpoint and the first line of the cause
-        if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file
-            raise RunLoadError(str(e)) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
+    path, state = _load_checkpoint(cfg, model, ckpt_root, checkpoint, log)
     if lora.rank:
         from llmforge.lora import merge
         merge(model)
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, int(state.get("step", 0)))
+
+
+def _load_checkpoint(cfg, model, ckpt_root: str, checkpoint: str | None, log) -> tuple[str, dict]:
+    """(path, trainer_state) of the explicit checkpoint or of the newest one that verifies, loaded into ``model``."""
+    ck = Checkpointer(ckpt_root, rank=dist.get_rank())
+
+    def load(path: str) -> dict:
+        try:  # model weights only: a checkpoint's optimizer state is not needed for inference
+            return ck.load(path, [model], [], load_optimizer=False, load_rng=False)
+        except (DamagedCheckpoint, CheckpointVanished) as e:
+            if checkpoint:
+                raise _runtime(RunLoadError(f"--checkpoint {checkpoint}: {e}")) from None
+            raise  # load_newest skips it (damaged) or lists again (vanished)
+        except (Exception, CheckpointException) as e:  # DCP raises several types (one a BaseException); name the checkpoint and the first line of the cause
+            if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file
+                raise RunLoadError(str(e)) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
+    if checkpoint:
+        return checkpoint, load(checkpoint)
+    try:
+        path, state = load_newest(ckpt_root, load, log)
+    except CheckpointError as e:
+        raise _runtime(RunLoadError(str(e))) from None
+    if path is None:
+        raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
+    return path, state
+
+
+def _runtime(e: RunLoadError) -> RunLoadError:
+    e.exit_status = 1  # the run dir is fine, its checkpoints are not: a runtime error, not a usage error
+    return e
 
 
 def _model_for(cfg, run_dir: str):
@@ -140,7 +168,8 @@ def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None) -> Lo
 
 def run_cli(body) -> int:
     """Run an inference CLI's body: expected failures (no run, no checkpoint, bad option...) become one
-    ``error:`` line and exit status 2 (a traceback only with LLMFORGE_DEBUG=1); the process group is torn down."""
+    ``error:`` line and exit status 2, or 1 for errors that carry ``exit_status`` 1 (damaged checkpoints); a traceback
+    only with LLMFORGE_DEBUG=1; the process group is torn down."""
     from llmforge.distributed import destroy
     try:
         return body()
@@ -148,6 +177,6 @@ def run_cli(body) -> int:
         if os.environ.get("LLMFORGE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     finally:
         destroy()

@@ -203,14 +203,16 @@ def load_init_weights(parts, src: str) -> str:
             set_model_state_dict(part, {k: v for k, v in sd.items() if k in names},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         return path
-    from llmforge.checkpoint import Checkpointer, newest_complete
+    import sys
+    from llmforge.checkpoint import Checkpointer, load_newest
     from llmforge.lora import is_adapter
     root = os.path.join(src, "checkpoints")
-    path = newest_complete(root, log=lambda m: None)
+    ck = Checkpointer(root, rank=dist.get_rank())
+    # the newest checkpoint that verifies (a damaged one is skipped with a warning naming the file)
+    path, _ = load_newest(root, lambda p: ck.load(p, parts, [], load_optimizer=False, load_rng=False, skip=is_adapter),
+                          log=lambda m: print(m, file=sys.stderr, flush=True) if dist.get_rank() == 0 else None)
     if path is None:
-        raise ConfigError(f"train.init_from: no complete checkpoint under {root}")
-    Checkpointer(root, rank=dist.get_rank()).load(path, parts, [], load_optimizer=False, load_rng=False,
-                                                  skip=is_adapter)
+        raise ConfigError(f"train.init_from: no usable checkpoint under {root} (none, or all damaged or incomplete)")
     return path
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if rank0 or not isinstance(e, ConfigError):
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(e, "exit_status", 2)  # 1 for runtime refusals that say so (llmforge.checkpoint)
     except RuntimeError as e:  # a failed/timed-out collective: gloo and NCCL do not say which rank saw it
         if os.environ.get("LLMFORGE_DEBUG") or not dist.is_initialized() or not is_collective_failure(e):
             raise

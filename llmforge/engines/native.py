@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from llmforge.checkpoint import Checkpointer, resume_candidates
+from llmforge.checkpoint import Checkpointer, NoUsableCheckpoint, resume_candidates
 from llmforge.distributed import resolve_dtype
 from llmforge.loss import loss_fn
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
@@ -17,7 +17,7 @@ from llmforge.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
 
-from .base import Engine, TrainingError
+from .base import Engine
 
 
 def build_model(args, seed: int) -> Transformer:
@@ -131,8 +131,8 @@ class NativeEngine(Engine):
                 continue
             return dict(state, path=path)
         if candidates:
-            raise TrainingError(f"cannot resume: no checkpoint in {self.ckpt.root} loads ({', '.join(candidates)}); "
-                                "move them away to start over")
+            raise NoUsableCheckpoint(f"cannot resume: no checkpoint in {self.ckpt.root} loads "  # exit 1, nothing removed
+                                     f"({', '.join(candidates)}); move them away to start over")
         return None
 
     def wait(self) -> None:

@@ -1,0 +1,253 @@
+"""Checkpoint content integrity (issue 21 items 2, 3 and the eval-during-rotation case): the COMPLETE marker vouches
+for each file's content, every reader verifies it, a damaged checkpoint is skipped for the previous one with a
+warning naming the file, a run dir whose checkpoints are all unusable is refused and left untouched, and rotation
+keeps a checkpoint a reader holds."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics, run_cli, train_cmd, write_synthetic_shards
+
+TINY = os.path.join(ROOT, "configs", "train", "tiny-cpu.yaml")
+OLD, NEW = "step_00000002", "step_00000004"
+
+
+def _args(run, data):
+    return train_cmd() + [TINY, f"data.paths=[{data}]", f"run_dir={run}", "model.vocab_size=64", "train.steps=4",
+                          "checkpoint.interval=2", "checkpoint.keep=2", "train.eval_interval=0", "data.seq_len=64",
+                          "train.global_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted 4-step run with checkpoints at steps 2 and 4 (the reference for every copy below)."""
+    root = tmp_path_factory.mktemp("integrity")
+    data = write_synthetic_shards(str(root / "synth"), n_train=40, n_valid=6)
+    run = str(root / "run")
+    p = run_cli(_args(run, data), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {"run": run, "data": data, "metrics": read_metrics(run)}
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    dst = str(tmp_path / "run")
+    shutil.copytree(trained["run"], dst)
+    return dst
+
+
+def _ckpt(run: str, step_dir: str) -> str:
+    return os.path.join(run, "checkpoints", step_dir)
+
+
+def _flip(ckpt: str, prefix: str, n: int) -> str:
+    """Flip ``n`` bytes in the middle of the first stored tensor whose name starts with ``prefix`` (its region in
+    the .distcp file, located through DCP's metadata), sizes unchanged; returns the damaged file."""
+    from llmforge.safe_pickle import load_metadata
+    md = load_metadata(os.path.join(ckpt, ".metadata"))
+    index, info = next((i, s) for i, s in md.storage_data.items() if i.fqn.startswith(prefix))
+    path = os.path.join(ckpt, info.relative_path)
+    with open(path, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        data = f.read(n)
+        f.seek(info.offset + info.length // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return path
+
+
+def _snapshot(run: str) -> dict[str, str]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run, "checkpoints", "**"), recursive=True) +
+                       glob.glob(os.path.join(run, "checkpoints", "**", ".*"), recursive=True)):
+        if os.path.isfile(path):
+            out[os.path.relpath(path, run)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_marker_holds_a_content_hash_for_every_file(trained):
+    for step_dir in (OLD, NEW):
+        ckpt = _ckpt(trained["run"], step_dir)
+        marker = json.load(open(os.path.join(ckpt, "COMPLETE")))
+        assert set(marker["xxh3_64"]) == set(marker["sizes"]) == {
+            ".metadata", "__0_0.distcp", "rng-rank0.pt", "trainer_state.json"}
+
+
+def test_flipped_optimizer_state_resumes_from_the_older_checkpoint(trained, run):
+    """Issue 21 item 2: 48 flipped bytes in the optimizer state used to resume silently (the loss exploded)."""
+    damaged = _flip(_ckpt(run, NEW), "optim.", 48)
+    p = run_cli(_args(run, trained["data"]), timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-2000:]
+    assert f"warning: cannot load checkpoint {_ckpt(run, NEW)}: {damaged}: content differs" in out, out[-2000:]
+    assert f"resumed from {_ckpt(run, OLD)}" in out, out[-2000:]
+    metrics = read_metrics(run)
+    for step in (3, 4):  # retrained from step 2: equal to the uninterrupted run, bit for bit
+        assert metrics[step]["loss"] == trained["metrics"][step]["loss"], (step, metrics[step])
+
+
+def _readers(run, tmp_path):
+    """Each inference CLI on ``run`` in this process: (exit status, stderr lines)."""
+    from llmforge.eval import main as eval_main
+    from llmforge.export_hf import main as export_main
+    from llmforge.generate import main as generate_main
+    return {"eval": lambda: eval_main([run]),
+            "generate": lambda: generate_main([run, "--prompt", "5 6 7", "--max-new-tokens", "2"]),
+            "export_hf": lambda: export_main([run, str(tmp_path / "hf")])}
+
+
+@pytest.mark.parametrize("reader", ["eval", "generate", "export_hf"])
+def test_flipped_embeddings_readers_use_the_older_checkpoint(run, tmp_path, capsys, reader):
+    damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
+    assert _readers(run, tmp_path)[reader]() == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {_ckpt(run, NEW)}: {damaged}: content differs" in err, err
+    if reader == "eval":
+        assert json.load(open(os.path.join(run, "eval.json")))["step"] == 2
+
+
+def test_flipped_embeddings_load_run_equals_the_older_checkpoint(run):
+    import torch
+    from llmforge.run_loading import load_run
+    _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
+    warnings = []
+    got = load_run(run, log=warnings.append)
+    want = load_run(run, checkpoint=_ckpt(run, OLD))
+    assert got.checkpoint == _ckpt(run, OLD) and got.step == 2 and len(warnings) == 1
+    for (name, a), (_, b) in zip(got.model.state_dict().items(), want.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("reader", ["eval", "generate", "export_hf"])
+def test_the_only_checkpoint_damaged_readers_refuse_in_one_line(run, tmp_path, capsys, reader):
+    shutil.rmtree(_ckpt(run, OLD))
+    damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
+    before = _snapshot(run)
+    assert _readers(run, tmp_path)[reader]() == 1
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "no usable checkpoint" in errors[0] and _ckpt(run, NEW) in errors[0], errors
+    assert _snapshot(run) == before and not os.path.exists(tmp_path / "hf")
+
+
+def test_explicit_damaged_checkpoint_is_refused_naming_the_file(run, capsys):
+    from llmforge.eval import main as eval_main
+    damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
+    assert eval_main([run, "--checkpoint", _ckpt(run, NEW)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --checkpoint") and damaged in err[0], err
+    assert not os.path.exists(os.path.join(run, "eval.json"))
+
+
+def test_damaged_rng_or_trainer_state_is_named(run):
+    from llmforge.checkpoint import Checkpointer, DamagedCheckpoint
+    from llmforge.run_loading import ensure_process_group, load_run
+    model = load_run(run).model
+    for name in ("rng-rank0.pt", "trainer_state.json"):
+        path = os.path.join(_ckpt(run, NEW), name)
+        good = open(path, "rb").read()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0x01  # one bit
+        open(path, "wb").write(bytes(data))
+        ensure_process_group()
+        with pytest.raises(DamagedCheckpoint) as e:
+            Checkpointer(os.path.join(run, "checkpoints")).load(_ckpt(run, NEW), [model], [], load_optimizer=False)
+        assert str(e.value).startswith(f"{path}: content differs") and "\n" not in str(e.value)
+        open(path, "wb").write(good)
+
+
+def test_init_from_a_damaged_run_starts_from_the_older_checkpoint(run, capsys):
+    import torch
+    from llmforge.config import RunConfig, load_config
+    from llmforge.model.presets import model_args
+    from llmforge.model.transformer import Transformer
+    from llmforge.run_loading import ensure_process_group, load_run
+    from llmforge.sft import load_init_weights
+    damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
+    want = load_run(run, checkpoint=_ckpt(run, OLD)).model
+    cfg = load_config(RunConfig, os.path.join(run, "config.yaml"))
+    model = Transformer(model_args(cfg.model, None))
+    ensure_process_group()
+    assert load_init_weights([model], run) == _ckpt(run, OLD)
+    assert damaged in capsys.readouterr().err
+    assert torch.equal(model.tok_embeddings.weight, want.tok_embeddings.weight)
+
+
+def _truncate(ckpt: str) -> None:
+    path = os.path.join(ckpt, "__0_0.distcp")
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_all_checkpoints_unusable_resume_refuses_and_deletes_nothing(trained, run, damage):
+    """Issue 21 item 3: this used to restart from step 1 and rotate the damaged checkpoints away."""
+    for step_dir in (OLD, NEW):
+        _flip(_ckpt(run, step_dir), "optim.", 48) if damage == "flipped" else _truncate(_ckpt(run, step_dir))
+    before, metrics = _snapshot(run), open(os.path.join(run, "metrics.jsonl")).read()
+    p = run_cli(_args(run, trained["data"]), timeout=300)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(errors) == 1 and "cannot resume" in errors[0] and _ckpt(run, NEW) in errors[0], errors
+    assert _snapshot(run) == before and open(os.path.join(run, "metrics.jsonl")).read() == metrics
+
+
+def test_old_marker_without_hashes_still_loads_by_size(run):
+    from llmforge.run_loading import load_run
+    for step_dir in (OLD, NEW):
+        marker = os.path.join(_ckpt(run, step_dir), "COMPLETE")
+        json.dump({"sizes": json.load(open(marker))["sizes"]}, open(marker, "w"))
+    assert load_run(run).step == 4
+    _truncate(_ckpt(run, NEW))
+    assert load_run(run, log=lambda m: None).step == 2  # sizes are still checked
+
+
+def test_a_save_interrupted_between_marker_and_rename_is_kept(run):
+    from llmforge.checkpoint import resume_candidates
+    from llmforge.run_loading import ensure_process_group
+    hidden = os.path.join(run, "checkpoints", f".{NEW}.tmp")
+    os.rename(_ckpt(run, NEW), hidden)
+    ensure_process_group()
+    assert resume_candidates(os.path.join(run, "checkpoints"), log=lambda m: None) == [_ckpt(run, NEW), _ckpt(run, OLD)]
+    assert not os.path.exists(hidden)
+
+
+def test_rotation_keeps_a_checkpoint_a_reader_holds(run):
+    """Eval while training with checkpoint.keep=1: the reader's shared lock keeps rotation off its checkpoint."""
+    from llmforge.checkpoint import Checkpointer, list_checkpoints
+    from llmforge.checkpoint_integrity import reading
+    root = os.path.join(run, "checkpoints")
+    ck = Checkpointer(root, keep=1)
+    with reading(_ckpt(run, OLD)) as status:
+        assert status is None
+        ck._rotate()
+        assert [s for s, _ in list_checkpoints(root)] == [4, 2]  # held: kept for now
+    ck._rotate()
+    assert [s for s, _ in list_checkpoints(root)] == [4] and os.listdir(root) == [NEW]
+
+
+def test_reader_lists_again_when_its_checkpoint_is_rotated_away(run):
+    """The race of the issue, made deterministic: a newer checkpoint is saved and the listed one rotated away
+    between the reader's listing and its lock; the reader then loads the newer one instead of failing."""
+    from llmforge.checkpoint import Checkpointer, CheckpointVanished, load_newest
+    from llmforge.checkpoint_integrity import remove_unless_read
+    from llmforge.run_loading import ensure_process_group
+    root = os.path.join(run, "checkpoints")
+    shutil.rmtree(_ckpt(run, OLD))
+    model = __import__("llmforge.run_loading", fromlist=["load_run"]).load_run(run).model
+    ensure_process_group()
+    ck, tried = Checkpointer(root), []
+
+    def load(path):
+        tried.append(os.path.basename(path))
+        if len(tried) == 1:  # training saves step 6 and rotates step 4 away (keep=1) right now
+            shutil.copytree(path, _ckpt(run, "step_00000006"))
+            assert remove_unless_read(path)
+        return ck.load(path, [model], [], load_optimizer=False, load_rng=False)
+    path, state = load_newest(root, load, log=pytest.fail)
+    assert tried == [NEW, "step_00000006"] and path == _ckpt(run, "step_00000006") and state["step"] == 4
+    with pytest.raises(CheckpointVanished, match="checkpoint not found"):
+        ck.load(_ckpt(run, NEW), [model], [], load_optimizer=False)
