@@ -201,3 +201,17 @@ def test_the_max_id_cache_never_hides_an_edit_in_place(env, tmp_path):
     os.utime(bin_path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ConfigError, match="holds token id 300"):
         check_data_against_model([data], 300)
+
+
+def test_a_large_bin_is_hashed_by_fixed_windows(tmp_path):
+    """Above SAMPLE_WINDOWS windows' worth of bytes only the windows are read: a change inside one shows."""
+    from llmforge.run_guard import SAMPLE_WINDOW, SAMPLE_WINDOWS, _xxh3_file
+    path = str(tmp_path / "big.bin")
+    size = 3 * SAMPLE_WINDOWS * SAMPLE_WINDOW
+    open(path, "wb").write(np.random.default_rng(0).bytes(size))
+    first = _xxh3_file(path, SAMPLE_WINDOWS)
+    assert first == _xxh3_file(path, SAMPLE_WINDOWS) != _xxh3_file(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 10)  # inside the last window
+        f.write(b"\x00" * 10)
+    assert _xxh3_file(path, SAMPLE_WINDOWS) != first
