@@ -4,8 +4,11 @@
     python -m launch.torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 \\
         --rdzv-endpoint head:29500 --max-restarts 3 CONFIG.yaml [key=value ...]                   # each node
 
-It prints the exact ``torchrun`` command, then replaces itself with it (signals reach torchrun directly, which
-is what Slurm preemption needs). One node without ``--rdzv-endpoint`` gets a free loopback port. Restarts
+It prints the exact ``torchrun`` command, then runs torchrun's agent in this same process (launch/agent.py), so
+signals reach the agent directly, which is what Slurm preemption needs. SIGTERM/SIGUSR1 to it: the workers finish
+the step, save and exit 75, and so does this command, with one line (plain torchrun exits 1 with a
+SignalException traceback there); the workers get ``--shutdown-timeout`` seconds (default 120, torchrun's own
+default is 30) before they are killed. One node without ``--rdzv-endpoint`` gets a free loopback port. Restarts
 (``--max-restarts``) rely on the trainer's auto-resume from ``run_dir/checkpoints``.
 Refused with one ``error:`` line (exit 2): a busy rendezvous port, ``--node-rank`` outside ``--nnodes``,
 several nodes without an endpoint, a world size that does not fit the config's parallel.* sizes.
@@ -18,6 +21,11 @@ import os
 import shlex
 import socket
 import sys
+
+
+# SIGUSR1 too (torchrun's default list lacks it): forwarded to the workers, whose graceful stop it is, instead of
+# killing the agent and leaving them to be stopped by their parent-death signal with nobody waiting for them
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 class LaunchArgsError(ValueError):
@@ -78,6 +86,9 @@ def build_command(args, config: str, overrides: list[str]) -> list[str]:
         raise LaunchArgsError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes} (valid: 0..{args.nnodes - 1})")
     if args.max_restarts < 0:
         raise LaunchArgsError("--max-restarts must be >= 0")
+    if args.shutdown_timeout < 1 or args.rdzv_timeout < 0:
+        raise LaunchArgsError(f"--shutdown-timeout ({args.shutdown_timeout}) must be >= 1 and --rdzv-timeout "
+                              f"({args.rdzv_timeout}) >= 0 seconds")
     if args.rdzv_endpoint:
         host, port = parse_endpoint(args.rdzv_endpoint)
         if args.node_rank == 0:  # node 0 hosts the c10d store: its port must be free here
@@ -99,7 +110,8 @@ def build_command(args, config: str, overrides: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nnodes={args.nnodes}", f"--nproc-per-node={args.nproc_per_node}",
            f"--node-rank={args.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
-           f"--rdzv-id={rdzv_id}", f"--max-restarts={args.max_restarts}"]
+           f"--rdzv-id={rdzv_id}", f"--max-restarts={args.max_restarts}",
+           f"--shutdown-timeout={args.shutdown_timeout}", f"--signals-to-handle={SIGNALS}"]
     if args.rdzv_timeout:
         cmd.append(f"--rdzv-conf=join_timeout={args.rdzv_timeout}")
     if args.log_dir:
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rdzv-timeout", type=int, default=0, help="seconds to wait for all nodes (0: torchrun default)")
     ap.add_argument("--max-restarts", type=int, default=0, help="restart the workers this many times (auto-resume)")
     ap.add_argument("--log-dir", default=None, help="torchrun per-rank log dir")
+    ap.add_argument("--shutdown-timeout", type=int, default=120,
+                    help="seconds the workers get to save after a SIGTERM/SIGUSR1 before they are killed")
     ap.add_argument("--module", default="llmforge.train", help="python module to run (default llmforge.train)")
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
     ap.add_argument("--skip-checks", action="store_true", help="do not check the config against the world size")
@@ -137,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
+    from launch.agent import run_agent
+    return run_agent(cmd[3:], args.shutdown_timeout)  # cmd[:3] is "python -m torch.distributed.run"
 
 
 if __name__ == "__main__":
