@@ -1,7 +1,7 @@
 """CLI (console script ``llmforge-data``):
 
   python -m data_pipeline run CONFIG.yaml [key=value ...]   raw text -> <output_dir>/{shards,tokenizer.model,stats.json,config.yaml}
-  python -m data_pipeline merge OUT_PREFIX IN_PREFIX...       concatenate .bin/.idx shards
+  python -m data_pipeline merge OUT_PREFIX IN_PREFIX... [--force]   concatenate .bin/.idx shards (one tokenizer)
   python -m data_pipeline inspect PREFIX [--n 3]              decode documents back with the tokenizer
   python -m data_pipeline keys                                list every config key with its default
   python -m data_pipeline task CONFIG --stage S [--rank R]    one task (what a Slurm array element runs)
@@ -44,11 +44,8 @@ def _cmd_task(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .shards import merge_shards
-    for p in args.inputs:
-        if not os.path.isfile(p + ".idx"):
-            raise FileNotFoundError(f"shard not found: {p}.idx")
-    merge_shards(args.inputs, args.out)
+    from .merge import merge  # refuses an existing OUT (unless --force) and inputs from different tokenizers
+    merge(args.out, args.inputs, force=args.force)
     print(f"merged {len(args.inputs)} shards into {args.out}.bin/.idx")
     return 0
 
@@ -101,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge shards")
     m.add_argument("out")
     m.add_argument("inputs", nargs="+")
+    m.add_argument("--force", action="store_true", help="replace an existing OUT.bin/.idx")
     i = sub.add_parser("inspect", help="decode documents of a shard")
     i.add_argument("prefix")
     i.add_argument("--n", type=int, default=3)

@@ -7,7 +7,8 @@ import os
 
 import zstandard
 
-from llmforge.common.atomic import atomic_path, read_json, save_npy, tmp_name, write_bytes, write_json  # noqa: F401
+from llmforge.common.atomic import (atomic_path, note_write, read_json, save_npy, tmp_name, write_bytes,  # noqa: F401
+                                    write_json)
 
 from .readers import open_binary
 
@@ -32,6 +33,7 @@ class JsonlZstWriter:
     def close(self) -> None:
         self._z.close()
         self._raw.close()
+        note_write(self.path)
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -7,6 +7,7 @@ outputs. Outputs are deterministic functions of (input, config, task count): nev
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import glob
@@ -101,11 +102,25 @@ def _pool_task(args):
         raise task_error(stage.name, rank, e) from None
 
 
-def _pool_worker_init() -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """This process gets SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG): a ``kill -9`` of the run's
+    main process must not leave pool workers writing into work/ behind it. A parent already gone (it died between
+    the fork and this call) ends it now."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _pool_worker_init(parent_pid: int) -> None:
     """Pool.terminate() ends idle workers with SIGTERM. A Python-level handler (the CLI's, inherited by fork) only
     runs between bytecodes: a SIGTERM that lands just before a worker blocks on the task queue's lock is never
     handled, and the pool's join waits forever (seen once in ~50 runs). The default action ends the worker at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
 
 
 class LocalExecutor:
@@ -139,7 +154,8 @@ class LocalExecutor:
                 bar.update(1)
             return
         _POOL_CTX = ctx  # forked workers inherit it; nothing is pickled but (stage, rank)
-        with multiprocessing.get_context("fork").Pool(n_proc, initializer=_pool_worker_init) as pool:
+        with multiprocessing.get_context("fork").Pool(n_proc, initializer=_pool_worker_init,
+                                                      initargs=(os.getpid(),)) as pool:
             for _ in pool.imap_unordered(_pool_task, [(stage, r) for r in pending]):
                 bar.update(1)
 

@@ -119,6 +119,21 @@ def unlock(out: str) -> None:
         os.close(fd)
 
 
+def _forget_locks_in_child() -> None:
+    """A forked child (a pool worker) shares the parent's lock (one open file description): a worker outliving a
+    killed main process kept the folder locked, the rerun refused "in use by pid <the dead one>". The child's copy
+    is closed at fork; the parent keeps its lock (a flock goes only with the last descriptor)."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def remove_owned(out: str, names, created: bool) -> None:
     """Remove the pipeline's own outputs (``names`` and ``work/``), then the marker and the folder if a run
     created it and nothing else is left in it; the user's files stay."""

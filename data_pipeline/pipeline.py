@@ -24,7 +24,7 @@ from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
 from .shards import IndexedShard, ShardWriter
-from .tokenizer import task_shard_prefix, tokenize_task, train_tokenizer_task
+from .tokenizer import check_model_path, task_shard_prefix, tokenize_task, train_tokenizer_task
 
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json")
 BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
@@ -159,6 +159,10 @@ def clean_outputs(ctx, work_too: bool) -> None:
 def run(cfg, config_path: str | None = None) -> dict:
     """Run (or resume) the whole pipeline; return stats.json's content plus wall times."""
     ctx = Context(cfg)
+    check_model_path(cfg.tokenizer.model_path)  # before any stage: a bad file used to fail after prepare
+    if cfg.executor == "ray":
+        from .ray_executor import require_ray  # ray is optional: say how to install it before anything is written
+        require_ray()
     created = prepare_output_dir(ctx)
     stages = build_stages(ctx)
     for s in stages:  # nothing left after filtering: the per-step table and one line, before tokenizer training

@@ -7,15 +7,23 @@ an existing cluster only; ``HOST:6379`` = a cluster's GCS address; ``ray://HOST:
 must be able to import this package and see ``output_dir`` and the inputs at the same paths (a shared file
 system): tasks exchange nothing but their files and markers, exactly as Slurm array tasks do. A worker that dies
 is retried (``ray.max_retries``): tasks write atomically and skip themselves once their marker exists.
+
+Connecting never hangs: a cluster that does not answer within ``ray.connect_timeout`` seconds fails the run in one
+line naming the address, and SIGTERM / Ctrl-C stop the run at any moment, as with the local executor (exit 143 /
+130). Without Ray installed, ``require_ray`` says how to install it before the output folder is touched.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import tempfile
+import threading
 import time
 
 from tqdm import tqdm
 
+from .config import ConfigError
 from .executor import PipelineError, Stage, is_done, run_task, task_error
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +33,66 @@ class RayJobError(PipelineError):
     """Ray itself failed (cluster unreachable, worker or node lost after retries): work/ stays for a rerun."""
 
     keep_work = True
+
+
+def require_ray() -> None:
+    """executor=ray needs Ray, an optional dependency: checked before anything is written, in one line."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"executor=ray needs Ray, which does not import here ({e}): pip install 'llmforge[ray]' "
+                          "(or pip install ray)") from None
+
+
+class _DropThreadWarning(logging.Filter):
+    """ray.init from a helper thread warns that it cannot set its SIGTERM handler: intended (the CLI's handler
+    must stay), so the warning is noise on the one-line error output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _init(ray, timeout: float | None, what: str, **kw) -> None:
+    """ray.init(**kw) in a helper thread that the main thread waits for. ray.init blocks in C++ while it looks for
+    the cluster (minutes, for an address where none listens), where no Python signal handler runs; waiting here
+    instead, the CLI's SIGTERM/Ctrl-C handlers run at once, and after ``timeout`` seconds the run fails. (From the
+    main thread ray.init would also replace the CLI's SIGTERM handler by its own sys.exit.) An abandoned thread is a
+    daemon: it does not keep the process alive."""
+    done, box = threading.Event(), {}
+
+    def target():
+        try:
+            ray.init(**kw)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    quiet = _DropThreadWarning()
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    with tempfile.TemporaryFile() as captured:
+        # Ray's C++ client writes its retry warnings ("Failed to connect to GCS ...") straight to fd 2, before its
+        # log settings apply: held back while connecting, shown only if the connection succeeds.
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            threading.Thread(target=target, name="ray-init", daemon=True).start()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not done.wait(0.2):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RayJobError(f"{what}: no Ray cluster answered within {timeout:g} s (ray.connect_timeout); "
+                                      "is `ray start --head` running there?")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+        if "error" not in box:
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+    if "error" in box:
+        raise box["error"]
 
 
 def _ray_task(ctx, stage: Stage, rank: int, cwd: str) -> str | None:
@@ -59,10 +127,8 @@ class RayExecutor:
         """ray.init for ``ray.address``; returns whether this call started a new local instance."""
         if self.cfg.ray.address or os.environ.get("RAY_ADDRESS"):
             _send_token_if_any()  # before Ray reads its config
-        try:
-            import ray
-        except ImportError:
-            raise PipelineError("executor=ray needs Ray: pip install 'llmforge[ray]' (or pip install ray)") from None
+        require_ray()
+        import ray
         rc = self.cfg.ray
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                # lets a cluster on this machine import the package even when it is not pip-installed
@@ -70,25 +136,29 @@ class RayExecutor:
         kw = dict(runtime_env={"env_vars": env}, log_to_driver=rc.log_to_driver, configure_logging=False)
         address = rc.address or os.environ.get("RAY_ADDRESS", "")
         if address:
+            what = f"ray.address={address}"
             try:
-                ray.init(address=address, **kw)
+                _init(ray, rc.connect_timeout, what, address=address, **kw)
+            except RayJobError:
+                raise
             except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line either way
-                raise RayJobError(f"ray.address={address}: cannot connect to a Ray cluster "
+                raise RayJobError(f"{what}: cannot connect to a Ray cluster "
                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
             return False
         # No address: a cluster started on this machine with `ray start` if there is one, else a new instance.
         try:
-            ray.init(address="auto", **kw)
+            _init(ray, rc.connect_timeout, "ray.address=auto (the cluster `ray start` left on this machine)",
+                  address="auto", **kw)
             return False
         except (ConnectionError, RuntimeError):
             pass
-        ray.init(num_cpus=self.cfg.workers, include_dashboard=False, object_store_memory=rc.object_store_mb << 20,
-                 **kw)
+        _init(ray, None, "a local Ray instance", num_cpus=self.cfg.workers, include_dashboard=False,
+              object_store_memory=rc.object_store_mb << 20, **kw)
         return True
 
     def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
-        import ray
         self._connect()
+        import ray
         rc = self.cfg.ray
         remote = ray.remote(_ray_task).options(num_cpus=rc.num_cpus_per_task, max_retries=rc.max_retries)
         walls: dict[str, float] = {}
@@ -102,7 +172,9 @@ class RayExecutor:
                 with tqdm(total=stage.n_tasks, initial=stage.n_tasks - len(pending), desc=f"{stage.name:>10}",
                           unit="task", disable=not self.cfg.progress, file=sys.stderr, leave=True) as bar:
                     while refs:
-                        done, _ = ray.wait(list(refs), num_returns=1)
+                        done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)  # signals run between waits
+                        if not done:
+                            continue
                         rank = refs.pop(done[0])
                         try:
                             err = ray.get(done[0])

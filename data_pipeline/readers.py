@@ -9,6 +9,7 @@ or is counted under ``read_errors`` when ``input.on_error: skip``.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
@@ -132,6 +133,19 @@ def _is_hf_disk(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, m)) for m in HF_DISK_MARKERS)
 
 
+def _unreadable(p: str) -> str:
+    """Why an input path cannot be opened: a symlink loop or a dangling symlink is told apart from a missing path."""
+    try:
+        os.stat(p)
+        return ""
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{p} is a symlink loop (ELOOP: too many levels of symbolic links)"
+        if os.path.islink(p):
+            return f"{p} is a broken symlink (its target {os.readlink(p)} does not exist)"
+        return f"no such file or folder: {p}"
+
+
 def expand_paths(cfg: InputConfig) -> list[tuple[str, str, str]]:
     """Resolve ``input.paths`` into sorted units ``(format, path, id_prefix)``; raises ConfigError if a path is
     missing or nothing readable is found (before any output is written)."""
@@ -141,7 +155,7 @@ def expand_paths(cfg: InputConfig) -> list[tuple[str, str, str]]:
             hits = sorted(glob.glob(p, recursive=True))
             if not hits:
                 raise ConfigError(f"input.paths: the glob {p!r} matches nothing")
-            files.extend(h for h in hits if os.path.isfile(h) or _is_hf_disk(h))
+            files.extend(h for h in hits if os.path.isfile(h) or _is_hf_disk(h) or os.path.islink(h))
         elif os.path.isdir(p):
             if _is_hf_disk(p):
                 files.append(p)
@@ -156,10 +170,12 @@ def expand_paths(cfg: InputConfig) -> list[tuple[str, str, str]]:
         elif os.path.isfile(p):
             files.append(p)
         else:
-            raise ConfigError(f"input.paths: no such file or folder: {p}")
+            raise ConfigError(f"input.paths: {_unreadable(p)}")
     units = []
     for f in sorted(set(os.path.normpath(f) for f in files)):
         kind = detect_format(f, cfg.format)
+        if kind and _unreadable(f):  # found in a folder or by a glob: refused before anything is written
+            raise ConfigError(f"input.paths: {_unreadable(f)}")
         if kind:
             units.append((kind, f))
     if cfg.hf_dataset:
@@ -266,7 +282,14 @@ class Reader:
                     doc = self._make(f"{rel}:{lineno}", rec, where)
                     if doc:
                         yield doc
-        except (EOFError, OSError, zlib.error, CompressionError) as e:  # truncated / corrupt .gz or .zst
+        except OSError as e:
+            if e.errno is None:  # gzip's BadGzipFile and the like: damaged data, not a system error
+                self._bad(f"{path}:{lineno + 1}", f"truncated or corrupt compressed file ({e})")
+            elif e.errno == errno.ELOOP:
+                self._bad(path, "a symlink loop (ELOOP: too many levels of symbolic links)")
+            else:
+                self._bad(f"{path}:{lineno + 1}" if lineno else path, f"cannot read the file ({e.strerror})")
+        except (EOFError, zlib.error, CompressionError) as e:  # truncated / corrupt .gz or .zst
             # Documents before the damage were already yielded; the rest of the file is unreadable.
             self._bad(f"{path}:{lineno + 1}", f"truncated or corrupt compressed file ({e})")
 

@@ -2,8 +2,9 @@
 
 Enabled by ``sft.enabled: true`` (preset ``configs/data/sft.yaml``). Rows are ``{"prompt", "response"}`` (an
 optional ``"system"``) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
-A malformed row (missing field, unknown role, empty response, last message not the assistant's, longer than
-``sft.max_tokens`` after ``sft.truncation``) is reported as ``file:line: ...`` and fails the run or is counted
+A malformed row (missing field, both prompt/response and messages, unknown role, empty response, last message not
+the assistant's, more characters in its messages than ``input.max_doc_chars``, longer than ``sft.max_tokens``
+after ``sft.truncation``) is reported as ``file:line: ...`` and fails the run or is counted
 under ``read_errors`` per ``input.on_error``, exactly like the pretraining reader.
 
 The chat template (``TEMPLATE`` below; written to ``OUT/chat_template.json`` with an equivalent Jinja string so
@@ -58,6 +59,10 @@ def parse_row(rec, scfg) -> list[dict]:
     """A row -> messages; raises ValueError with a one-line reason for a malformed row."""
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    both = [k for k in (scfg.prompt_key, scfg.response_key) if k in rec]
+    if scfg.messages_key in rec and both:  # which one would be trained on is a guess: refuse it
+        raise ValueError(f"the row has both {scfg.messages_key!r} and {'/'.join(map(repr, both))}: a row holds one "
+                         "conversation, either {prompt, response} or messages")
     if scfg.messages_key in rec:
         msgs = rec[scfg.messages_key]
         if not isinstance(msgs, list) or not msgs:
@@ -126,6 +131,9 @@ class SFTReader(Reader):
         scfg = self.full.sft
         try:
             msgs = parse_row(rec, scfg)
+            chars = sum(len(m["content"]) for m in msgs)
+            if chars > self.cfg.max_doc_chars:  # as the pretraining reader: a bad record (input.on_error decides)
+                raise ValueError(f"conversation of {chars} characters exceeds input.max_doc_chars={self.cfg.max_doc_chars}")
             if self.full.clean.enabled:
                 msgs = [{"role": m["role"], "content": clean_message(m["content"], self.full.clean.normalization)}
                         for m in msgs]

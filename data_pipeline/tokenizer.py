@@ -16,6 +16,7 @@ import sentencepiece as spm
 import xxhash
 
 from .atomic_io import read_jsonl, write_bytes
+from .config import ConfigError
 from .dedup.stages import load_removed
 from .encode_cache import CachedEncoder, not_cacheable
 from .executor import PipelineError
@@ -41,6 +42,25 @@ def kept_docs(ctx, rank: int):
     for i, doc in enumerate(read_jsonl(prepared_path(ctx.work, rank))):
         if i not in removed:
             yield doc
+
+
+def check_model_path(path: str) -> None:
+    """A given tokenizer.model_path must be a sentencepiece model: checked before the first stage runs (found in
+    the tokenizer stage, it came after the whole prepare stage, as a protobuf error naming no key)."""
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"tokenizer.model_path={path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:  # parses as an empty model, which fails only at its first use
+            raise ConfigError(f"tokenizer.model_path={path}: not a sentencepiece model (an empty file)")
+        spm.SentencePieceProcessor(model_proto=data)
+    except OSError as e:
+        raise ConfigError(f"tokenizer.model_path={path}: cannot read it ({e.strerror})") from None
+    except RuntimeError:  # sentencepiece's message quotes its C++ source, not the file
+        raise ConfigError(f"tokenizer.model_path={path}: not a sentencepiece model (it does not parse as one)") from None
 
 
 def model_path(ctx) -> str:

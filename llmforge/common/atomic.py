@@ -9,6 +9,15 @@ import os
 import numpy as np
 
 
+WRITE_HOOKS: list = []  # each called with a final path just before it is renamed into place (the pipeline's manifest)
+
+
+def note_write(path: str) -> None:
+    """Tell the hooks that ``path`` is about to appear (writers that rename by themselves call this too)."""
+    for hook in WRITE_HOOKS:
+        hook(path)
+
+
 def tmp_name(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
@@ -20,6 +29,7 @@ def atomic_path(path: str):
     tmp = tmp_name(path)
     try:
         yield tmp
+        note_write(path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -15,6 +15,8 @@ import struct
 
 import numpy as np
 
+from llmforge.common.atomic import note_write
+
 MAGIC = b"MMIDIDX\x00\x00"
 STATS_EXT = ".stats.json"  # sidecar: max token id, counts
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -61,6 +63,8 @@ class ShardWriter:
         self._bin.close()
         write_index(self._tmp + ".idx", self.dtype, self.lengths)
         write_sidecar(self._tmp + STATS_EXT, self.dtype, self.tokens, len(self.lengths), self.max_id)
+        for ext in (STATS_EXT, ".bin", ".idx"):
+            note_write(self.prefix + ext)
         os.replace(self._tmp + STATS_EXT, self.prefix + STATS_EXT)  # first: a stale one never outlives its .bin
         os.replace(self._tmp + ".bin", self.prefix + ".bin")
         os.replace(self._tmp + ".idx", self.prefix + ".idx")
