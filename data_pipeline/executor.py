@@ -75,6 +75,8 @@ def run_task(ctx, stage: Stage, rank: int) -> float:
     """Run one task unless its marker exists; return its seconds (0 when skipped)."""
     if is_done(ctx.work, stage.name, rank):
         return 0.0
+    from .manifest import start_recording
+    start_recording(ctx.out)  # every process (fork, Ray, Slurm) lists what it writes: cleanups remove only that
     t0 = time.perf_counter()
     stats = stage.fn(ctx, rank)
     seconds = time.perf_counter() - t0

@@ -1,9 +1,10 @@
 """The output folder the pipeline owns, and the input fingerprint that decides whether a rerun resumes.
 
 Ownership: the first run writes ``<output_dir>/.llmforge-data`` (which also records whether the run created the
-folder). A failed run removes only what the pipeline writes (its named outputs, ``work/``, the marker) and the
-folder itself only if a run created it; a non-empty folder without the marker (the user's own files) is refused
-in one line before anything is written.
+folder). A failed run removes only what the pipeline wrote (the files its manifest lists, manifest.py; then the
+marker) and the folder itself only if a run created it and nothing else is left; a non-empty folder without the
+marker (the user's own files) is refused in one line before anything is written, and so is an output_dir that
+contains an input or lies inside an input folder (a rerun would read its own outputs, a start-over delete inputs).
 
 Fingerprint: inputs are identified by a content hash (xxh3-128 over the bytes), not size + mtime: a file whose
 content changed with the same size and mtime is noticed. Hashes are cached in ``work/input_hashes.json`` keyed by
@@ -14,14 +15,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
+import glob
 import os
 import shutil
 import time
 
 import xxhash
 
+from llmforge.config import ConfigError
+
 from .atomic_io import read_json, write_json
 from .executor import PipelineError
+from .manifest import remove_listed
 
 OWNER_FILE = ".llmforge-data"
 LOCK_FILE = ".llmforge-data.lock"  # empty; flock'ed while a run uses the folder (the kernel drops it on any exit)
@@ -73,6 +79,50 @@ def claim(out: str) -> bool:
         raise os_error(out, e) from None
     except ValueError:  # an unreadable marker: it is still ours
         return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _glob_reaches(pattern: str, target: str) -> bool:
+    """Whether ``pattern`` (a glob) can match a file at or below the folder ``target`` (a real path): its literal
+    leading folder is resolved, then each further part must match target's part, until a ``**`` or until the
+    pattern goes on below target. A pattern that stops at target or above it names folders, which globs skip."""
+    parts = os.path.abspath(pattern).split(os.sep)[1:]
+    k = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    rel = os.path.relpath(target, os.path.realpath(os.sep + os.path.join(*parts[:k])) if k else os.sep)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return False
+    below = [] if rel == os.curdir else rel.split(os.sep)
+    for i, part in enumerate(parts[k:]):
+        if part == "**" or i >= len(below):
+            return True
+        if not fnmatch.fnmatchcase(below[i], part):
+            return False
+    return False
+
+
+def check_apart_from_inputs(out: str, paths) -> None:
+    """Refuse (ConfigError, before anything is written) an ``output_dir`` that contains an input or lies inside
+    an input folder (``input.paths``: files, folders or globs): the next run would read the pipeline's own
+    outputs, and a start-over would delete inputs."""
+    real_out = os.path.realpath(out)
+    for p in paths:
+        hits = [p]
+        if glob.has_magic(p):
+            if _glob_reaches(p, real_out):
+                raise ConfigError(f"output_dir {out} lies inside what the input.paths glob {p} reads: a rerun "
+                                  "would read the pipeline's own outputs; choose an output_dir outside the inputs")
+            hits = glob.glob(p, recursive=True)
+        for hit in hits:
+            real = os.path.realpath(hit)
+            if _inside(real, real_out):
+                raise ConfigError(f"input.paths entry {hit} lies inside output_dir {out}: the pipeline would read "
+                                  "and delete its own input; move the input or choose another output_dir")
+            if os.path.isdir(real) and _inside(real_out, real):
+                raise ConfigError(f"output_dir {out} lies inside the input folder {hit} (input.paths): a rerun "
+                                  "would read the pipeline's own outputs; choose an output_dir outside the inputs")
 
 
 def _holder(path: str) -> int | None:
@@ -134,10 +184,11 @@ def _forget_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def remove_owned(out: str, names, created: bool) -> None:
-    """Remove the pipeline's own outputs (``names`` and ``work/``), then the marker and the folder if a run
-    created it and nothing else is left in it; the user's files stay."""
-    for name in tuple(names) + ("work",):
+def remove_owned(out: str, names, created: bool, protect=()) -> None:
+    """Remove the pipeline's own outputs (the files its manifest lists, none in ``protect``; a folder from before
+    the manifest: ``names`` and ``work/``), then the marker and the folder if a run created it and nothing else is
+    left in it; the user's files stay."""
+    for name in () if remove_listed(out, protect) else tuple(names) + ("work",):
         p = os.path.join(out, name)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)

@@ -19,7 +19,9 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .output_dir import claim, input_digests, load_hash_cache, os_error, remove_owned, save_hash_cache, unlock
+from .manifest import fold, install_dir, remove_listed, start_recording, stop_recording
+from .output_dir import (check_apart_from_inputs, claim, input_digests, load_hash_cache, os_error, remove_owned,
+                         save_hash_cache, unlock)
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import expand_paths
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
@@ -101,10 +103,8 @@ def shard_task(ctx, _rank: int) -> dict:
             write_bytes(os.path.join(tmp_ids, names[-1] + ".txt"), "".join(x + "\n" for x in ids).encode())
         out[split] = names
     for final, src in (("shards", tmp), ("doc_ids", tmp_ids)):
-        dest = os.path.join(ctx.out, final)
-        shutil.rmtree(dest, ignore_errors=True)
         os.makedirs(src, exist_ok=True)
-        os.replace(src, dest)
+        install_dir(src, os.path.join(ctx.out, final))  # a user's file in shards/ stays
     return {"shards": out}
 
 
@@ -130,8 +130,10 @@ def fingerprint(ctx, hash_cache: dict | None = None) -> str:
 
 def prepare_output_dir(ctx) -> bool:
     """Claim the output folder (output_dir.py: refuses someone else's non-empty folder), create/validate
-    ``work/``; if an earlier run used another config or input, start over. Returns whether a run of the pipeline
-    created the output folder (so that a failed run can remove it)."""
+    ``work/``; if an earlier run used another config or input, start over (removing only what the manifest lists,
+    manifest.py). Returns whether a run of the pipeline created the output folder (so that a failed run can
+    remove it). An output_dir that contains an input or lies inside one is refused before anything is written."""
+    check_apart_from_inputs(ctx.out, ctx.cfg.input.paths)
     created = claim(ctx.out)
     fp_path = os.path.join(ctx.work, "fingerprint.json")
     cache = load_hash_cache(ctx.work)
@@ -139,15 +141,22 @@ def prepare_output_dir(ctx) -> bool:
     try:
         if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
             print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
-            clean_outputs(ctx, work_too=True)
+            if not remove_listed(ctx.out, protected(ctx)):
+                clean_outputs(ctx, work_too=True)  # a folder from before the manifest: the old layout rule
         os.makedirs(ctx.work, exist_ok=True)
         remove_temp_files(ctx.out, ctx.work)
+        start_recording(ctx.out)
         write_json(fp_path, {"fingerprint": fp})
         save_hash_cache(ctx.work, cache)
         dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
     except OSError as e:
         raise os_error(ctx.out, e) from None
     return created
+
+
+def protected(ctx) -> list[str]:
+    """Files and folders a cleanup never removes: the run's inputs and its tokenizer.model_path."""
+    return [unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
 
 
 def clean_outputs(ctx, work_too: bool) -> None:
@@ -178,13 +187,16 @@ def run(cfg, config_path: str | None = None) -> dict:
             walls = RayExecutor(cfg).run(ctx, stages)
         else:
             walls = LocalExecutor(cfg.workers, cfg.progress).run(ctx, stages)
+        fold(ctx.out)  # no task runs any more: one sorted manifest, the same bytes for a resumed run
     except PipelineError as e:
         # A data/config error: no partial output. Interruptions (SIGKILL, Ctrl-C) keep work/ for resuming.
         if e.keep_work:
             raise
-        remove_owned(ctx.out, FINAL_OUTPUTS, created)  # only what the pipeline wrote; the user's files stay
+        stop_recording()
+        remove_owned(ctx.out, FINAL_OUTPUTS, created, protected(ctx))  # only what it wrote; the user's files stay
         raise
     finally:
+        stop_recording()
         unlock(ctx.out)
     result = {"stats": read_json(os.path.join(ctx.out, "stats.json")), "walls": walls,
               "task_seconds": stats_mod.task_seconds(ctx, stages), "step_seconds": stats_mod.step_seconds(ctx)}
@@ -194,9 +206,9 @@ def run(cfg, config_path: str | None = None) -> dict:
 
 
 def remove_bulky_work(ctx) -> None:
-    """Drop intermediate data but keep markers and fingerprint: a rerun stays a no-op."""
-    for name in BULKY_WORK:
-        shutil.rmtree(os.path.join(ctx.work, name), ignore_errors=True)
+    """Drop intermediate data (the files of it the manifest lists) but keep markers and fingerprint: a rerun
+    stays a no-op."""
+    remove_listed(ctx.out, protected(ctx), under=[os.path.join("work", name) for name in BULKY_WORK])
 
 
 def run_single_task(cfg, stage_name: str, rank: int) -> None:

@@ -218,9 +218,8 @@ def loss_mask_task(ctx, _rank: int) -> dict:
                                             f"{tokens.lengths[j]} tokens")
                     w.add_document(src.doc(i))
         names[split] = [os.path.basename(f) for f in finals]
-    dest = os.path.join(ctx.out, MASK_DIR)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    from .manifest import install_dir
+    install_dir(tmp, os.path.join(ctx.out, MASK_DIR))  # a user's file in loss_mask/ stays
     return {"loss_mask": names}
 
 
