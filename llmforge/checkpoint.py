@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from llmforge.safe_pickle import SafeFileSystemReader, load_metadata
+from llmforge.safe_pickle import SafeFileSystemReader, UnsafePickleError, load_metadata, safe_torch_load
 from llmforge.common.atomic import atomic_path
 from llmforge.checkpoint_integrity import (CheckpointError, CheckpointVanished, DamagedCheckpoint,  # noqa: F401
                                            NoUsableCheckpoint, is_complete, reading, remove_unless_read, verify,
@@ -236,10 +236,12 @@ class Checkpointer:
         rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
         if load_rng and os.path.isfile(rng_file):  # a different world size has no RNG state for new ranks: keep the seeded one
             try:
-                rng = torch.load(rng_file, weights_only=True)
+                rng = safe_torch_load(rng_file)
                 torch.set_rng_state(rng["torch"])
                 if "cuda" in rng and torch.cuda.is_available():
                     torch.cuda.set_rng_state(rng["cuda"])
+            except UnsafePickleError:  # a crafted file: already one line naming it and what it references
+                raise
             except Exception as e:  # noqa: BLE001 - torch's message advises weights_only=False: never for a checkpoint
                 raise CheckpointError(f"{rng_file}: not a readable RNG state (garbled or truncated: "
                                       f"{type(e).__name__})") from None

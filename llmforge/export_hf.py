@@ -266,7 +266,8 @@ def _read_weights(hf_dir: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         return load_file(os.path.join(hf_dir, "model.safetensors"))
     if os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-        return torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        from llmforge.safe_pickle import safe_torch_load  # tensors only: a crafted .bin is refused in one line
+        return safe_torch_load(os.path.join(hf_dir, "pytorch_model.bin"))
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin")
 
 

@@ -1,4 +1,4 @@
-"""Loading DCP checkpoint metadata without running code from the file.
+"""Unpickling files without running code from them: every pickle llmforge reads goes through this module.
 
 A DCP checkpoint's ``.metadata`` is a pickle that ``FileSystemReader.read_metadata`` opens with plain
 ``pickle.load``: a crafted checkpoint runs arbitrary code the moment ``llmforge.eval`` (or a resume) touches it.
@@ -6,14 +6,24 @@ Here the same file goes through an allow-list unpickler that resolves only the c
 holds (torch.distributed.checkpoint.metadata, the file system reader's storage records, torch sizes, dtypes and
 layouts, paths) and plain data builtins. Anything else (``os.system``, ``builtins.exec``, ``subprocess.*`` ...)
 is refused before it is called, with :class:`UnsafePickleError` naming the file and the global.
+
+Every other pickle (``torch.save`` files: RNG states, ``pytorch_model.bin``, DeepSpeed's model/optimizer states,
+the non-tensor entries of a DCP checkpoint) is read by :func:`safe_torch_load`, ``torch.load(weights_only=True)``
+with torch's long advice to set ``weights_only=False`` turned into one line naming the file. Libraries that call
+``torch.load(weights_only=False)`` themselves (DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32``, DCP's
+``load_bytes``) run inside :func:`weights_only_loads`, which routes their calls through the same loader and
+allows only the named plain-data classes they pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import re
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 # Data-only builtins: constructing them runs no user-chosen code (exec, eval, open, getattr, __import__ are absent).
@@ -73,8 +83,64 @@ def load_metadata(path: str):
         raise ValueError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
 
 
+def _weights_only_reason(e: Exception) -> str:
+    """What torch's weights-only refusal refused, without its advice to load with weights_only=False."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it references {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    return m.group(1).split(" Please ")[0].strip() if m else (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def safe_torch_load(f, source: str | None = None, **kwargs: Any):
+    """``torch.load(f, weights_only=True)`` (tensors and plain data only; map_location defaults to cpu). A file
+    that needs anything else raises :class:`UnsafePickleError`, one that cannot be read a ValueError: one line
+    naming ``source`` (default: the path)."""
+    name = source or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else "a pickled entry")
+    kwargs["weights_only"] = True
+    kwargs.setdefault("map_location", "cpu")
+    try:
+        return torch.serialization.load(f, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a class or function outside the weights-only allow-list: a crafted or foreign file
+            raise UnsafePickleError(f"refusing to load {name}: {_weights_only_reason(e)} (only tensors and plain "
+                                    "data are unpickled, never code; not loaded)") from None
+        raise ValueError(f"{name}: unreadable (garbled or truncated: {_weights_only_reason(e)})") from None
+    except (RuntimeError, EOFError, ValueError, AttributeError, KeyError) as e:  # OSError (missing file) stays
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{name}: unreadable ({type(e).__name__}: {first})") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: tuple = (), source: str | None = None):
+    """While inside, every ``torch.load`` (also a library's own ``weights_only=False`` call) is
+    :func:`safe_torch_load`, with the plain-data classes in ``allowed`` (e.g. DeepSpeed's ZeroStageEnum) added to
+    what may be unpickled. ``source`` names what is read when the call passes a file object, not a path."""
+    original = torch.load
+
+    def load(f, *args: Any, **kwargs: Any):
+        kwargs.pop("weights_only", None)
+        if args:  # torch.load(f, map_location, pickle_module, ...): only map_location is ever passed by position
+            kwargs.setdefault("map_location", args[0])
+        kwargs.pop("pickle_module", None)
+        return safe_torch_load(f, None if isinstance(f, (str, os.PathLike)) else source, **kwargs)
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            yield
+    finally:
+        torch.load = original
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file system reader with ``read_metadata`` going through :func:`load_metadata` (no plain pickle)."""
+    """DCP's file system reader with ``read_metadata`` going through :func:`load_metadata` (no plain pickle) and
+    ``read_data`` through :func:`weights_only_loads`: DCP's ``load_bytes`` unpickles the non-tensor entries
+    (optimizer hyper-parameters ...) of a checkpoint with ``weights_only=False``."""
+
+    def read_data(self, plan, planner):
+        with weights_only_loads(source=f"an entry of checkpoint {os.fspath(self.path)}"):
+            return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         from torch.distributed.checkpoint.metadata import StorageMeta

@@ -4,14 +4,20 @@
 Generated: ZeRO stage (``parallel.zero_stage``), train_batch_size / micro batch / accumulation (``train.*``,
 derived as in the native loop), gradient_clipping, bf16 when the train dtype resolves to bf16, and a client
 torch AdamW with our decay/no-decay groups whose LR follows our schedule (set every step, so it is exact after a
-resume). Giving ``deepspeed.optimizer`` (or CPU offload: ``deepspeed.zero_optimization.offload_optimizer.device=
-cpu``) switches to DeepSpeed's own optimizer (FusedAdam / DeepSpeedCPUAdam) with the same hyper-parameters;
-``deepspeed.scheduler`` replaces our schedule. ``parallel.pp > 1`` trains through DeepSpeed's PipelineModule
+resume). CPU offload (``deepspeed.zero_optimization.offload_optimizer.device=cpu``) switches to DeepSpeed's own
+optimizer (DeepSpeedCPUAdam) with the same hyper-parameters. Raw ``deepspeed.optimizer`` / ``deepspeed.scheduler``
+sections are refused before start, naming the ``train.*`` keys that set the same thing (our schedule and param
+groups would silently override them). ``parallel.pp > 1`` trains through DeepSpeed's PipelineModule
 (embedding | blocks | norm+head, ZeRO 0/1 only, as DeepSpeed requires).
+
+Non-finite steps: the innermost optimizer step is skipped when this step's global gradient norm (as DeepSpeed
+computed it) is not finite, in every ZeRO stage and under PP, and the Trainer counts it against
+``train.max_bad_steps`` exactly as the native engine's skipped steps.
 
 Checkpoints: ``run_dir/checkpoints/step_N`` written by ``save_checkpoint``; the ``latest`` file, rewritten
 atomically after every rank finished, is the commit point; auto-resume loads it (model, optimizer, step,
-samples consumed). ``llmforge.eval``/``generate``/``export_hf`` consolidate them with DeepSpeed's own
+samples consumed); every file of the tag is unpickled weights-only (engines/deepspeed_weights.py), a crafted
+one is refused in one line before anything loads. ``llmforge.eval``/``generate``/``export_hf`` consolidate them with DeepSpeed's own
 ``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module llmforge.train CONFIG
 engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.
 
@@ -38,7 +44,7 @@ from llmforge.run_plan import batch_plan
 
 from .base import Engine, TrainingError
 from .deepspeed_pipe import pipe_eval, pipeline_module
-from .deepspeed_weights import latest_tag
+from .deepspeed_weights import ds_weights_only, latest_tag, scan_checkpoint
 from llmforge.common.atomic import write_json, write_text
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
@@ -57,6 +63,15 @@ KNOWN_KEYS = set("""
     managed_gradient_accumulation vocabulary_size""".split())
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 PREFIX = "deepspeed."
+# Raw sections whose job llmforge does itself every step (set_lr, param_groups): DeepSpeed would build them and
+# our values would override theirs, so giving them is refused, naming the keys that do take effect.
+REPLACED = {
+    "optimizer": "the optimizer is AdamW over llmforge's decay/no-decay groups; set train.lr, train.weight_decay, "
+                 "train.beta1, train.beta2, train.eps (CPU offload: deepspeed.zero_optimization.offload_optimizer."
+                 "device=cpu)",
+    "scheduler": "the learning rate follows llmforge's schedule, set every step; set train.lr, train.schedule, "
+                 "train.warmup_steps, train.min_lr_ratio, train.decay_fraction",
+}
 
 
 def ds_dims(cfg, world: int) -> tuple[int, int]:
@@ -93,14 +108,26 @@ def _offload(conf: dict) -> bool:
                for k in ("offload_optimizer",))
 
 
-def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
-    """DeepSpeed config generated from ours with ``cfg.deepspeed`` merged on top, validated."""
-    raw = cfg.deepspeed or {}
+def check_raw(raw: dict) -> None:
+    """The raw ``deepspeed:`` dict's keys, checked without any collective: one ConfigError naming the key."""
     unknown = [k for k in raw if k not in KNOWN_KEYS]
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown DeepSpeed config key '{PREFIX}{unknown[0]}'{hint}")
+    for key, why in REPLACED.items():
+        if key in raw:
+            raise ConfigError(f"{PREFIX}{key}: not supported by engine=deepspeed: {why}")
+    zero = raw.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+        raise ConfigError(f"{PREFIX}zero_optimization.compute_grad_norm=false: the non-finite step policy "
+                          "(train.max_bad_steps) needs the gradient norm; remove the key")
+
+
+def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
+    """DeepSpeed config generated from ours with ``cfg.deepspeed`` merged on top, validated."""
+    raw = cfg.deepspeed or {}
+    check_raw(raw)
     pp, dp = ds_dims(cfg, world)
     _, micro, accum = batch_plan(cfg, dp)
     t = cfg.train
@@ -177,17 +204,26 @@ def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> Non
 
 
 def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
-    tag = [latest_tag(root) if rank == 0 else None]
+    """Load the `latest` tag. Rank 0 first unpickles every file of it weights-only (scan_checkpoint): a crafted one
+    is refused by every rank together, in one line naming it, before anything is loaded or removed."""
+    tag = [None, None]
+    if rank == 0:
+        tag[0] = latest_tag(root)
+        tag[1] = scan_checkpoint(os.path.join(root, tag[0])) if tag[0] else None
     dist.broadcast_object_list(tag, src=0)
     if tag[0] is None:
         return 0, 0, None
+    if tag[1]:
+        raise ConfigError(f"cannot resume from {os.path.join(root, tag[0])}: {tag[1]}; move the checkpoint away "
+                          "to start over")
     if rank == 0:  # step dirs newer than `latest` are interrupted saves
         for d in os.listdir(root):
             if re.match(r"^step_\d+$", d) and d > tag[0]:
                 log(f"warning: removing interrupted DeepSpeed checkpoint {os.path.join(root, d)}")
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     dist.barrier()
-    path, client = engine.load_checkpoint(root, tag=tag[0])
+    with ds_weights_only():  # DeepSpeed's checkpoint engine calls torch.load(weights_only=False)
+        path, client = engine.load_checkpoint(root, tag=tag[0])
     if path is None:
         raise TrainingError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag[0])}")
     return int(client["step"]), int(client["samples"]), os.path.join(root, tag[0])
@@ -208,6 +244,7 @@ class DeepSpeedEngine(Engine):
     def check_config(cls, cfg) -> None:
         from .deepspeed_policy import check_config
         check_config(cfg)
+        check_raw(cfg.deepspeed or {})
 
     @staticmethod
     def resolve_layout(cfg, world: int, margs):
@@ -250,7 +287,6 @@ class DeepSpeedEngine(Engine):
         t = cfg.train
         client = None if "optimizer" in self.conf else torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                                                                           eps=t.eps)
-        self.own_schedule = "scheduler" not in self.conf
         ds_groups.mpu = None  # a pipeline grid left by an earlier engine in this process must not leak into this one
         self.engine, _, _, _ = deepspeed.initialize(model=net, optimizer=client, model_parameters=groups,
                                                     config=self.conf)
@@ -262,20 +298,31 @@ class DeepSpeedEngine(Engine):
         self.version = deepspeed.__version__
 
     def _install_step_gate(self) -> None:
-        """Make the innermost optimizer step skippable: DeepSpeed has no skip for bf16/fp32, but every ZeRO
-        stage and wrapper ends in this one call, so skipping it leaves weights and Adam state untouched."""
+        """Make the innermost optimizer step skippable, and skip it when this step's gradient norm is not finite.
+        Every ZeRO stage, wrapper and the PipelineEngine end in this one call, after DeepSpeed computed the global
+        norm, so skipping it leaves weights and Adam state untouched. DeepSpeed alone would step on an infinite
+        norm (ZeRO-0, bf16 ZeRO-1/2: it clips with it) or skip silently (fp32 ZeRO-1/2, ZeRO-3): ``_stepped``
+        says whether the update ran, and optim_step reports that to the Trainer's non-finite policy."""
         inner = _innermost_optimizer(self.engine.optimizer)
-        original, self._skip = inner.step, False
+        original, self._skip, self._stepped = inner.step, False, False
 
         def step(*args, **kwargs):
-            if self.pp > 1:  # train_batch steps inside: decide here, on gradients finite on every rank
-                ok = all(bool(torch.isfinite(p.grad).all()) for g in inner.param_groups for p in g["params"]
-                         if p.grad is not None)
-                flag = torch.tensor(int(ok), device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                self._skip = not bool(flag.item())
-            return None if self._skip else original(*args, **kwargs)
+            if self._skip or not self._norm_finite(inner):
+                return None
+            self._stepped = True
+            return original(*args, **kwargs)
         inner.step = step
+
+    def _norm_finite(self, inner) -> bool:
+        """Whether this step's global gradient norm is finite: the ZeRO / bf16 wrapper's ``_global_grad_norm``, set
+        before it calls the inner step (reduced over the data-parallel ranks and the pipeline stages, so every rank
+        decides alike without a collective here), or the ZeRO-0 fp32 probe's (_install_norm_probe)."""
+        wrapper = self.engine.optimizer
+        norm = getattr(wrapper, "_global_grad_norm", None) if wrapper is not inner else self._norm_box[0]
+        if norm is None:  # no norm computed: judge the gradients the inner step would apply
+            return all(bool(torch.isfinite(p.grad).all()) for g in inner.param_groups for p in g["params"]
+                       if p.grad is not None)
+        return math.isfinite(float(norm))
 
     def _install_norm_probe(self) -> None:
         self._norm_box = [None]
@@ -299,8 +346,6 @@ class DeepSpeedEngine(Engine):
         write_json(os.path.join(run_dir, "deepspeed_config.json"), self.conf, sort_keys=False)
 
     def set_lr(self, lr: float) -> float:
-        if not self.own_schedule:
-            return self.engine.get_lr()[0]
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -308,8 +353,8 @@ class DeepSpeedEngine(Engine):
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         """Non-PP: every micro batch's backward and all but the last ``engine.step()`` (DeepSpeed steps the
         optimizer only at the accumulation boundary, which ``optim_step`` reaches). PP: ``train_batch`` runs the
-        whole step, so the gate skips on non-finite gradients itself."""
-        micro, accum, self._norm_box[0] = self.plan.micro, self.plan.accum, None
+        whole step, so the gate skips on a non-finite gradient norm itself."""
+        micro, accum, self._norm_box[0], self._stepped = self.plan.micro, self.plan.accum, None, False
         mbs = [batch[i * micro:(i + 1) * micro] for i in range(accum)]
         if self.pp > 1:
             loss = self.engine.train_batch(data_iter=iter([(mb[:, :-1], mb[:, 1:]) for mb in mbs]))
@@ -329,12 +374,14 @@ class DeepSpeedEngine(Engine):
         return None  # DeepSpeed clips inside engine.step() (gradient_clipping = train.grad_clip)
 
     def optim_step(self, apply: bool) -> bool:
-        if self.pp > 1:  # train_batch has already stepped, or skipped (see _install_step_gate)
-            return apply and not self._skip
-        self._skip = not apply
-        self.engine.step()
-        self._skip = False
-        return apply
+        """Applied only when the gate let the inner step run (a non-finite norm vetoes it) on every rank."""
+        if self.pp == 1:  # under PP train_batch has already stepped, or skipped (see _install_step_gate)
+            self._skip = not apply
+            self.engine.step()
+            self._skip = False
+        stepped = torch.tensor(int(self._stepped), device=self.device)
+        dist.all_reduce(stepped, op=dist.ReduceOp.MIN)  # one verdict for the policy, even if ranks ever differed
+        return apply and bool(stepped.item())
 
     def grad_norm(self) -> float:
         norm = self._norm_box[0] if self._norm_box[0] is not None else self.engine.get_global_grad_norm()

@@ -3,16 +3,19 @@
 ZeRO 1-3 checkpoints are consolidated by DeepSpeed's own ``zero_to_fp32`` utilities; ZeRO-0 keeps the whole
 module in ``mp_rank_00_model_states.pt``; pipeline runs keep one ``layer_XX-model_states.pt`` per PipelineModule
 layer (embedding | blocks | norm+head, see engines/deepspeed.py), renamed here to the model's parameter names.
-Every file is read with ``torch.load(weights_only=True)``; DeepSpeed's helper is made to do the same.
+Every file is read with ``torch.load(weights_only=True)`` (llmforge.safe_pickle), DeepSpeed's own helpers
+(``zero_to_fp32``, ``load_checkpoint`` on resume) inside :func:`ds_weights_only`, which allows only the three
+plain-data classes DeepSpeed pickles; :func:`scan_checkpoint` checks a whole tag that way before a resume.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re
 
 import torch
+
+from llmforge.safe_pickle import safe_torch_load, weights_only_loads
 
 WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # recompute / compile wrappers add these to names
 
@@ -29,22 +32,26 @@ def latest_tag(ckpt_root: str) -> str | None:
     return tag if os.path.isdir(os.path.join(ckpt_root, tag)) else None
 
 
-@contextlib.contextmanager
-def _weights_only_loads():
-    """DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False): force the safe loader while it runs."""
+def ds_weights_only():
+    """A context in which every torch.load (DeepSpeed's own ``weights_only=False`` calls too) is weights-only,
+    allowing the only non-tensor classes DeepSpeed pickles into its checkpoint files: an enum, the loss scaler's
+    attributes and a (numel, start) record. Plain data, no code: nothing they unpickle can call a function."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    original = torch.load
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return weights_only_loads((ZeroStageEnum, LossScaler, fragment_address))
 
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-    torch.load = safe_load
-    try:  # the only non-tensor classes DeepSpeed pickles into its checkpoint files: plain data, no code
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-            yield
-    finally:
-        torch.load = original
+
+def scan_checkpoint(path: str) -> str | None:
+    """The one-line refusal of the first ``*.pt`` file under the tag dir ``path`` that is not tensors and plain
+    data (None when all are). Memory-mapped: only the pickles are read, not the tensors they point at."""
+    with ds_weights_only():
+        for f in sorted(glob.glob(os.path.join(path, "*.pt"))):
+            try:
+                safe_torch_load(f, mmap=True)
+            except ValueError as e:  # UnsafePickleError, or unreadable: one line naming the file
+                return str(e)
+    return None
 
 
 def _clean(sd: dict) -> dict:
@@ -60,7 +67,7 @@ def _pipeline_state(path: str, n_layers: int) -> dict:
     sd = {}
     for f in sorted(glob.glob(os.path.join(path, "layer_*-model_states.pt"))):
         idx = int(re.search(r"layer_(\d+)-", os.path.basename(f)).group(1))
-        part = torch.load(f, map_location="cpu", weights_only=True)
+        part = safe_torch_load(f)
         for k, v in _clean(part).items():
             if 1 <= idx <= n_layers:
                 sd[f"layers.{idx - 1}.{k.removeprefix('block.')}"] = v
@@ -82,10 +89,10 @@ def consolidated_state_dict(ckpt_root: str, n_layers: int, checkpoint: str | Non
             sd = _pipeline_state(path, n_layers)
         elif glob.glob(os.path.join(path, "*zero_pp_rank_*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            with _weights_only_loads():
+            with ds_weights_only():  # zero_to_fp32 calls torch.load(weights_only=False) itself
                 sd = _clean(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
         else:
-            sd = _clean(torch.load(states, map_location="cpu", weights_only=True)["module"])
+            sd = _clean(safe_torch_load(states)["module"])
         step = _step_of(path, states)
     except (OSError, KeyError, RuntimeError, ValueError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -98,7 +105,7 @@ def _step_of(path: str, states: str) -> int:
     if m:
         return int(m.group(1))
     if os.path.isfile(states):
-        return int(torch.load(states, map_location="cpu", weights_only=True).get("client_state", {}).get("step", 0))
+        return int(safe_torch_load(states).get("client_state", {}).get("step", 0))
     return 0
 
 

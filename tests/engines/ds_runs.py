@@ -3,7 +3,9 @@
     deepspeed --num_gpus 2 --no_local_rank tests/engines/ds_runs.py SPEC.json
 
 SPEC.json: {"config": "configs/train/tiny-cpu.yaml", "common": [k=v ...], "runs": [[k=v ...], ...]}; each run's
-overrides pick run_dir and engine. Exit status: 0 when every run returned 0.
+overrides pick run_dir and engine. Exit status: 0 when every run returned 0. With "keep_going": true a run that
+stops with a one-line error (ConfigError, TrainingError) prints ``RUN_ERROR <run_dir>: <message>`` and the next
+one starts; the exit status is then 2 if any stopped.
 """
 import json
 import os
@@ -16,16 +18,25 @@ sys.path.insert(0, ROOT)
 def main() -> int:
     spec = json.load(open(sys.argv[1]))
     from llmforge.config import RunConfig, load_config
+    from llmforge.engines.base import TrainingError
     from llmforge.trainer import run_training
+    failed = 0
     for overrides in spec["runs"]:
         cfg = load_config(RunConfig, os.path.join(ROOT, spec["config"]), spec["common"] + overrides)
-        rc = run_training(cfg)
+        try:
+            rc = run_training(cfg)
+        except (ValueError, TrainingError) as e:  # ConfigError is a ValueError
+            if not spec.get("keep_going"):
+                raise
+            print(f"RUN_ERROR {cfg.run_dir}: {e}", file=sys.stderr, flush=True)
+            failed = 2
+            continue
         if rc:
             return rc
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return failed
 
 
 if __name__ == "__main__":
