@@ -20,9 +20,10 @@ from tests.trainer.conftest import make_data, train_run
 
 
 def _snapshot(folder):
+    """Every file and folder with its bytes; the run's own lock (rewritten with its holder by each start) aside."""
     out = {}
     for root, dirs, files in os.walk(folder):
-        for name in files + dirs:
+        for name in [n for n in files + dirs if n != LOCK_NAME]:
             p = os.path.join(root, name)
             out[os.path.relpath(p, folder)] = open(p, "rb").read() if os.path.isfile(p) else None
     return out
