@@ -209,7 +209,8 @@ class PipelineConfig:
     output_dir: str = opt("outputs/data", "where shards/, tokenizer.model, stats.json, config.yaml and work/ go")
     workers: int = opt(2, "local worker processes (does not change any output)", ge=1)
     tasks: int = opt(0, "input tasks, each a contiguous range of the input (big jsonl/parquet files are split); "
-                        "0: automatic (input.task_mb). Outputs do not depend on it", ge=0)
+                        "0: automatic (input.task_mb, and at least `workers` when a file can be split). Outputs "
+                        "do not depend on it", ge=0)
     executor: str = opt("local", "local | slurm | ray")
     steps: list[str] = opt(list(STEP_NAMES), "order of the per-document steps (each also has enabled)")
     keep_work_files: bool = opt(True, "keep work/prepared, signatures, dedup, tokens after success (false: delete "

@@ -1,8 +1,9 @@
 """The pipeline: stage list, run context, final resharding and stats, and ``run()`` used by the CLI.
 
 Stages (tasks): prepare (T) -> buckets (P key ranges, dedup/stages.py) -> clusters (1) -> tokenizer (1) -> tokenize (T)
--> shard (1) -> finalize (1). T = ``tasks`` (0: automatic, task_plan.auto_tasks) and never depends on ``workers``;
-tasks read contiguous pieces of the input, so no output depends on T either.
+-> shard (1) -> finalize (1). T = ``tasks`` (0: automatic, task_plan.auto_tasks: at least ``workers``
+when a file can be split; a resume keeps the T it began with); tasks read contiguous pieces of the input, so no
+output depends on T.
 Everything intermediate lives in ``<output_dir>/work``; the final outputs appear only in the last stages.
 """
 from __future__ import annotations
@@ -43,11 +44,25 @@ class Context:
         self.out = cfg.output_dir
         self.work = os.path.join(cfg.output_dir, "work")
         self.units = expand_paths(cfg.input)
-        self.n_tasks = cfg.tasks or auto_tasks(self.units, cfg.input.task_mb)
+        self.n_tasks = cfg.tasks or self._auto_tasks()
         self.pieces = plan_tasks(self.units, self.n_tasks)  # contiguous in input order: outputs ignore n_tasks
         self.n_dedup_cols = dedup_columns(cfg)
         self.n_cluster_tasks = cfg.dedup.cluster_tasks or auto_cluster_tasks(self.units, cfg.dedup.cluster_task_mb)
         self._prepare_stats = None
+
+    def _auto_tasks(self) -> int:
+        """task_plan.auto_tasks, which follows ``workers``; but a run resumed with another worker count keeps the
+        count its work/ was made with (the markers are per task), when everything else is as it was."""
+        n = auto_tasks(self.units, self.cfg.input.task_mb, self.cfg.workers)
+        try:
+            before = read_json(os.path.join(self.work, "fingerprint.json"))
+        except (OSError, ValueError):
+            return n
+        if isinstance(before, dict) and isinstance(before.get("tasks"), int) and before["tasks"] != n:
+            self.n_tasks = before["tasks"]
+            if fingerprint(self, load_hash_cache(self.work)) == before.get("fingerprint"):
+                return before["tasks"]
+        return n
 
     def units_of(self, rank: int):
         """Pieces ``(kind, path, rel, lo, hi)`` of task ``rank`` (task_plan.py)."""
@@ -146,7 +161,7 @@ def prepare_output_dir(ctx) -> bool:
         os.makedirs(ctx.work, exist_ok=True)
         remove_temp_files(ctx.out, ctx.work)
         start_recording(ctx.out)
-        write_json(fp_path, {"fingerprint": fp})
+        write_json(fp_path, {"fingerprint": fp, "tasks": ctx.n_tasks})  # tasks: kept by a resume (Context)
         save_hash_cache(ctx.work, cache)
         dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
     except OSError as e:

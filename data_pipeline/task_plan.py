@@ -5,7 +5,8 @@ A plain (uncompressed) jsonl file is split at byte offsets (a piece reads the li
 and a parquet file at row-group boundaries, so ``workers=N`` keeps N cores busy on one big file. Compressed
 files, text/HTML files and datasets folders cannot be entered in the middle: each goes whole to the task whose
 range holds its first byte. Because tasks are contiguous in input order, concatenating their outputs in task
-order gives the documents in input order whatever the number of tasks: outputs do not depend on it.
+order gives the documents in input order whatever the number of tasks: outputs do not depend on it. So the
+automatic count may follow ``workers`` (at least one task per worker when a file can be split).
 """
 from __future__ import annotations
 
@@ -51,13 +52,20 @@ def parquet_group_offsets(path: str) -> list[int] | None:
     return [o * size // end for o in offsets]
 
 
-def auto_tasks(units: list[tuple], task_mb: float) -> int:
-    """One task per unsplittable unit plus one per ``task_mb`` of each splittable file, at most 64.
-    (A function of the input only: the worker count must not change the layout, or resuming with another
-    worker count would start over.)"""
-    n = 0
+def auto_tasks(units: list[tuple], task_mb: float, workers: int = 1) -> int:
+    """One task per unsplittable unit plus one per ``task_mb`` of each splittable file, and at least ``workers``
+    when some file can be split (a 28 MB jsonl under task_mb=32 would keep one core busy), at most 64. Outputs do
+    not depend on the count (tasks are contiguous in input order); a resumed run keeps the count it began with
+    (pipeline.Context), so another worker count on the rerun does not start over."""
+    n, can_split = 0, False
     for kind, path, _ in units:
-        n += max(1, math.ceil(_size(kind, path) / (task_mb * 1e6))) if splittable(kind, path) else 1
+        if splittable(kind, path) and _size(kind, path) > 0:
+            can_split = True
+            n += max(1, math.ceil(_size(kind, path) / (task_mb * 1e6)))
+        else:
+            n += 1
+    if can_split:
+        n = max(n, workers)
     return max(1, min(n, MAX_AUTO_TASKS))
 
 

@@ -206,3 +206,21 @@ def test_symlink_loop_is_named_as_one(tmp_path):
     with pytest.raises(InputError, match=r"loop.jsonl: a symlink loop \(ELOOP"):
         list(Reader(cfg.input, Counter()).read("jsonl", str(folder / "loop.jsonl"), "loop.jsonl"))
 
+
+def test_file_below_task_mb_is_split_across_workers_to_the_same_bytes(tmp_path):
+    path = write_jsonl(str(tmp_path / "one.jsonl"), [{"text": document(7000 + i)} for i in range(40)])
+    outs = {w: str(tmp_path / f"w{w}") for w in (1, 2)}
+    results = {w: run_inproc(path, outs[w], f"workers={w}") for w in outs}
+    stats = {w: r["stats"] for w, r in results.items()}
+    assert stats[1]["input"]["tasks"] == 1 and stats[2]["input"]["tasks"] == 2
+    prep = [json.load(open(os.path.join(outs[2], "work", "markers", "prepare", n)))
+            for n in sorted(os.listdir(os.path.join(outs[2], "work", "markers", "prepare")))]
+    assert len(prep) == 2 and all(p["read"]["docs"] > 0 for p in prep)  # both cores had work
+    finals = {w: {k: v for k, v in tree_hashes(o).items() if k.startswith(FINALS)} for w, o in outs.items()}
+    assert len(finals[1]) >= 4 and finals[1] == finals[2]
+    for s in stats.values():
+        s["input"].pop("tasks")  # stats.json records the layout, as with an explicit tasks=N
+    assert stats[1] == stats[2]
+    # Resumed with another worker count: the layout it began with is kept, nothing runs again.
+    again = run_inproc(path, outs[2], "workers=1")
+    assert again["stats"]["input"]["tasks"] == 2 and again["task_seconds"] == results[2]["task_seconds"]
