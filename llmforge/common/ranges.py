@@ -74,4 +74,5 @@ def range_errors(cfg, prefix: str = "") -> Iterator[str]:
                 yield f"{where}: expected a number in {rng}, got {v!r}"
             elif not rng.contains(v):
                 finite = "a finite number " if isinstance(v, float) and not math.isfinite(v) else ""
-                yield f"{where}={v!r} is out of range: must be {finite}{rng}"
+                interval = "in " if rng.lo is not None and rng.hi is not None else ""
+                yield f"{where}={v!r} is out of range: must be {finite}{interval}{rng}"
