@@ -13,6 +13,7 @@ import errno
 import glob
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,10 +87,16 @@ def run_task(ctx, stage: Stage, rank: int) -> float:
     return seconds
 
 
+TEMP_NAME = re.compile(r"\.tmp\d+(\.[A-Za-z][A-Za-z.]*)?$")  # atomic.tmp_name, ShardWriter's NAME.tmpPID.bin
+
+
 def remove_temp_files(out: str, work: str) -> None:
-    """Delete leftovers of killed writers (``*.tmp<pid>*``): anywhere under work/, and only at the top of the
-    output folder (which may be shared with other files). Called before any task of this run starts."""
-    for path in glob.glob(os.path.join(work, "**", "*.tmp*"), recursive=True) + glob.glob(os.path.join(out, "*.tmp*")):
+    """Delete leftovers of killed writers (``*.tmp<pid>[.ext]``, nothing else: a user's ``notes.tmpl`` stays):
+    anywhere under work/, and only at the top of the output folder (which may be shared with other files).
+    Called before any task of this run starts."""
+    found = glob.glob(os.path.join(work, "**", "*.tmp[0-9]*"), recursive=True)
+    found += glob.glob(os.path.join(out, "*.tmp[0-9]*"))
+    for path in (p for p in found if TEMP_NAME.search(os.path.basename(p))):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 

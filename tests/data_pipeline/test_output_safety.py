@@ -101,7 +101,8 @@ def test_which_output_dirs_overlap_an_input(tmp_path, entry, out, refused):
 
 
 # ------------------------------------------------------------------------------------- only what the manifest lists
-USER_FILES = ("shards/notes.txt", "work/mine/keep.jsonl", "work/prepared/user.txt", "doc_ids/README")
+USER_FILES = ("shards/notes.txt", "work/mine/keep.jsonl", "work/prepared/user.txt", "doc_ids/README",
+              "work/mine/notes.tmpl", "draft.tmp")  # not temp names of ours (NAME.tmp<pid>)
 
 
 def _plant(out) -> None:
