@@ -308,11 +308,11 @@ def load_newest(ckpt_root: str, load, log=print, attempts: int = 10):
                 break
             except DamagedCheckpoint as e:
                 log(f"warning: skipping checkpoint {path}: {e}")
-                damaged.append(path)
+                damaged.append(str(e))
         else:
             if damaged:
-                raise NoUsableCheckpoint(f"no usable checkpoint under {ckpt_root}: every complete one is damaged "
-                                         f"({', '.join(damaged)}; see the warnings above)")
+                raise NoUsableCheckpoint(f"no usable checkpoint under {ckpt_root}: every complete one is damaged: "
+                                         + "; ".join(damaged))
             return None, None
     raise CheckpointError(f"{ckpt_root}: checkpoints kept being rotated away while loading ({attempts} tries)")
 

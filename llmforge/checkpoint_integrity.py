@@ -79,12 +79,14 @@ def _own_files(path: str, rank: int) -> list[str]:
                   + glob.glob(os.path.join(glob.escape(path), f"rng-rank{rank}.pt")))
 
 
-def write_marker(path: str, group=None) -> None:
+def write_marker(path: str, group=None, known: dict[str, str] | None = None) -> None:
     """Collective, after every rank's writes (it is also their barrier): each rank hashes its own files, rank 0
     gathers them, hashes what no rank claimed and writes ``COMPLETE`` atomically. ``group``: the process group of
-    the save (an async save's background thread has its own)."""
-    rank = dist.get_rank()
-    mine = {os.path.relpath(k, path): v for k, v in _file_checksums(_own_files(path, rank)).items()}
+    the save (an async save's background thread has its own). ``known``: digests of this rank's files, by name,
+    that the writer computed while writing them (llmforge/checkpoint_writer.py), the same as reading them back."""
+    rank, known = dist.get_rank(), known or {}
+    todo = [f for f in _own_files(path, rank) if os.path.relpath(f, path) not in known]
+    mine = {**known, **{os.path.relpath(k, path): v for k, v in _file_checksums(todo).items()}}
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
     if rank != 0:
@@ -92,7 +94,8 @@ def write_marker(path: str, group=None) -> None:
     sums = {k: v for part in gathered for k, v in part.items()}
     size = sizes(path)
     rest = [name for name in size if name not in sums]
-    sums.update({os.path.relpath(k, path): v for k, v in _file_checksums([os.path.join(path, n) for n in rest]).items()})
+    sums.update({os.path.relpath(k, path): v
+                 for k, v in _file_checksums([os.path.join(path, n) for n in rest]).items()})
     with atomic_path(os.path.join(path, "COMPLETE")) as tmp, open(tmp, "w") as f:
         json.dump({"sizes": size, HASH: dict(sorted(sums.items()))}, f, indent=1)
 

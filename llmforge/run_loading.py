@@ -124,7 +124,8 @@ def _load_checkpoint(cfg, model, ckpt_root: str, checkpoint: str | None, log) ->
             if checkpoint:
                 raise _runtime(RunLoadError(f"--checkpoint {checkpoint}: {e}")) from None
             raise  # load_newest skips it (damaged) or lists again (vanished)
-        except (Exception, CheckpointException) as e:  # DCP raises several types (one a BaseException); name the checkpoint and the first line of the cause
+        # DCP raises several types (one a BaseException): name the checkpoint and the first line of the cause
+        except (Exception, CheckpointException) as e:
             if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file
                 raise RunLoadError(str(e)) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

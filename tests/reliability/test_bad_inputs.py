@@ -145,7 +145,7 @@ def truncate_shard(run_dir):
             fh.truncate(os.path.getsize(f) // 2)
 
 
-def garble_shard_same_size(run_dir):  # the COMPLETE marker's sizes still match: only loading can notice
+def garble_shard_same_size(run_dir):  # the COMPLETE marker's sizes still match: its content hashes do not
     for f in _distcp(run_dir):
         n = os.path.getsize(f)
         with open(f, "wb") as fh:
@@ -302,7 +302,7 @@ CASES = [
     Case("eval-missing-marker", "eval", eval_run(drop_marker), ("no complete checkpoint",)),
     Case("eval-truncated-shard", "eval", eval_run(truncate_shard), ("no complete checkpoint",)),
     Case("eval-missing-metadata", "eval", eval_run(drop_metadata), ("no complete checkpoint",)),
-    Case("eval-corrupt-shard-same-size", "eval", eval_run(garble_shard_same_size), ("step_", "cannot load")),
+    Case("eval-corrupt-shard-same-size", "eval", eval_run(garble_shard_same_size), ("step_", "damaged")),
     Case("train-resume-corrupt-checkpoint", "train", lambda tmp, s: _resume_corrupt(tmp, s), ("step_", "cannot resume")),
     Case("eval-bad-override", "eval", eval_run(extra=["train.stepz=1"]), ("train.stepz",)),
 ]
