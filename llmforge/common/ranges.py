@@ -13,6 +13,8 @@ from typing import Iterator, Optional
 
 
 def _num(x) -> str:
+    if float(x).is_integer() and x > 1 << 16 and (int(x) + 1) & int(x) == 0:  # 4294967295 reads as 2^32-1
+        return f"2^{int(x).bit_length()}-1"
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
 
 
