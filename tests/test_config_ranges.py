@@ -63,7 +63,9 @@ def _as_value(kind, x):
 
 
 def test_every_numeric_key_declares_a_range():
-    missing = [key for cls, key, kind in ALL if (cls, key) not in EXEMPT and key not in key_ranges(cls)]
+    from llmforge.scaling.sweep import SweepConfig
+    missing = [key for cls, key, kind in ALL + _keys(SweepConfig) if (cls, key) not in EXEMPT
+               and key not in key_ranges(cls)]
     assert not missing, f"numeric keys without a range (opt(..., ge=/gt=/le=/lt=)): {missing}"
 
 

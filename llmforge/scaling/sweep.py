@@ -37,24 +37,24 @@ TASK_SCRIPT = ("#!/bin/bash\n# Runs the argv it is given; nothing from the confi
 class SweepSlurmConfig:
     partition: str = opt("", "sbatch --partition (empty: the cluster default)")
     time: str = opt("", "sbatch --time per run, e.g. 02:00:00 (empty: default)")
-    gpus_per_task: int = opt(0, "sbatch --gpus-per-task (0: none, CPU runs)")
-    cpus_per_task: int = opt(1, "sbatch --cpus-per-task")
+    gpus_per_task: int = opt(0, "sbatch --gpus-per-task (0: none, CPU runs)", ge=0)
+    cpus_per_task: int = opt(1, "sbatch --cpus-per-task", ge=1)
     mem: str = opt("", "sbatch --mem, e.g. 32G (empty: default)")
-    max_parallel: int = opt(0, "array throttle %N (0: none)")
+    max_parallel: int = opt(0, "array throttle %N (0: none)", ge=0)
     extra_args: list[str] = opt([], "more sbatch arguments, passed as separate argv items")
     python: str = opt("", "python interpreter of the array tasks (empty: the one submitting)")
     wait: bool = opt(True, "poll until the array finishes, then write RESULTS.csv (false: submit and return)")
-    poll_s: float = opt(5.0, "seconds between squeue polls")
+    poll_s: float = opt(5.0, "seconds between squeue polls", gt=0)
 
 
 @dataclasses.dataclass
 class SweepConfig:
-    sizes: list[float] = opt([], "target parameter counts, embeddings included; each is rounded to a Llama shape")
-    tokens: list[float] = opt([], "training tokens per run; rounded to whole steps of train.global_batch_size")
+    sizes: list[float] = opt([], "target parameter counts, embeddings included; each is rounded to a Llama shape", gt=0)
+    tokens: list[float] = opt([], "training tokens per run; rounded to whole steps of train.global_batch_size", gt=0)
     out_dir: str = opt("runs/scaling-sweep", "runs/<name>/, logs/, base.yaml and RESULTS.csv go here")
     results: str = opt("", "RESULTS.csv path (empty: out_dir/RESULTS.csv)")
     executor: str = opt("local", "local (one run after another) | slurm (one sbatch array)")
-    nproc: int = opt(1, "processes per run (> 1: torch.distributed.run --standalone)")
+    nproc: int = opt(1, "processes per run (> 1: torch.distributed.run --standalone)", ge=1)
     train_command: list[str] = opt([], "argv that starts the trainer (empty: python -m llmforge.train)")
     slurm: SweepSlurmConfig = opt(SweepSlurmConfig(), "Slurm array settings (executor: slurm)")
 
@@ -103,9 +103,6 @@ def load_sweep(path: str, args: list[str]) -> tuple[SweepConfig, RunConfig]:
         values = getattr(sweep, key)
         if not values:
             raise ScalingError(f"sweep.{key}: empty; give --{key} or sweep.{key} in {path}")
-        bad = [v for v in values if not v > 0]
-        if bad:
-            raise ScalingError(f"sweep.{key}: values must be positive, got {bad[0]}")
     return sweep, cfg
 
 

@@ -45,7 +45,8 @@ def test_sweep_keys_and_trainer_keys_are_split(tmp_path):
     assert len(runs) == 6 and len({r.shape for r in runs}) == 3
     assert all(r.tokens == r.steps * 8 * 64 for r in runs)
     for bad, message in ((["executor=ray"], "not local or slurm"), (["sizes=[]"], "sweep.sizes: empty"),
-                         (["tokens=[0]"], "must be positive"), (["sweep.slurm.partiton=x"], "partition")):
+                         (["tokens=[0]"], r"sweep\.tokens\[0\]=0\.0 is out of range: must be > 0"),
+                         (["sweep.slurm.partiton=x"], "partition")):
         with pytest.raises(ScalingError, match=message):
             load_sweep("configs/scaling/sweep-tiny.yaml", bad)
 
