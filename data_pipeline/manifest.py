@@ -9,7 +9,9 @@ log ``work/manifest/<host>-<pid>.jsonl``: one ``write(2)`` on an O_APPEND file, 
 last line (skipped), and a listed path that never appeared is harmless. Paths inside the temp folders that are
 renamed into place whole (``shards.tmp<pid>/``) are not recorded; :func:`install_dir` records their final names.
 A run that finished folds the logs into the sorted ``work/manifest.json`` (:func:`fold`): the same bytes whether
-or not the run was killed and resumed on the way.
+or not the run was killed and resumed on the way. A folder that a version from before the manifest wrote is listed
+once by its layout (:func:`adopt_unlisted`), as that version would have removed it: no stale shard outlives a
+start-over.
 
 Removing (:func:`remove_listed`): only listed files; never an input of the run (or a file inside an input folder)
 nor the tokenizer.model_path file; never through a folder that was replaced by a link out of ``output_dir``; a
@@ -121,6 +123,22 @@ def fold(out: str) -> None:
         os.remove(log)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.join(out, LOG_DIR))
+
+
+def adopt_unlisted(out: str, names) -> None:
+    """A folder a pipeline from before the manifest wrote (``work/fingerprint.json`` but no manifest): list what
+    its layout held (``names`` and ``work/``, as that version removed them), so that a start-over removes its old
+    outputs and no stale shard is left beside new ones."""
+    if listed(out) is not None or not os.path.isfile(os.path.join(out, "work", "fingerprint.json")):
+        return
+    found = []
+    for name in (*names, "work"):
+        top = os.path.join(out, name)
+        walk = [] if os.path.islink(top) else os.walk(top)
+        found += [os.path.relpath(os.path.join(d, f), out) for d, _, files in walk for f in files]
+        if os.path.isfile(top) or os.path.islink(top):
+            found.append(name)
+    write_json(os.path.join(out, MANIFEST), sorted(found))
 
 
 def remove_listed(out: str, protect=(), under=()) -> bool:

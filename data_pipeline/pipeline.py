@@ -20,7 +20,7 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .manifest import fold, install_dir, remove_listed, start_recording, stop_recording
+from .manifest import adopt_unlisted, fold, install_dir, remove_listed, start_recording, stop_recording
 from .output_dir import (check_apart_from_inputs, claim, input_digests, load_hash_cache, os_error, remove_owned,
                          save_hash_cache, unlock)
 from .prepare import dedup_columns, prepare_task, prepare_warmup
@@ -151,13 +151,13 @@ def prepare_output_dir(ctx) -> bool:
     check_apart_from_inputs(ctx.out, ctx.cfg.input.paths)
     created = claim(ctx.out)
     fp_path = os.path.join(ctx.work, "fingerprint.json")
+    adopt_unlisted(ctx.out, FINAL_OUTPUTS)
     cache = load_hash_cache(ctx.work)
     fp = fingerprint(ctx, cache)
     try:
         if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
             print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
-            if not remove_listed(ctx.out, protected(ctx)):
-                clean_outputs(ctx, work_too=True)  # a folder from before the manifest: the old layout rule
+            remove_listed(ctx.out, protected(ctx))
         os.makedirs(ctx.work, exist_ok=True)
         remove_temp_files(ctx.out, ctx.work)
         start_recording(ctx.out)
@@ -172,12 +172,6 @@ def prepare_output_dir(ctx) -> bool:
 def protected(ctx) -> list[str]:
     """Files and folders a cleanup never removes: the run's inputs and its tokenizer.model_path."""
     return [unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
-
-
-def clean_outputs(ctx, work_too: bool) -> None:
-    for name in FINAL_OUTPUTS + (("work",) if work_too else ()):
-        p = os.path.join(ctx.out, name)
-        shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
 
 
 def run(cfg, config_path: str | None = None) -> dict:

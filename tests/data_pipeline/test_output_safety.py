@@ -145,6 +145,17 @@ def test_a_failed_start_over_keeps_the_users_files_in_subfolders(corpus, tmp_pat
     assert _user_files_intact(out)
 
 
+def test_a_folder_from_before_the_manifest_starts_over_without_stale_shards(corpus, tmp_path, capsys):
+    out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
+    assert run(corpus, out, capsys=capsys)[0] == 0
+    os.remove(os.path.join(out, "work", "manifest.json"))  # as an older version left it
+    for ext in (".bin", ".idx"):  # a shard of that version's run that the new one does not write
+        shutil.copy(os.path.join(out, "shards", "train-00000" + ext), os.path.join(out, "shards", "train-00009" + ext))
+    assert run(corpus, out, "shards.valid_fraction=0.2", capsys=capsys)[0] == 0
+    assert run(corpus, fresh, "shards.valid_fraction=0.2", capsys=capsys)[0] == 0
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == sorted(os.listdir(os.path.join(fresh, "shards")))
+
+
 def test_removal_never_touches_an_input_a_link_out_or_a_path_outside(tmp_path):
     out, outside = tmp_path / "out", tmp_path / "outside"
     (out / "work" / "sub").mkdir(parents=True)
