@@ -30,8 +30,10 @@ KEY_POLICY: dict[str, tuple] = {
     "train.grad_clip": ("honoured", "gradient_clipping"), "train.dtype": ("honoured", "bf16.enabled"),
     "train.log_interval": ("honoured", SHARED), "train.eval_interval": ("honoured", SHARED),
     "train.eval_batches": ("honoured", "the same validation windows"),
-    "train.max_bad_steps": ("honoured", "the Trainer's non-finite policy; the innermost optimizer step is skipped"),
+    "train.max_bad_steps": ("honoured", "the Trainer's non-finite policy; the innermost optimizer step is skipped "
+                            "when the loss or DeepSpeed's global gradient norm is not finite"),
     "train.init_from_hf": ("honoured", "weights imported before deepspeed.initialize"),
+    "train.allow_tokenizer_change": ("honoured", "the run plan's init_from_hf tokenizer check, shared with native"),
     "parallel.dp_replicate": ("refused", lambda c: c.parallel.dp_replicate > 1 and c.parallel.dp_shard > 1,
                               "HSDP (dp_replicate>1 with dp_shard>1) has no DeepSpeed equivalent: ZeRO shards over "
                               "every data-parallel rank; set parallel.dp_replicate=1 or use engine=native"),
@@ -60,7 +62,8 @@ KEY_POLICY: dict[str, tuple] = {
     "checkpoint.resume": ("honoured", "load_checkpoint of the `latest` tag"),
     "checkpoint.async_save": ("refused", lambda c: c.checkpoint.async_save,
                               "DeepSpeed's save_checkpoint is synchronous here; set checkpoint.async_save=false"),
-    "deepspeed": ("honoured", "merged over the generated DeepSpeed config (validated)"),
+    "deepspeed": ("honoured", "merged over the generated DeepSpeed config (validated; raw optimizer/scheduler "
+                  "sections refused for the train.* keys that set them)"),
     "eval.*": ("honoured", "read only with eval.tasks, which is refused"),
     "eval.tasks": ("refused", lambda c: bool(c.eval.tasks), "in-training benchmarks gather the native engine's "
                    "shards; score the checkpoints with python -m llmforge.eval RUN --tasks ..., or use engine=native"),
