@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -152,8 +153,15 @@ class RayExecutor:
             return False
         except (ConnectionError, RuntimeError):
             pass
-        _init(ray, None, "a local Ray instance", num_cpus=self.cfg.workers, include_dashboard=False,
-              object_store_memory=rc.object_store_mb << 20, **kw)
+        # Started from this (main) thread: Ray ties the processes it starts to the thread that starts them
+        # (PR_SET_PDEATHSIG), so a helper thread's end would kill them. Nothing remote to wait for here.
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(num_cpus=self.cfg.workers, include_dashboard=False, object_store_memory=rc.object_store_mb << 20,
+                     **kw)
+        finally:
+            if previous is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)  # ray.init put its own sys.exit there: the CLI's again
         return True
 
     def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
