@@ -107,6 +107,8 @@ def check_args(a) -> None:
         raise ConfigError(f"--top-k must be >= 0 (0: all tokens), got {a.top_k}")
     if not 0 < a.top_p <= 1:  # also refuses NaN
         raise ConfigError(f"--top-p must be in (0, 1] (1: off), got {a.top_p}")
+    if a.seed is not None and not 0 <= a.seed < 2 ** 63:  # torch.Generator.manual_seed overflows past 64 bits
+        raise ConfigError(f"--seed must be in [0, 2^63-1], got {a.seed}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,7 +160,7 @@ def test_pipeline_cli_refuses_nan_threshold(tmp_path):
     (["--temperature", "nan"], ["--temperature", "nan"]),          # was: a torch.multinomial traceback
     (["--temperature", "inf"], ["--temperature", "inf"]),
     (["--top-p", "nan"], ["--top-p", "(0, 1]"]), (["--top-p", "0"], ["--top-p"]), (["--top-k", "-2"], ["--top-k"]),
-    (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
+    (["--max-new-tokens", "-1"], ["--max-new-tokens"]), (["--seed", str(2 ** 70)], ["--seed"]),
 ])
 def test_generate_refuses_bad_options_before_loading(tmp_path, capsys, args, words):
     from llmforge.generate import main as generate_main
