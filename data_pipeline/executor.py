@@ -23,7 +23,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .atomic_io import read_json, write_bytes, write_json
+from .atomic_io import note_write, read_json, write_bytes, write_json
 
 
 class PipelineError(Exception):
@@ -203,6 +203,8 @@ class SlurmExecutor:
             pending = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
             if not pending:
                 continue
+            for r in pending:  # Slurm writes these logs: listed here, so a start-over removes them (manifest.py)
+                note_write(os.path.join(ctx.work, "slurm", "logs", f"{stage.name}-{r}.out"))
             out = subprocess.run(self.sbatch_args(ctx, stage, pending, depend), capture_output=True, text=True)
             if out.returncode != 0:
                 raise PipelineError(f"sbatch for stage {stage.name} failed: {out.stderr.strip() or out.stdout.strip()}")
