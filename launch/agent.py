@@ -32,7 +32,9 @@ def _capture_worker_contexts() -> list:
     signal; torch keeps them on the agent object, which launch_agent does not hand out."""
     import torch.distributed.elastic.agent.server.local_elastic_agent as lea
     contexts: list = []
-    start = lea.start_processes
+    start = getattr(lea, "start_processes", None)
+    if start is None:  # another torch layout: statuses stay unknown, so a stop is never reported as saved
+        return contexts
 
     def recording_start(*args, **kwargs):
         ctx = start(*args, **kwargs)
@@ -68,8 +70,12 @@ def _saved(why: str) -> int:
 def _stopped(sig: signal.Signals, statuses: dict) -> int:
     if _all_saved(statuses):
         return _saved(f"stopped by {sig.name}")
+    if statuses and all(c == 0 for c in statuses.values()):  # the signal came after the run had finished
+        print(f"launch.torchrun: {sig.name} after every worker had finished (exit status 0)", file=sys.stderr,
+              flush=True)
+        return 0
     text = ", ".join(f"{r}: {'still running' if c is None else c}" for r, c in statuses.items()) or "none started"
-    print(f"launch.torchrun: stopped by {sig.name} before every worker saved; worker exit statuses by local rank: "
+    print(f"launch.torchrun: stopped by {sig.name}, not every worker saved; worker exit statuses by local rank: "
           f"{text} (exit status {128 + int(sig)})", file=sys.stderr, flush=True)
     return 128 + int(sig)
 

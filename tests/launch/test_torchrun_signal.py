@@ -84,7 +84,7 @@ def test_a_worker_that_does_not_stop_in_time_is_named_not_reported_as_saved():
     out, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "launch.torchrun: stopped by SIGTERM before every worker saved; worker exit statuses by local rank: 0: -9 "
+        "launch.torchrun: stopped by SIGTERM, not every worker saved; worker exit statuses by local rank: 0: -9 "
         "(exit status 143)"), err
 
 
