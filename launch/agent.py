@@ -6,8 +6,8 @@ workers, waits up to ``--shutdown-timeout`` seconds (default 30) for them, SIGKI
 exception leaves ``torch.distributed.run.main`` uncaught: a traceback and exit status 1, whatever the workers did,
 even when every one of them saved a checkpoint and exited 75. Nothing a worker does can change that (the
 exception is raised in the agent's own process by its own handler), so llmforge's launcher catches it here,
-reads the workers' exit statuses and exits 75 when all of them exited 75 (saved: requeue), else 128 + the signal,
-each time with one line instead of the traceback. Workers that all exit 75 on their own (a signal sent to them,
+reads the workers' exit statuses and exits 75 when all of them exited 75 (saved: requeue), 0 when they had all
+finished, else 128 + the signal, each time with one line instead of the traceback. Workers that all exit 75 on their own (a signal sent to them,
 not to torchrun) make torchrun raise ``ChildFailedError``: the same 75 and one line.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 
-PREEMPTED_EXIT = 75  # llmforge.run_guard.PREEMPTED_EXIT: stopped on a signal after saving a checkpoint
+from llmforge.run_guard import PREEMPTED_EXIT  # 75: a worker stopped on a signal after saving a checkpoint
+
 # torchrun's routine shutdown messages, replaced by the one line below (its SIGKILL warning is kept)
 _ROUTINE = ("Received %s death signal, shutting down workers", "Sending process %s closing signal %s")
 
