@@ -18,10 +18,11 @@ TINY = os.path.join(ROOT, "configs", "train", "tiny-cpu.yaml")
 OLD, NEW = "step_00000002", "step_00000004"
 
 
-def _args(run, data):
-    return train_cmd() + [TINY, f"data.paths=[{data}]", f"run_dir={run}", "model.vocab_size=64", "train.steps=4",
+def _args(run, data, nproc=1):
+    return train_cmd(nproc) + [TINY, f"data.paths=[{data}]", f"run_dir={run}", "model.vocab_size=64", "train.steps=4",
                           "checkpoint.interval=2", "checkpoint.keep=2", "train.eval_interval=0", "data.seq_len=64",
-                          "train.global_batch_size=4"]
+                          "train.global_batch_size=4"] + ([f"parallel.dp_shard={nproc}", "parallel.zero_stage=3"]
+                                                          if nproc > 1 else [])
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,13 @@ def _ckpt(run: str, step_dir: str) -> str:
     return os.path.join(run, "checkpoints", step_dir)
 
 
-def _flip(ckpt: str, prefix: str, n: int) -> str:
+def _flip(ckpt: str, prefix: str, n: int, file: str | None = None) -> str:
     """Flip ``n`` bytes in the middle of the first stored tensor whose name starts with ``prefix`` (its region in
-    the .distcp file, located through DCP's metadata), sizes unchanged; returns the damaged file."""
+    the .distcp file, located through DCP's metadata; in ``file`` if given), sizes unchanged; returns that file."""
     from llmforge.safe_pickle import load_metadata
     md = load_metadata(os.path.join(ckpt, ".metadata"))
-    index, info = next((i, s) for i, s in md.storage_data.items() if i.fqn.startswith(prefix))
+    index, info = next((i, s) for i, s in md.storage_data.items()
+                       if i.fqn.startswith(prefix) and file in (None, s.relative_path))
     path = os.path.join(ckpt, info.relative_path)
     with open(path, "r+b") as f:
         f.seek(info.offset + info.length // 2)
@@ -89,6 +91,22 @@ def test_flipped_optimizer_state_resumes_from_the_older_checkpoint(trained, run)
     metrics = read_metrics(run)
     for step in (3, 4):  # retrained from step 2: equal to the uninterrupted run, bit for bit
         assert metrics[step]["loss"] == trained["metrics"][step]["loss"], (step, metrics[step])
+
+
+def test_two_ranks_flipped_state_of_rank_1_resumes_from_the_older_checkpoint(tmp_path):
+    """FSDP over 2 ranks: each rank hashes its own __R_0.distcp, each verifies a share of the files; damage in
+    rank 1's file is found (by rank 0) and every rank skips to the older checkpoint together."""
+    data = write_synthetic_shards(str(tmp_path / "synth"), n_train=40, n_valid=6)
+    run = str(tmp_path / "run")
+    p = run_cli(_args(run, data, nproc=2), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    reference = read_metrics(run)
+    damaged = _flip(_ckpt(run, NEW), "optim.", 48, file="__1_0.distcp")
+    p = run_cli(_args(run, data, nproc=2), timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and f"{damaged}: content differs" in out and f"resumed from {_ckpt(run, OLD)}" in out, \
+        out[-3000:]
+    assert [read_metrics(run)[s]["loss"] for s in (3, 4)] == [reference[s]["loss"] for s in (3, 4)]
 
 
 def _readers(run, tmp_path):
