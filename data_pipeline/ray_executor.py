@@ -156,11 +156,18 @@ class RayExecutor:
         # Started from this (main) thread: Ray ties the processes it starts to the thread that starts them
         # (PR_SET_PDEATHSIG), so a helper thread's end would kill them. Nothing remote to wait for here.
         previous = signal.getsignal(signal.SIGTERM)
+        main = threading.current_thread() is threading.main_thread()
         try:
             ray.init(num_cpus=self.cfg.workers, include_dashboard=False, object_store_memory=rc.object_store_mb << 20,
                      **kw)
+        except SystemExit as e:  # ray.init's own SIGTERM handler: sys.exit(15)
+            if e.code != signal.SIGTERM or not main or previous is None:
+                raise
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)  # the CLI's handler: exit 143 and its one line
+            raise
         finally:
-            if previous is not None and threading.current_thread() is threading.main_thread():
+            if previous is not None and main:
                 signal.signal(signal.SIGTERM, previous)  # ray.init put its own sys.exit there: the CLI's again
         return True
 
