@@ -27,7 +27,6 @@ or is refused before start: see ``KEY_POLICY`` (a test walks every key of the co
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 import re
@@ -44,34 +43,11 @@ from llmforge.run_plan import batch_plan
 
 from .base import Engine, TrainingError
 from .deepspeed_pipe import pipe_eval, pipeline_module
+from .deepspeed_policy import PREFIX, check_raw
 from .deepspeed_weights import ds_weights_only, latest_tag, scan_checkpoint
 from llmforge.common.atomic import write_json, write_text
 
-# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
-KNOWN_KEYS = set("""
-    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print dump_state
-    disable_allgather communication_data_type seq_parallel_communication_data_type prescale_gradients
-    gradient_predivide_factor sparse_gradients zero_optimization zero_allow_untested_optimizer
-    zero_force_ds_cpu_optimizer fp16 bf16 bfloat16 amp torch_autocast gradient_clipping graph_harvesting optimizer
-    scheduler wall_clock_breakdown memory_breakdown flops_profiler activation_checkpointing aio tensorboard wandb
-    csv_monitor comet comms_logger eigenvalue progressive_layer_drop pld curriculum_learning data_efficiency
-    elasticity pipeline checkpoint data_types sparse_attention compression_training weight_quantization
-    quantize_training hybrid_engine autotuning nebula compile timers dataloader_drop_last
-    use_data_before_expert_parallelism use_node_local_storage load_universal_checkpoint zero_quantized_weights
-    zero_quantized_gradients fp32_allreduce mics_shard_size mics_hierarchical_params_gather domino tensor_parallel
-    gradient_accumulation_dtype disable_python_gc expert_parallel gradient_allreduce_op log_level
-    managed_gradient_accumulation vocabulary_size""".split())
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-PREFIX = "deepspeed."
-# Raw sections whose job llmforge does itself every step (set_lr, param_groups): DeepSpeed would build them and
-# our values would override theirs, so giving them is refused, naming the keys that do take effect.
-REPLACED = {
-    "optimizer": "the optimizer is AdamW over llmforge's decay/no-decay groups; set train.lr, train.weight_decay, "
-                 "train.beta1, train.beta2, train.eps (CPU offload: deepspeed.zero_optimization.offload_optimizer."
-                 "device=cpu)",
-    "scheduler": "the learning rate follows llmforge's schedule, set every step; set train.lr, train.schedule, "
-                 "train.warmup_steps, train.min_lr_ratio, train.decay_fraction",
-}
 
 
 def ds_dims(cfg, world: int) -> tuple[int, int]:
@@ -106,22 +82,6 @@ def _offload(conf: dict) -> bool:
     z = conf.get("zero_optimization", {})
     return any(isinstance(z.get(k), dict) and z[k].get("device", "none") in ("cpu", "nvme")
                for k in ("offload_optimizer",))
-
-
-def check_raw(raw: dict) -> None:
-    """The raw ``deepspeed:`` dict's keys, checked without any collective: one ConfigError naming the key."""
-    unknown = [k for k in raw if k not in KNOWN_KEYS]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
-        raise ConfigError(f"unknown DeepSpeed config key '{PREFIX}{unknown[0]}'{hint}")
-    for key, why in REPLACED.items():
-        if key in raw:
-            raise ConfigError(f"{PREFIX}{key}: not supported by engine=deepspeed: {why}")
-    zero = raw.get("zero_optimization")
-    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
-        raise ConfigError(f"{PREFIX}zero_optimization.compute_grad_norm=false: the non-finite step policy "
-                          "(train.max_bad_steps) needs the gradient norm; remove the key")
 
 
 def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
@@ -244,7 +204,6 @@ class DeepSpeedEngine(Engine):
     def check_config(cls, cfg) -> None:
         from .deepspeed_policy import check_config
         check_config(cfg)
-        check_raw(cfg.deepspeed or {})
 
     @staticmethod
     def resolve_layout(cfg, world: int, margs):

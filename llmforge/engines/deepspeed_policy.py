@@ -2,13 +2,42 @@
 
 ``KEY_POLICY`` maps each key (or a ``section.*`` prefix whose keys are all handled by code both engines share) to
 ``("honoured", how)`` or ``("refused", when, why)``; ``check_config`` raises one ConfigError naming the first
-refused key that is set. tests/engines/test_key_policy.py walks every key of the config dataclasses against it.
+refused key that is set, then :func:`check_raw` checks the raw ``deepspeed:`` dict (unknown keys; the
+``optimizer`` / ``scheduler`` sections llmforge's own AdamW and schedule would override). Both run before any
+collective. tests/engines/test_key_policy.py walks every key of the config dataclasses against KEY_POLICY.
 """
 from __future__ import annotations
+
+import difflib
 
 from llmforge.config import ConfigError, RunConfig, describe
 
 SHARED = "the shared Trainer / run plan"
+PREFIX = "deepspeed."
+
+# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the feature configs it delegates to).
+KNOWN_KEYS = set("""
+    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print dump_state
+    disable_allgather communication_data_type seq_parallel_communication_data_type prescale_gradients
+    gradient_predivide_factor sparse_gradients zero_optimization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer fp16 bf16 bfloat16 amp torch_autocast gradient_clipping graph_harvesting optimizer
+    scheduler wall_clock_breakdown memory_breakdown flops_profiler activation_checkpointing aio tensorboard wandb
+    csv_monitor comet comms_logger eigenvalue progressive_layer_drop pld curriculum_learning data_efficiency
+    elasticity pipeline checkpoint data_types sparse_attention compression_training weight_quantization
+    quantize_training hybrid_engine autotuning nebula compile timers dataloader_drop_last
+    use_data_before_expert_parallelism use_node_local_storage load_universal_checkpoint zero_quantized_weights
+    zero_quantized_gradients fp32_allreduce mics_shard_size mics_hierarchical_params_gather domino tensor_parallel
+    gradient_accumulation_dtype disable_python_gc expert_parallel gradient_allreduce_op log_level
+    managed_gradient_accumulation vocabulary_size""".split())
+# Raw sections whose job llmforge does itself every step (set_lr, param_groups): DeepSpeed would build them and
+# our values would override theirs, so giving them is refused, naming the keys that do take effect.
+REPLACED = {
+    "optimizer": "the optimizer is AdamW over llmforge's decay/no-decay groups; set train.lr, train.weight_decay, "
+                 "train.beta1, train.beta2, train.eps (CPU offload: deepspeed.zero_optimization.offload_optimizer."
+                 "device=cpu)",
+    "scheduler": "the learning rate follows llmforge's schedule, set every step; set train.lr, train.schedule, "
+                 "train.warmup_steps, train.min_lr_ratio, train.decay_fraction",
+}
 
 KEY_POLICY: dict[str, tuple] = {
     # sections read only by code both engines share (model build, data stream, metrics, process group)
@@ -93,3 +122,20 @@ def check_config(cfg) -> None:
             continue
         if rule[0] == "refused" and rule[1](cfg):
             raise ConfigError(f"{key}: not supported by engine=deepspeed: {rule[2]}")
+    check_raw(cfg.deepspeed or {})
+
+
+def check_raw(raw: dict) -> None:
+    """The raw ``deepspeed:`` dict's keys, checked without any collective: one ConfigError naming the key."""
+    unknown = [k for k in raw if k not in KNOWN_KEYS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown DeepSpeed config key '{PREFIX}{unknown[0]}'{hint}")
+    for key, why in REPLACED.items():
+        if key in raw:
+            raise ConfigError(f"{PREFIX}{key}: not supported by engine=deepspeed: {why}")
+    zero = raw.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+        raise ConfigError(f"{PREFIX}zero_optimization.compute_grad_norm=false: the non-finite step policy "
+                          "(train.max_bad_steps) needs the gradient norm; remove the key")
