@@ -174,8 +174,12 @@ def reading(path: str):
         yield ("damaged", f"{path}: no COMPLETE marker (interrupted save)") if os.path.isdir(path) else (
             "vanished", path)
         return
+    except OSError as e:
+        yield ("damaged", f"{marker}: unreadable ({e.strerror})")
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(OSError):  # a file system without flock (some NFS/Lustre mounts): read unlocked
+            fcntl.flock(fd, fcntl.LOCK_SH)
         try:  # rotation may have renamed it away while this waited for the lock
             same = os.path.samestat(os.fstat(fd), os.stat(marker))
         except FileNotFoundError:
@@ -197,6 +201,8 @@ def remove_unless_read(path: str) -> bool:
     except BlockingIOError:
         os.close(fd)
         return False
+    except OSError:
+        pass  # a file system without flock: readers cannot lock either, remove as before
     try:
         gone = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.removing")
         shutil.rmtree(gone, ignore_errors=True)
