@@ -21,7 +21,6 @@ failed may have made one and written nothing): a folder with a user's file in it
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -117,12 +116,11 @@ def fold(out: str) -> None:
     stop_recording()  # the manifest itself is not listed: remove_listed removes it by name
     try:
         write_json(os.path.join(out, MANIFEST), sorted(paths))
-    except OSError:  # disk full: the logs stay, and say the same
-        return
-    for log in _logs(out):
-        os.remove(log)
-    with contextlib.suppress(OSError):
+        for log in _logs(out):
+            os.remove(log)
         os.rmdir(os.path.join(out, LOG_DIR))
+    except OSError:  # disk full, a file the user put in work/manifest/: what is left says the same
+        return
 
 
 def adopt_unlisted(out: str, names) -> None:
