@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from llmforge.safe_pickle import SafeFileSystemReader, UnsafePickleError, load_metadata, safe_torch_load
 from llmforge.common.atomic import atomic_path
+from llmforge.checkpoint_writer import AsyncWriter, write_dcp
 from llmforge.checkpoint_integrity import (CheckpointError, CheckpointVanished, DamagedCheckpoint,  # noqa: F401
                                            NoUsableCheckpoint, is_complete, reading, remove_unless_read, verify,
                                            write_marker)
@@ -137,7 +139,9 @@ def newest_complete(ckpt_root: str, log=print) -> str | None:
 class Checkpointer:
     def __init__(self, ckpt_root: str, keep: int = 2, async_save: bool = False, rank: int = 0):
         self.root, self.keep, self.async_save, self.rank = ckpt_root, keep, async_save, rank
-        self._pending = None  # (future, tmp, final, trainer_state)
+        self._pending = None  # (step, tmp, final) of the async save in flight
+        self._async: AsyncWriter | None = None
+        self._rotation: threading.Thread | None = None  # a sync save's removal of old checkpoints
 
     def save(self, step: int, model_parts, optimizers, trainer_state: dict) -> None:
         self.wait()
@@ -165,40 +169,52 @@ class Checkpointer:
 
     def _save(self, step: int, tmp: str, final: str, model_parts, optimizers, trainer_state: dict) -> None:
         state = {"model": _model_sd(model_parts), "optim": _optim_sd(model_parts, optimizers)}
-        rng = _rng_state()
+        rng, trainer_state = _rng_state(), dict(trainer_state)  # taken now: training goes on during an async write
+        if not self.async_save:
+            return self._write(step, tmp, final, state, rng, trainer_state, None)
+        self._async = self._async or AsyncWriter()  # collective, like every save: its process group
+        self._async.submit(state, optimizers, lambda staged, group: self._write(step, tmp, final, staged, rng,
+                                                                                trainer_state, group))
+        self._pending = (step, tmp, final)
+
+    def _write(self, step: int, tmp: str, final: str, state: dict, rng: dict, trainer_state: dict, group) -> None:
+        """Every file of the checkpoint, then its commit; in an async save's background thread, on its ``group``."""
         _write_atomic(os.path.join(tmp, f"rng-rank{dist.get_rank()}.pt"), lambda p: (
             os.makedirs(tmp, exist_ok=True), torch.save(rng, p)))
-        if self.async_save:
-            fut = dcp.async_save(state, checkpoint_id=tmp)
-            self._pending = (fut, tmp, final, dict(trainer_state))
-        else:
-            dcp.save(state, checkpoint_id=tmp)
-            if os.environ.get("LLMFORGE_FAULT") == f"kill_in_save@{step}":  # reliability-harness hook
-                os.kill(os.getpid(), 9)
-            self._finalize(tmp, final, trainer_state)
+        digests = write_dcp(state, tmp, group)
+        if os.environ.get("LLMFORGE_FAULT") == f"kill_in_save@{step}":  # reliability-harness hook
+            os.kill(os.getpid(), 9)
+        self._finalize(tmp, final, trainer_state, group, digests)
 
     def wait(self) -> None:
-        """Finish an async save (every rank must call this at the same point)."""
+        """Finish an async save (every rank must call this at the same point): raise its error, as a sync save
+        would have. Also joins the removal of old checkpoints, so their space is free before the next save."""
+        if self._rotation is not None:
+            self._rotation.join()
+            self._rotation = None
         if self._pending is None:
             return
-        fut, tmp, final, state = self._pending
+        step, tmp, final = self._pending
         self._pending = None
         try:
-            fut.result()
-            self._finalize(tmp, final, state)
+            self._async.result()
         except (Exception, CheckpointException) as e:  # noqa: BLE001
-            self._failed(e, state.get("step", -1), tmp, final)
+            self._failed(e, step, tmp, final)
 
-    def _finalize(self, tmp: str, final: str, trainer_state: dict) -> None:
+    def _finalize(self, tmp: str, final: str, trainer_state: dict, group=None, digests=None) -> None:
         if self.rank == 0:
             _write_atomic(os.path.join(tmp, "trainer_state.json"), lambda p: _dump_json(trainer_state, p))
-        write_marker(tmp)  # collective: waits for every rank's files, hashes them where they were written
+        write_marker(tmp, group, digests)  # collective: waits for every rank's files; their digests come along
         if self.rank == 0:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            self._rotate()
-        dist.barrier()
+            if group is None:  # removing old checkpoints (0.03 s per 100 MB) needs not hold a sync save: see wait
+                self._rotation = threading.Thread(target=self._rotate, name="llmforge-rotate")
+                self._rotation.start()
+            else:  # already off the training thread
+                self._rotate()
+        dist.barrier(group=group)
 
     def _rotate(self) -> None:
         """Keep the newest ``keep``; an older one a reader holds (eval of a running training) stays until a later
