@@ -79,7 +79,9 @@ def stop_recording() -> None:
 
 
 def _logs(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(glob.escape(out), LOG_DIR, "*.jsonl")))
+    """The per-process logs (``<host>-<pid>.jsonl``; any other file there is not one of ours)."""
+    found = glob.glob(os.path.join(glob.escape(out), LOG_DIR, "*-[0-9]*.jsonl"))
+    return sorted(p for p in found if re.fullmatch(r".+-\d+\.jsonl", os.path.basename(p)))
 
 
 def listed(out: str) -> set[str] | None:
