@@ -77,7 +77,7 @@ def ds_run(synth_data, tmp_path_factory):
     return run
 
 
-def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, synth_data, tmp_path):
+def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, synth_data, tmp_path, capsys):
     from llmforge.eval import main as eval_main
     run = str(tmp_path / "run")
     shutil.copytree(ds_run, run)
@@ -92,8 +92,11 @@ def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, sy
     assert not os.path.exists(marker), "resume ran the planted payload"
     assert sorted(os.listdir(tag)) == before  # nothing of the run was removed
     # llmforge.eval consolidates the same tag through DeepSpeed's zero_to_fp32 (its own torch.load calls)
+    capsys.readouterr()
     rc = eval_main([run])
+    err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not os.path.exists(marker), "eval ran the planted payload"
+    assert len(err) == 1 and states in err[0] and "posix.system" in err[0], err
 
 
 def test_deepspeed_scan_names_a_planted_optimizer_shard(ds_run, tmp_path):
