@@ -141,6 +141,17 @@ def adopt_unlisted(out: str, names) -> None:
     write_json(os.path.join(out, MANIFEST), sorted(found))
 
 
+def _kept(real: str, keep: set) -> bool:
+    """Whether ``real`` or a folder above it is in ``keep``."""
+    while True:
+        if real in keep:
+            return True
+        up = os.path.dirname(real)
+        if up == real:
+            return False
+        real = up
+
+
 def remove_listed(out: str, protect=(), under=()) -> bool:
     """Remove the listed files (only those under the relative folders ``under`` when given, and then keep the
     manifest), never one in ``protect`` (files or folders: the run's inputs); then the emptied folders. Returns
@@ -149,7 +160,7 @@ def remove_listed(out: str, protect=(), under=()) -> bool:
     if paths is None:
         return False
     root = os.path.realpath(out)
-    keep = [os.path.realpath(p) for p in protect if p]
+    keep = {os.path.realpath(p) for p in protect if p}  # a set: inputs may be 100k files
     folders = set()
     for rel in sorted(paths):
         rel = os.path.normpath(rel)
@@ -159,7 +170,7 @@ def remove_listed(out: str, protect=(), under=()) -> bool:
         p = os.path.join(out, rel)
         parent = os.path.realpath(os.path.dirname(p))
         real = os.path.join(parent, os.path.basename(p))
-        if not _inside(parent, root) or any(_inside(real, k) for k in keep):
+        if not _inside(parent, root) or _kept(real, keep):
             continue
         if os.path.islink(p) or os.path.isfile(p):
             os.remove(p)
