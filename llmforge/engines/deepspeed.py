@@ -17,9 +17,9 @@ computed it) is not finite, in every ZeRO stage and under PP, and the Trainer co
 Checkpoints: ``run_dir/checkpoints/step_N`` written by ``save_checkpoint``; the ``latest`` file, rewritten
 atomically after every rank finished, is the commit point; auto-resume loads it (model, optimizer, step,
 samples consumed); every file of the tag is unpickled weights-only (engines/deepspeed_weights.py), a crafted
-one is refused in one line before anything loads. ``llmforge.eval``/``generate``/``export_hf`` consolidate them with DeepSpeed's own
-``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module llmforge.train CONFIG
-engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.
+one is refused in one line before anything loads. ``llmforge.eval``/``generate``/``export_hf`` consolidate them
+with DeepSpeed's own ``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module
+llmforge.train CONFIG engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.
 
 The loop is llmforge.trainer.Trainer, shared with the native engine. Every config key either has its effect here
 or is refused before start: see ``KEY_POLICY`` (a test walks every key of the config dataclasses against it).

@@ -66,7 +66,8 @@ def lr1e9(synth_data, tmp_path_factory):
     spec.write_text(json.dumps({"config": "configs/train/tiny-cpu.yaml", "common": common, "keep_going": True,
                                 "runs": [[f"run_dir={out / name}", *ov] for name, ov in RUNS.items()]}))
     r = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 "tests/engines/ds_runs.py", str(spec)], timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+                 "tests/engines/ds_runs.py", str(spec)], timeout=600,
+                env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     errors = {}
     for line in r.stderr.splitlines():
         if line.startswith("RUN_ERROR "):
