@@ -142,10 +142,13 @@ def test_garbled_rng_file_is_one_line_without_weights_only_advice(loaded):
     rng = os.path.join(ckpt, "rng-rank0.pt")
     with open(rng, "r+b") as f:
         f.write(b"\x00garbage" * 8)
+    marker = os.path.join(ckpt, "COMPLETE")  # a sizes-only marker (as older versions wrote): the content hash
+    json.dump({"sizes": json.load(open(marker))["sizes"]}, open(marker, "w"))  # must not be what refuses it here
     with pytest.raises(CheckpointError) as e:
         Checkpointer(os.path.join(run, "checkpoints")).load(ckpt, [model], [], load_optimizer=False)
     msg = str(e.value)
     assert rng in msg and "\n" not in msg and "weights_only" not in msg.lower()
+    assert "content differs" not in msg, msg
 
 
 def test_missing_checkpoint_path_says_not_found(loaded):
