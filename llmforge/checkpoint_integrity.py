@@ -69,7 +69,8 @@ def sizes(path: str) -> dict[str, int]:
         for name in files:
             full = os.path.join(root, name)
             if name != "COMPLETE":
-                out[os.path.relpath(full, path)] = os.path.getsize(full)
+                with contextlib.suppress(FileNotFoundError):  # a folder rotation renamed away while listed
+                    out[os.path.relpath(full, path)] = os.path.getsize(full)
     return dict(sorted(out.items()))
 
 
@@ -139,7 +140,12 @@ def _check(path: str, marker: dict, names: list[str]) -> list[str]:
                        f"{marker['sizes'][name]}")
         elif name in hashes:
             todo.append(full)
-    for full, digest in _file_checksums(todo).items():
+    for full in todo:
+        try:  # never raise: the other ranks wait for this one's answer in verify's all_gather
+            digest = _file_checksums([full])[full]
+        except OSError as e:
+            bad.append(f"{full}: unreadable ({e.strerror})")
+            continue
         want = hashes[os.path.relpath(full, path)]
         if digest != want:
             bad.append(f"{full}: content differs from the COMPLETE marker ({HASH} {digest}, expected {want})")
