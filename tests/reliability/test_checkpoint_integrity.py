@@ -269,3 +269,22 @@ def test_reader_lists_again_when_its_checkpoint_is_rotated_away(run):
     assert tried == [NEW, "step_00000006"] and path == _ckpt(run, "step_00000006") and state["step"] == 4
     with pytest.raises(CheckpointVanished, match="checkpoint not found"):
         ck.load(_ckpt(run, NEW), [model], [], load_optimizer=False)
+
+
+def test_rotation_during_a_load_keeps_the_checkpoint_being_loaded(run, monkeypatch):
+    """Checkpointer.load itself holds the reader lock: a rotation in the middle of the load keeps the checkpoint."""
+    from llmforge.checkpoint import Checkpointer, list_checkpoints
+    from llmforge.run_loading import ensure_process_group, load_run
+    root = os.path.join(run, "checkpoints")
+    model = load_run(run).model
+    ensure_process_group()
+    ck, real = Checkpointer(root, keep=1), Checkpointer._load
+
+    def load_while_rotating(self, path, *a):
+        ck._rotate()  # what a training that just saved does meanwhile
+        return real(self, path, *a)
+    monkeypatch.setattr(Checkpointer, "_load", load_while_rotating)
+    assert ck.load(_ckpt(run, OLD), [model], [], load_optimizer=False, load_rng=False)["step"] == 2
+    assert [s for s, _ in list_checkpoints(root)] == [4, 2]
+    ck._rotate()
+    assert [s for s, _ in list_checkpoints(root)] == [4]
