@@ -160,8 +160,8 @@ def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None) -> Lo
     model, tokenizer = _model_for(cfg, run_dir)
     try:
         path, step = load_into(model, os.path.join(run_dir, "checkpoints"), checkpoint)
-    except DeepSpeedLoadError as e:
-        raise RunLoadError(str(e)) from None
+    except DeepSpeedLoadError as e:  # unreadable, or a crafted file refused: the checkpoint's fault, exit 1
+        raise _runtime(RunLoadError(str(e))) from None
     ensure_process_group()
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, step)

@@ -43,6 +43,7 @@ _DCP_MODULES = {
 
 class UnsafePickleError(ValueError):
     """A pickle that references something outside the allow-list: printed as one line naming the file."""
+    exit_status = 1  # the file is at fault, not the command line: the CLIs exit 1 (llmforge.train, run_cli)
 
 
 def _allowed(module: str, name: str) -> bool:

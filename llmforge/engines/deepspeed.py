@@ -163,6 +163,12 @@ def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> Non
     dist.barrier()
 
 
+class RefusedCheckpoint(ConfigError):
+    """A checkpoint file refused on resume. Every rank raises it and rank 0 alone prints it, as for a ConfigError;
+    the run is fine and its checkpoint is not, so the exit status is 1 (a runtime refusal), not 2."""
+    exit_status = 1
+
+
 def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
     """Load the `latest` tag. Rank 0 first unpickles every file of it weights-only (scan_checkpoint): a crafted one
     is refused by every rank together, in one line naming it, before anything is loaded or removed."""
@@ -174,7 +180,7 @@ def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
     if tag[0] is None:
         return 0, 0, None
     if tag[1]:
-        raise ConfigError(f"cannot resume from {os.path.join(root, tag[0])}: {tag[1]}; move the checkpoint away "
+        raise RefusedCheckpoint(f"cannot resume from {os.path.join(root, tag[0])}: {tag[1]}; move the checkpoint away "
                           "to start over")
     if rank == 0:  # step dirs newer than `latest` are interrupted saves
         for d in os.listdir(root):

@@ -88,14 +88,14 @@ def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, sy
     r = _train(synth_data, run, "engine=deepspeed", "parallel.zero_stage=1", "train.steps=2",
                env={"DS_ACCELERATOR": "cpu"})
     line = _one_error_line(r, states)
-    assert "posix.system" in line and "weights_only" not in line, line
+    assert r.returncode == 1 and "posix.system" in line and "weights_only" not in line, line
     assert not os.path.exists(marker), "resume ran the planted payload"
     assert sorted(os.listdir(tag)) == before  # nothing of the run was removed
     # llmforge.eval consolidates the same tag through DeepSpeed's zero_to_fp32 (its own torch.load calls)
     capsys.readouterr()
     rc = eval_main([run])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and not os.path.exists(marker), "eval ran the planted payload"
+    assert rc == 1 and not os.path.exists(marker), "eval ran the planted payload"
     assert len(err) == 1 and states in err[0] and "posix.system" in err[0], err
 
 
@@ -142,7 +142,7 @@ def test_init_from_hf_refuses_a_planted_pytorch_model_bin(synth_data, tmp_path):
     _plant(binary, marker)
     r = _train(synth_data, str(tmp_path / "run"), f"train.init_from_hf={hf}", "train.steps=1")
     line = _one_error_line(r, binary)
-    assert "posix.system" in line and not os.path.exists(marker), line
+    assert r.returncode == 1 and "posix.system" in line and not os.path.exists(marker), line
 
 
 def test_dcp_non_tensor_entry_is_unpickled_weights_only(tmp_path):
