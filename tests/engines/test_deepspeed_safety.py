@@ -95,3 +95,28 @@ def test_infinite_gradients_skip_and_stop_like_native(lr1e9, native, ds):
     assert all(not math.isfinite(dsm[s]["grad_norm"]) for s in (2, 3)), dsm
     if not ds.startswith("ds_pp"):  # the issue's case: a finite (uniform) loss, so only the norm can tell
         assert all(math.isfinite(dsm[s]["loss"]) for s in (2, 3)), dsm
+
+
+@pytest.mark.slow
+def test_dp2_resume_refuses_a_planted_shard_of_rank_1_on_every_rank(synth_data, tmp_path):
+    """Only rank 1 would read the planted ZeRO shard: rank 0 scans the whole tag first, so both ranks refuse
+    together (no hang in a collective), one line is printed, nothing is removed and nothing runs."""
+    import torch
+    from tests.reliability.test_unpickle import _Payload
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmforge.train",
+           TINY, f"data.paths=[{synth_data}]", "model.vocab_size=64", "data.seq_len=32", "train.global_batch_size=4",
+           "logging.plot=false", "train.eval_batches=1", "engine=deepspeed", "parallel.zero_stage=2", f"run_dir={run}"]
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    assert run_cli(cmd + ["train.steps=1"], timeout=300, env=env).returncode == 0
+    tag = run / "checkpoints" / "step_00000001"
+    shard = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    state = torch.load(shard, map_location="cpu", weights_only=False)  # our own file: safe to load unrestricted
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, shard)
+    before = sorted(os.listdir(tag))
+    r = run_cli(cmd + ["train.steps=2"], timeout=300, env=env)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert str(shard) in errors[0] and "posix.system" in errors[0], errors
+    assert not marker.exists() and sorted(os.listdir(tag)) == before
