@@ -17,7 +17,7 @@ def _probe(_ctx, _rank):
 def test_pool_workers_die_on_sigterm_at_once(tmp_path):
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # what the CLI installs in the parent
     try:
-        LocalExecutor(workers=2, progress=False).run(types.SimpleNamespace(work=str(tmp_path)),
+        LocalExecutor(workers=2, progress=False).run(types.SimpleNamespace(work=str(tmp_path), out=str(tmp_path)),
                                                      [Stage("probe", 4, _probe)])
     finally:
         signal.signal(signal.SIGTERM, previous)
