@@ -9,6 +9,7 @@ import errno
 import glob
 import json
 import os
+import signal
 import threading
 
 import pytest
@@ -162,4 +163,23 @@ def test_async_training_on_two_ranks_resumes_bitwise(tmp_path, synth_data):
     p = run_cli(_args(run, synth_data, 8, "checkpoint.async_save=true"))
     assert p.returncode == 0, p.stderr
     assert "step_00000006" in p.stdout and "resumed from" in p.stdout
+    assert _curve(run) == _curve(ref)
+
+
+def test_kill_inside_an_async_write_then_rerun_is_bitwise(tmp_path, synth_data):
+    """kill -9 while the background thread writes step 6: step 3 (committed in the background) stays, the hidden
+    temp folder is removed by the rerun, which resumes from step 3 and equals a sync run."""
+    def args(run_dir, *extra):
+        return train_cmd() + ["configs/train/tiny-cpu.yaml", f"data.paths=[{synth_data}]", f"run_dir={run_dir}",
+                              "model.vocab_size=64", "train.steps=9", "train.eval_interval=0",
+                              "checkpoint.interval=3", "checkpoint.keep=2", *extra]
+    ref, run = str(tmp_path / "sync"), str(tmp_path / "async")
+    assert run_cli(args(ref)).returncode == 0
+    p = run_cli(args(run, "checkpoint.async_save=true"), env={"LLMFORGE_FAULT": "kill_in_save@6"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [".step_00000006.tmp", "step_00000003"]
+    p = run_cli(args(run, "checkpoint.async_save=true"))
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stdout and "step_00000003" in p.stdout
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000006", "step_00000009"]
     assert _curve(run) == _curve(ref)
