@@ -199,7 +199,7 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
     """Write an HF folder atomically (temp folder + rename). Returns a note on the tokenizer files. A fine-tuned
     ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.sft)."""
     from safetensors.torch import save_file
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)  # a symlink to an export: write its target (renaming the link would leave it)
     check_export_dir(out_dir)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tok_path:

@@ -78,6 +78,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         run_dir = os.path.dirname(self.path)
         self.created = not os.path.isdir(run_dir)
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ConfigError(f"run_dir {run_dir} is a file, not a folder: choose a new or empty folder")
         try:
             os.makedirs(run_dir, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -142,7 +144,8 @@ def _xxh3_file(path: str, windows: int | None = None) -> str:
 
 def shard_identity(prefix: str) -> dict:
     """What one shard is: its .bin size, a hash of its whole .idx (document lengths: every boundary) and a sampled
-    hash of its .bin (cheap on TB data; tokens rewritten in place with the same lengths show in the samples)."""
+    hash of its .bin (cheap on TB data). A rebuild shows in the .idx (other lengths) or in a sample; tokens rewritten
+    in place with the same lengths show only where a window covers them (all of a .bin up to 1 MiB)."""
     st = [os.stat(prefix + ext) for ext in (".bin", ".idx")]
     key = (prefix,) + tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in st)
     if key not in _IDENTITY_CACHE:

@@ -113,6 +113,25 @@ def test_export_into_a_folder_it_did_not_write_is_refused(env, tmp_path, capsys)
     assert open(os.path.join(again, "README.md")).read() == "my notes\n"
 
 
+def test_export_through_a_symlink_updates_its_target_and_keeps_the_link(env, tmp_path, capsys):
+    """A link to an earlier export used to be renamed to LINK.old<pid> (left behind) and replaced by a folder."""
+    target = shutil.copytree(env["hf"], str(tmp_path / "models" / "v1"))
+    link = tmp_path / "latest"
+    link.symlink_to(target)
+    os.remove(os.path.join(target, "generation_config.json"))  # so a re-export shows in the target
+    assert export_main([env["run"], str(link)]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == target
+    assert os.path.isfile(os.path.join(target, "generation_config.json"))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "models"] and os.listdir(tmp_path / "models") == ["v1"]
+
+
+def test_a_run_dir_that_is_a_file_is_refused_as_one(env, tmp_path, capsys):
+    path = tmp_path / "run"
+    path.write_text("mine\n")
+    line = _one_line(*_train(capsys, path, env["data"])[::2])
+    assert line == f"error: run_dir {path} is a file, not a folder: choose a new or empty folder"
+    assert path.read_text() == "mine\n"
+
 # ------------------------------------------------------------------------------------------------ item 4: shards
 def test_resume_on_shards_rebuilt_in_place_is_refused(env, tmp_path, capsys):
     from data_pipeline.shards import IndexedShard, ShardWriter
