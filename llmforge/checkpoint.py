@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from llmforge.safe_pickle import SafeFileSystemReader, UnsafePickleError, load_metadata, safe_torch_load
+from llmforge.safe_pickle import (SafeFileSystemReader, UnreadablePickleError, UnsafePickleError, load_metadata,
+                                   safe_torch_load)
 from llmforge.common.atomic import atomic_path
 from llmforge.checkpoint_writer import AsyncWriter, write_dcp
 from llmforge.checkpoint_integrity import (CheckpointError, CheckpointVanished, DamagedCheckpoint,  # noqa: F401
@@ -186,6 +187,11 @@ class Checkpointer:
             os.kill(os.getpid(), 9)
         self._finalize(tmp, final, trainer_state, group, digests)
 
+    def writing(self) -> bool:
+        """Whether a save still works in the background: an async write, or a sync save's removal of old ones."""
+        return (self._async is not None and self._async.busy()) or (
+            self._rotation is not None and self._rotation.is_alive())
+
     def wait(self) -> None:
         """Finish an async save (every rank must call this at the same point): raise its error, as a sync save
         would have. Also joins the removal of old checkpoints, so their space is free before the next save."""
@@ -242,7 +248,10 @@ class Checkpointer:
         state = {"model": {k: v for k, v in _model_sd(model_parts).items() if skip is None or not skip(k)}}
         if load_optimizer:
             state["optim"] = _optim_sd(model_parts, optimizers)
-        dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))
+        try:
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))
+        except CheckpointException as e:  # DCP wraps each rank's error: a refused or garbled entry becomes one line
+            raise _entry_error(e) from None
         for part in model_parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if load_optimizer:
@@ -267,6 +276,18 @@ class Checkpointer:
                 return json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{state_file}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _entry_error(e: CheckpointException) -> BaseException:
+    """The error inside DCP's wrapper (every rank gets all ranks' failures, so every rank raises the same): a crafted
+    entry stays an UnsafePickleError (refused, never skipped); a garbled one its marker vouched for (a marker
+    rewritten to match) is damage, skipped like any other; anything else (a layout mismatch) stays as it was."""
+    failures = [f[0] if isinstance(f, tuple) else f for _, f in sorted(e.failures.items())]
+    for kind in (UnsafePickleError, UnreadablePickleError):
+        found = next((f for f in failures if isinstance(f, kind)), None)
+        if found is not None:
+            return found if kind is UnsafePickleError else DamagedCheckpoint(str(found))
+    return e
 
 
 def resume_candidates(ckpt_root: str, log=print) -> list[str]:

@@ -126,16 +126,19 @@ def _load_checkpoint(cfg, model, ckpt_root: str, checkpoint: str | None, log) ->
             raise  # load_newest skips it (damaged) or lists again (vanished)
         # DCP raises several types (one a BaseException): name the checkpoint and the first line of the cause
         except (Exception, CheckpointException) as e:
-            if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file
-                raise RunLoadError(str(e)) from None
+            if isinstance(e, (UnsafePickleError, CheckpointError)):  # already one line naming the file; the
+                raise _runtime(RunLoadError(str(e))) from None  # checkpoint's fault (crafted, garbled): exit 1
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunLoadError(f"cannot load {path} into model {cfg.model.preset}: {first}") from None
     if checkpoint:
         return checkpoint, load(checkpoint)
+    skipped: list[str] = []  # said only once a checkpoint loads: a refusal's one line already names every one
     try:
-        path, state = load_newest(ckpt_root, load, log)
+        path, state = load_newest(ckpt_root, load, skipped.append)
     except CheckpointError as e:
         raise _runtime(RunLoadError(str(e))) from None
+    for line in skipped if path is not None else ():
+        log(line)
     if path is None:
         raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
     return path, state

@@ -46,6 +46,10 @@ class UnsafePickleError(ValueError):
     exit_status = 1  # the file is at fault, not the command line: the CLIs exit 1 (llmforge.train, run_cli)
 
 
+class UnreadablePickleError(ValueError):
+    """A ``torch.save`` file or entry that is garbled or truncated (not crafted): one line naming it."""
+
+
 def _allowed(module: str, name: str) -> bool:
     if module == "builtins":
         return name in _SAFE_BUILTINS
@@ -96,7 +100,7 @@ def _weights_only_reason(e: Exception) -> str:
 
 def safe_torch_load(f, source: str | None = None, **kwargs: Any):
     """``torch.load(f, weights_only=True)`` (tensors and plain data only; map_location defaults to cpu). A file
-    that needs anything else raises :class:`UnsafePickleError`, one that cannot be read a ValueError: one line
+    that needs anything else raises :class:`UnsafePickleError`, one that cannot be read UnreadablePickleError: one line
     naming ``source`` (default: the path)."""
     name = source or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else "a pickled entry")
     kwargs["weights_only"] = True
@@ -107,10 +111,11 @@ def safe_torch_load(f, source: str | None = None, **kwargs: Any):
         if "GLOBAL" in str(e):  # a class or function outside the weights-only allow-list: a crafted or foreign file
             raise UnsafePickleError(f"refusing to load {name}: {_weights_only_reason(e)} (only tensors and plain "
                                     "data are unpickled, never code; not loaded)") from None
-        raise ValueError(f"{name}: unreadable (garbled or truncated: {_weights_only_reason(e)})") from None
+        why = _weights_only_reason(e) or type(e).__name__
+        raise UnreadablePickleError(f"{name}: unreadable (garbled or truncated: {why})") from None
     except (RuntimeError, EOFError, ValueError, AttributeError, KeyError) as e:  # OSError (missing file) stays
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{name}: unreadable ({type(e).__name__}: {first})") from None
+        raise UnreadablePickleError(f"{name}: unreadable ({type(e).__name__}: {first})") from None
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
+from llmforge.safe_pickle import UnsafePickleError
 
 from .base import Engine
 
@@ -122,17 +123,21 @@ class NativeEngine(Engine):
         self.ckpt.save(step, self.pm.parts, self.optimizers, state)
 
     def load_latest(self, log) -> dict | None:
-        candidates = resume_candidates(self.ckpt.root, log)
+        candidates, reasons = resume_candidates(self.ckpt.root, log), []
         for path in candidates:  # newest first; one that fails to load is reported and the next older one tried
             try:
                 state = self.ckpt.load(path, self.pm.parts, self.optimizers)
+            except UnsafePickleError:  # a crafted file is refused (exit 1, naming it), never skipped and overwritten
+                raise
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-                log(f"warning: cannot load checkpoint {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log(f"warning: cannot load checkpoint {path}: {why}")
+                reasons.append(why if path in why else f"{path}: {why}")  # the error line names each file
                 continue
             return dict(state, path=path)
         if candidates:
             raise NoUsableCheckpoint(f"cannot resume: no checkpoint in {self.ckpt.root} loads "  # exit 1, nothing removed
-                                     f"({', '.join(candidates)}); move them away to start over")
+                                     f"({'; '.join(reasons)}); move them away to start over")
         return None
 
     def wait(self) -> None:

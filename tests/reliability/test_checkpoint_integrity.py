@@ -288,3 +288,35 @@ def test_rotation_during_a_load_keeps_the_checkpoint_being_loaded(run, monkeypat
     assert [s for s, _ in list_checkpoints(root)] == [4, 2]
     ck._rotate()
     assert [s for s, _ in list_checkpoints(root)] == [4]
+
+
+def test_every_checkpoint_damaged_reader_refusal_is_the_only_stderr_line(run, capsys):
+    """A refusal is one line on stderr: the skipped checkpoints' warnings are said only when an older one loads
+    (the refusal already names each damaged file)."""
+    from llmforge.eval import main as eval_main
+    damaged = [_flip(_ckpt(run, step_dir), "model.tok_embeddings", 64) for step_dir in (OLD, NEW)]
+    capsys.readouterr()
+    assert eval_main([run]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no usable checkpoint") and all(d in err[0] for d in damaged), err
+
+
+def test_a_garbled_entry_under_a_rewritten_marker_is_skipped_as_damage(run):
+    """The marker cannot catch damage it was rewritten to vouch for; an entry that no longer unpickles is still
+    damage (skipped for the older checkpoint with a warning), not DCP's 'CheckpointException ranks:...' (exit 2)."""
+    from llmforge.checkpoint_integrity import write_marker
+    from llmforge.run_loading import ensure_process_group, load_run
+    from llmforge.safe_pickle import load_metadata
+    ckpt = _ckpt(run, NEW)
+    info = next(s for i, s in load_metadata(os.path.join(ckpt, ".metadata")).storage_data.items()
+                if i.fqn == "model.tok_embeddings.weight")
+    with open(os.path.join(ckpt, info.relative_path), "r+b") as f:  # the entry's serialization header
+        f.seek(info.offset)
+        head = f.read(16)
+        f.seek(info.offset)
+        f.write(bytes(b ^ 0xFF for b in head))
+    ensure_process_group()
+    write_marker(ckpt)
+    warnings = []
+    assert load_run(run, log=warnings.append).step == 2
+    assert len(warnings) == 1 and f"skipping checkpoint {ckpt}: " in warnings[0] and "unreadable" in warnings[0], warnings

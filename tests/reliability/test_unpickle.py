@@ -162,3 +162,47 @@ def test_dcp_non_tensor_entry_is_unpickled_weights_only(tmp_path):
     assert UnsafePickleError.__name__ in str(e.value) and f"refusing to load an entry of checkpoint {ckpt}: it " \
         "references posix.system" in str(e.value)
     assert not os.path.exists(marker), "a DCP entry ran the planted payload"
+
+
+def _plant_dcp_entry(ckpt: str, fqn: str, marker: str) -> None:
+    """Point one entry of a DCP checkpoint at an appended payload (its .metadata rewritten) and reseal the marker."""
+    import io
+    import pickle
+    meta = os.path.join(ckpt, ".metadata")
+    md = pickle.load(open(meta, "rb"))  # our own file: safe to unpickle here
+    info = next(s for i, s in md.storage_data.items() if i.fqn == fqn)
+    buf = io.BytesIO()
+    torch.save(_Payload(marker), buf)
+    data = os.path.join(ckpt, info.relative_path)
+    info.offset, info.length = os.path.getsize(data), len(buf.getvalue())
+    with open(data, "ab") as f:
+        f.write(buf.getvalue())
+    pickle.dump(md, open(meta, "wb"))
+    _reseal(ckpt)
+
+
+def test_native_crafted_newest_checkpoint_is_refused_not_skipped(synth_data, tmp_path, capsys):
+    """A crafted file in the newest of two checkpoints (marker resealed) is refused in one line naming it, exit 1:
+    skipping to the older one would retrain over the tampered checkpoint and rotate the evidence away. The same
+    for a crafted DCP entry: resume and eval name it in one line (was DCP's 'CheckpointException ranks:...')."""
+    from llmforge.eval import main as eval_main
+    run, marker = str(tmp_path / "run"), str(tmp_path / "pwned")
+    assert _train(synth_data, run, "train.steps=2", "checkpoint.interval=1").returncode == 0
+    new = os.path.join(run, "checkpoints", "step_00000002")
+    rng = os.path.join(new, "rng-rank0.pt")
+    _plant(rng, marker)
+    _reseal(new)
+    before = sorted(os.listdir(new))
+    r = _train(synth_data, run, "train.steps=3", "checkpoint.interval=1")
+    line = _one_error_line(r, rng)
+    assert r.returncode == 1 and "posix.system" in line and "resumed from" not in r.stdout, r.stdout[-2000:]
+    assert sorted(os.listdir(new)) == before and not os.path.exists(marker)
+    shutil.copy(os.path.join(os.path.dirname(new), "step_00000001", "rng-rank0.pt"), rng)
+    _plant_dcp_entry(new, "model.tok_embeddings.weight", marker)
+    r = _train(synth_data, run, "train.steps=3", "checkpoint.interval=1")
+    line = _one_error_line(r, new)
+    assert r.returncode == 1 and "posix.system" in line and not os.path.exists(marker), line
+    capsys.readouterr()
+    assert eval_main([run]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and new in err[0] and "posix.system" in err[0] and not os.path.exists(marker), err
