@@ -28,6 +28,7 @@ from llmforge.config import ConfigError
 from .atomic_io import read_json, write_json
 from .executor import PipelineError
 from .manifest import remove_listed
+from .readers import _is_hf_disk
 
 OWNER_FILE = ".llmforge-data"
 LOCK_FILE = ".llmforge-data.lock"  # empty; flock'ed while a run uses the folder (the kernel drops it on any exit)
@@ -114,7 +115,9 @@ def check_apart_from_inputs(out: str, paths) -> None:
             if _glob_reaches(p, real_out):
                 raise ConfigError(f"output_dir {out} lies inside what the input.paths glob {p} reads: a rerun "
                                   "would read the pipeline's own outputs; choose an output_dir outside the inputs")
-            hits = glob.glob(p, recursive=True)
+            # what the reader takes from a glob (readers.expand_paths): a folder it matches (this run's own
+            # output_dir, once written) is skipped, not read, so it is no overlap
+            hits = [h for h in glob.glob(p, recursive=True) if os.path.isfile(h) or _is_hf_disk(h) or os.path.islink(h)]
         for hit in hits:
             real = os.path.realpath(hit)
             if _inside(real, real_out):

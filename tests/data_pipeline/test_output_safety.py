@@ -79,6 +79,17 @@ def test_an_input_inside_a_previous_output_is_refused_and_nothing_changes(corpus
     assert tree_hashes(str(out)) == before
 
 
+def test_a_glob_over_the_input_folder_reruns_beside_its_own_output(tmp_path, capsys):
+    corpus = tmp_path / "c"
+    make_corpus(str(corpus), n_files=2, docs_per_file=5)
+    out = corpus / "out"  # c/* matches out/ once it exists, but a glob's folders are not read
+    assert run(f"{corpus}/*", out, capsys=capsys)[0] == 0
+    before = tree_hashes(str(out / "shards"))
+    rc, cap = run(f"{corpus}/*", out, capsys=capsys)  # this used to be refused: "c/out lies inside output_dir"
+    assert rc == 0 and not errors(cap), cap.err
+    assert tree_hashes(str(out / "shards")) == before
+
+
 @pytest.mark.parametrize("entry, out, refused", [
     ("{r}/c", "{r}/c/out", True),  # output inside an input folder
     ("{r}/c", "{r}/c", True),  # the input folder itself
@@ -246,3 +257,20 @@ def test_a_failed_merge_leaves_no_output(outputs, tmp_path, capsys, monkeypatch)
     cap = capsys.readouterr()
     assert len(errors(cap)) == 1 and "No space left" in cap.err and "Traceback" not in cap.err
     assert os.listdir(tmp_path) == []
+
+
+def test_merge_checks_loose_shards_and_the_outputs_folder_by_their_token_ids(outputs, tmp_path, capsys):
+    loose = str(tmp_path / "loose")  # a copy without its tokenizer.model or stats.json: ids up to 350
+    with shards_mod.ShardWriter(loose, np.uint16) as w:
+        w.add_document(np.arange(340, 351))
+    c_folder = os.path.dirname(os.path.dirname(outputs["C"]))
+    cases = [(str(tmp_path / "m"), [outputs["A"], loose], "token id 350"),  # used to merge: A's vocab is 300
+             (os.path.join(c_folder, "shards", "m"), [outputs["A"], outputs["B"]], "vocab 400")]  # beside C's
+    for out, ins, said in cases:
+        assert main(["merge", out, *ins]) == 2
+        cap = capsys.readouterr()
+        assert len(errors(cap)) == 1 and said in cap.err and "different tokenizer" in cap.err, cap.err
+        assert not os.path.exists(out + ".idx")
+    assert main(["merge", os.path.join(c_folder, "shards", "m"), outputs["C"], loose]) == 0  # 350 < 400: fits
+    for ext in (".bin", ".idx", ".stats.json"):
+        os.remove(os.path.join(c_folder, "shards", "m" + ext))
