@@ -6,7 +6,9 @@ line (ConfigError, exit 2) what would lose or mix data:
 - inputs made with different tokenizers: the same ids would mean other text. A shard's tokenizer is the
   ``tokenizer.model`` of its pipeline output (two folders up, or beside it), compared by vocabulary (pieces in
   id order, llmforge.data_checks.tokenizer_identity); without one, the ``tokenizer.vocab_size`` its output's
-  ``stats.json`` records. Shards with neither (other tools' shards) are not compared.
+  ``stats.json`` records. Shards with neither (loose copies, other tools' shards) are checked by their data: an
+  input holding a token id beyond a known tokenizer's vocabulary is refused. OUT placed in a pipeline output (say
+  ``A/shards/``) is checked the same way against the tokenizer found there, which training would pair it with.
 
 The output is written by ShardWriter: temp files renamed into place, the ``.idx`` last, so a failed or killed merge
 leaves no ``OUT`` files (with ``--force``: the old ones, until the complete new ones are renamed over them).
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from llmforge.common.shards import STATS_EXT, find_tokenizer, merge_shards
+from llmforge.common.shards import STATS_EXT, find_tokenizer, merge_shards, shard_max_id
 from llmforge.config import ConfigError
 
 from .executor import PipelineError
@@ -48,19 +50,28 @@ def tokenizer_of(prefix: str) -> tuple[str, int, str | None] | None:
     return f"vocab {size} per {stats}", size, None
 
 
-def check_same_tokenizer(prefixes: list[str]) -> None:
+def check_same_tokenizer(prefixes: list[str], out: str | None = None) -> None:
     """Refuse inputs whose tokenizers differ (by vocabulary when both have a tokenizer.model, else by size),
-    naming the two shards and their tokenizers."""
+    naming the two shards and their tokenizers; then any input whose token ids do not fit a known tokenizer (one
+    that records none, e.g. a loose copy of a 4096-vocab shard beside a 1024 one), and the tokenizer found where
+    OUT goes (training reads OUT with it)."""
     seen = []  # (prefix, tokenizer_of(prefix))
-    for prefix in prefixes:
+    where = [(p, p) for p in prefixes] + ([(out, f"the folder of the output {out}")] if out else [])
+    for prefix, name in where:
         tok = tokenizer_of(prefix)
         if tok is None:
             continue
         for other, known in seen:
             if (known[2] != tok[2]) if known[2] and tok[2] else (known[1] != tok[1]):
-                raise ConfigError(f"merge: {other} ({known[0]}) and {prefix} ({tok[0]}) were made with different "
+                raise ConfigError(f"merge: {other} ({known[0]}) and {name} ({tok[0]}) were made with different "
                                   "tokenizers: merge only shards made with one tokenizer")
-        seen.append((prefix, tok))
+        seen.append((name, tok))
+    for prefix in prefixes if seen else ():
+        top = shard_max_id(prefix)
+        for other, known in seen:
+            if top >= known[1]:
+                raise ConfigError(f"merge: {prefix} holds token id {top}, beyond the vocabulary of {other} "
+                                  f"({known[0]}): made with a different tokenizer; merge only shards made with one")
 
 
 def merge(out: str, inputs: list[str], force: bool = False) -> None:
@@ -74,7 +85,7 @@ def merge(out: str, inputs: list[str], force: bool = False) -> None:
     if existing and not force:
         raise ConfigError(f"merge: {existing[0]} exists: choose another output prefix, or pass --force to "
                           "replace it")
-    check_same_tokenizer(prefixes)
+    check_same_tokenizer(prefixes, out)
     try:
         merge_shards(prefixes, out)
     except OSError as e:  # disk full, read-only folder: the temp files are gone, OUT is as it was
