@@ -323,14 +323,15 @@ def _resume_listing(ckpt_root: str, log) -> list[str] | str:
     return found
 
 
-def load_newest(ckpt_root: str, load, log=print, attempts: int = 10):
+def load_newest(ckpt_root: str, load, log=print, attempts: int = 10, listing=None):
     """A reader's choice (eval, generate, export_hf, train.init_from): ``(path, load(path))`` for the newest complete
     checkpoint that verifies; ``(None, None)`` when none is complete. An incomplete or damaged one is skipped with a
     warning naming the file; when every complete one is damaged, NoUsableCheckpoint. One that a running training
     rotated away between listing and locking means listing again. Collective (``load`` verifies on every rank):
-    rank 0's listing is the one every rank walks."""
+    rank 0's listing is the one every rank walks. ``listing``: another layout's listing in _reader_listing's form
+    (DeepSpeed's tags, engines/deepspeed_weights.py)."""
     for _ in range(attempts):
-        listed = [_reader_listing(ckpt_root) if dist.get_rank() == 0 else None]
+        listed = [(listing or _reader_listing)(ckpt_root) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(listed, src=0)
         if listed[0] is None:
             continue
