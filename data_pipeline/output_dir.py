@@ -104,10 +104,11 @@ def _glob_reaches(pattern: str, target: str) -> bool:
     return False
 
 
-def check_apart_from_inputs(out: str, paths) -> None:
+def check_apart_from_inputs(out: str, paths, found=()) -> None:
     """Refuse (ConfigError, before anything is written) an ``output_dir`` that contains an input or lies inside
-    an input folder (``input.paths``: files, folders or globs): the next run would read the pipeline's own
-    outputs, and a start-over would delete inputs."""
+    an input folder (``input.paths``: files, folders or globs; ``found``: the files read from them, so that a
+    link in an input folder to a file in output_dir counts too): the next run would read the pipeline's own
+    outputs, a start-over delete inputs, a task overwrite the file it reads."""
     real_out = os.path.realpath(out)
     for p in paths:
         hits = [p]
@@ -126,6 +127,10 @@ def check_apart_from_inputs(out: str, paths) -> None:
             if os.path.isdir(real) and _inside(real_out, real):
                 raise ConfigError(f"output_dir {out} lies inside the input folder {hit} (input.paths): a rerun "
                                   "would read the pipeline's own outputs; choose an output_dir outside the inputs")
+    for f in found:
+        if _inside(os.path.realpath(f), real_out):
+            raise ConfigError(f"input {f} is {os.path.realpath(f)}, inside output_dir {out}: the pipeline would read "
+                              "and overwrite its own output; move the input or choose another output_dir")
 
 
 def _holder(path: str) -> int | None:

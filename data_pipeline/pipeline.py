@@ -148,7 +148,7 @@ def prepare_output_dir(ctx) -> bool:
     ``work/``; if an earlier run used another config or input, start over (removing only what the manifest lists,
     manifest.py). Returns whether a run of the pipeline created the output folder (so that a failed run can
     remove it). An output_dir that contains an input or lies inside one is refused before anything is written."""
-    check_apart_from_inputs(ctx.out, ctx.cfg.input.paths)
+    check_apart_from_inputs(ctx.out, ctx.cfg.input.paths, [u[1] for u in ctx.units if u[0] != "hf_hub"])
     created = claim(ctx.out)
     fp_path = os.path.join(ctx.work, "fingerprint.json")
     adopt_unlisted(ctx.out, FINAL_OUTPUTS)

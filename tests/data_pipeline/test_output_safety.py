@@ -79,6 +79,18 @@ def test_an_input_inside_a_previous_output_is_refused_and_nothing_changes(corpus
     assert tree_hashes(str(out)) == before
 
 
+def test_a_link_in_an_input_folder_to_a_file_in_the_output_is_refused(corpus, tmp_path, capsys):
+    out, inputs = tmp_path / "out", tmp_path / "in"
+    assert run(corpus, out, capsys=capsys)[0] == 0
+    inputs.mkdir()
+    prepared = sorted((out / "work" / "prepared").iterdir())[0]
+    os.symlink(prepared, inputs / ("linked" + "".join(prepared.suffixes)))
+    before = tree_hashes(str(out))
+    rc, cap = run(inputs, out, capsys=capsys)  # this used to start over and overwrite the file it read
+    assert rc == 2 and len(errors(cap)) == 1 and str(prepared) in cap.err, cap.err
+    assert tree_hashes(str(out)) == before
+
+
 def test_a_glob_over_the_input_folder_reruns_beside_its_own_output(tmp_path, capsys):
     corpus = tmp_path / "c"
     make_corpus(str(corpus), n_files=2, docs_per_file=5)
