@@ -344,7 +344,9 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = opt(0, "save every N steps (0: only at the end)", ge=0)
     keep: int = opt(2, "keep the newest K complete checkpoints", ge=1)
-    async_save: bool = opt(False, "save in a background thread (DCP async_save)")
+    async_save: bool = opt(False, "save in a background thread: training waits only until the state is staged "
+                                  "(the next optimizer step waits for the copy); the next save and the end wait for "
+                                  "the write (llmforge/checkpoint_writer.py)")
     resume: bool = opt(True, "resume from the newest complete checkpoint in run_dir/checkpoints")
 
 
