@@ -80,13 +80,15 @@ def _own_files(path: str, rank: int) -> list[str]:
                   + glob.glob(os.path.join(glob.escape(path), f"rng-rank{rank}.pt")))
 
 
-def write_marker(path: str, group=None, known: dict[str, str] | None = None) -> None:
+def write_marker(path: str, group=None, known: dict[str, str] | None = None, files: list[str] | None = None) -> None:
     """Collective, after every rank's writes (it is also their barrier): each rank hashes its own files, rank 0
     gathers them, hashes what no rank claimed and writes ``COMPLETE`` atomically. ``group``: the process group of
     the save (an async save's background thread has its own). ``known``: digests of this rank's files, by name,
-    that the writer computed while writing them (llmforge/checkpoint_writer.py), the same as reading them back."""
+    that the writer computed while writing them (llmforge/checkpoint_writer.py), the same as reading them back.
+    ``files``: the paths this rank wrote, where they are not DCP's names (DeepSpeed's, engines/deepspeed_ckpt.py)."""
     rank, known = dist.get_rank(), known or {}
-    todo = [f for f in _own_files(path, rank) if os.path.relpath(f, path) not in known]
+    own = _own_files(path, rank) if files is None else files
+    todo = [f for f in own if os.path.relpath(f, path) not in known]
     mine = {**known, **{os.path.relpath(k, path): v for k, v in _file_checksums(todo).items()}}
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)

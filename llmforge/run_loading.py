@@ -88,7 +88,7 @@ def load_run(run_dir: str, overrides: list[str] | None = None, device: str | tor
     """Config (+ dotted overrides), model with the newest complete checkpoint's weights, tokenizer."""
     cfg = run_config(run_dir, overrides)
     if cfg.engine == "deepspeed":  # DeepSpeed's own checkpoint format, consolidated with its utilities
-        return _load_deepspeed_run(cfg, run_dir, device, checkpoint)
+        return _load_deepspeed_run(cfg, run_dir, device, checkpoint, log)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     if checkpoint and not os.path.isdir(checkpoint):
         raise RunLoadError(f"--checkpoint {checkpoint}: not found")
@@ -158,14 +158,16 @@ def _model_for(cfg, run_dir: str):
     return empty_model(args), tokenizer
 
 
-def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None) -> LoadedRun:
+def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None, log) -> LoadedRun:
+    """The newest DeepSpeed tag that verifies against its COMPLETE marker (engines/deepspeed_weights.py), as for
+    DCP checkpoints: a damaged one is skipped with a warning naming the file, an explicit one refused naming it."""
     from llmforge.engines.deepspeed_weights import DeepSpeedLoadError, load_into
     model, tokenizer = _model_for(cfg, run_dir)
+    ensure_process_group()  # verification is collective
     try:
-        path, step = load_into(model, os.path.join(run_dir, "checkpoints"), checkpoint)
-    except DeepSpeedLoadError as e:  # unreadable, or a crafted file refused: the checkpoint's fault, exit 1
+        path, step = load_into(model, os.path.join(run_dir, "checkpoints"), checkpoint, log)
+    except DeepSpeedLoadError as e:  # unreadable, damaged, or a crafted file refused: the checkpoint's fault, exit 1
         raise _runtime(RunLoadError(str(e))) from None
-    ensure_process_group()
     model.to(device).eval()
     return LoadedRun(cfg, model, tokenizer, path, step)
 

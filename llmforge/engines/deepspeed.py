@@ -14,11 +14,13 @@ Non-finite steps: the innermost optimizer step is skipped when this step's globa
 computed it) is not finite, in every ZeRO stage and under PP, and the Trainer counts it against
 ``train.max_bad_steps`` exactly as the native engine's skipped steps.
 
-Checkpoints: ``run_dir/checkpoints/step_N`` written by ``save_checkpoint``; the ``latest`` file, rewritten
-atomically after every rank finished, is the commit point; auto-resume loads it (model, optimizer, step,
-samples consumed); every file of the tag is unpickled weights-only (engines/deepspeed_weights.py), a crafted
-one is refused in one line before anything loads. ``llmforge.eval``/``generate``/``export_hf`` consolidate them
-with DeepSpeed's own ``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module
+Checkpoints (engines/deepspeed_ckpt.py): ``run_dir/checkpoints/step_N`` written by ``save_checkpoint`` into a
+hidden folder, vouched for by a COMPLETE marker (each file's size and content hash, hashed by the rank that wrote
+it) and renamed into place; auto-resume loads the newest tag that verifies (model, optimizer, step, samples
+consumed), skipping a damaged one with a warning naming the file; every file is unpickled weights-only
+(engines/deepspeed_weights.py), a crafted one is refused in one line before anything loads.
+``llmforge.eval``/``generate``/``export_hf`` verify the same way and consolidate with DeepSpeed's own
+``zero_to_fp32`` utilities (llmforge.run_loading). Launch: ``deepspeed --num_gpus N --module
 llmforge.train CONFIG engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.
 
 The loop is llmforge.trainer.Trainer, shared with the native engine. Every config key either has its effect here
@@ -29,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -41,11 +41,11 @@ from llmforge.loss import loss_fn
 from llmforge.optim import param_groups
 from llmforge.run_plan import batch_plan
 
-from .base import Engine, TrainingError
+from .base import Engine
 from .deepspeed_pipe import pipe_eval, pipeline_module
 from .deepspeed_policy import PREFIX, check_raw
-from .deepspeed_weights import ds_weights_only, latest_tag, scan_checkpoint
-from llmforge.common.atomic import write_json, write_text
+from .deepspeed_ckpt import resume, save
+from llmforge.common.atomic import write_json
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -148,51 +148,6 @@ def init_deepspeed_comm(info) -> None:
     if cpu:
         dist.barrier()
         _unlink(shm_buffer_path(info.rank))
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def save(engine, root: str, step: int, state: dict, keep: int, rank: int) -> None:
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(root, tag=tag, client_state=dict(state), save_latest=False)
-    dist.barrier()
-    if rank == 0:  # the commit point: `latest` names a tag only once every rank has written its part
-        write_text(os.path.join(root, "latest"), tag)
-        steps = sorted((d for d in os.listdir(root) if re.match(r"^step_\d+$", d)), reverse=True)
-        for old in steps[steps.index(tag) + keep:] if tag in steps else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
-
-
-class RefusedCheckpoint(ConfigError):
-    """A checkpoint file refused on resume. Every rank raises it and rank 0 alone prints it, as for a ConfigError;
-    the run is fine and its checkpoint is not, so the exit status is 1 (a runtime refusal), not 2."""
-    exit_status = 1
-
-
-def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:
-    """Load the `latest` tag. Rank 0 first unpickles every file of it weights-only (scan_checkpoint): a crafted one
-    is refused by every rank together, in one line naming it, before anything is loaded or removed."""
-    tag = [None, None]
-    if rank == 0:
-        tag[0] = latest_tag(root)
-        tag[1] = scan_checkpoint(os.path.join(root, tag[0])) if tag[0] else None
-    dist.broadcast_object_list(tag, src=0)
-    if tag[0] is None:
-        return 0, 0, None
-    if tag[1]:
-        raise RefusedCheckpoint(f"cannot resume from {os.path.join(root, tag[0])}: {tag[1]}; move the checkpoint away "
-                          "to start over")
-    if rank == 0:  # step dirs newer than `latest` are interrupted saves
-        for d in os.listdir(root):
-            if re.match(r"^step_\d+$", d) and d > tag[0]:
-                log(f"warning: removing interrupted DeepSpeed checkpoint {os.path.join(root, d)}")
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    dist.barrier()
-    with ds_weights_only():  # DeepSpeed's checkpoint engine calls torch.load(weights_only=False)
-        path, client = engine.load_checkpoint(root, tag=tag[0])
-    if path is None:
-        raise TrainingError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag[0])}")
-    return int(client["step"]), int(client["samples"]), os.path.join(root, tag[0])
 
 
 # ------------------------------------------------------------------------------------------ the engine
