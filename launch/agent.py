@@ -23,9 +23,14 @@ from llmforge.run_guard import PREEMPTED_EXIT  # 75: a worker stopped on a signa
 _ROUTINE = ("Received %s death signal, shutting down workers", "Sending process %s closing signal %s")
 
 
+CONFIG_EXIT = 2  # a worker refused the config and printed the one line that says why (llmforge.train)
+_FAILED = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
+
+
 class _DropRoutine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg not in _ROUTINE
+        refused = record.msg == _FAILED and bool(record.args) and record.args[0] == CONFIG_EXIT
+        return record.msg not in _ROUTINE and not refused
 
 
 def _capture_worker_contexts() -> list:
@@ -99,4 +104,6 @@ def run_agent(torchrun_args: list[str], shutdown_timeout: float) -> int:
     except ChildFailedError as e:
         if _all_saved({f.local_rank: f.exitcode for f in e.failures.values()}):
             return _saved("the workers were stopped by a signal")
+        if e.get_first_failure()[1].exitcode == CONFIG_EXIT:  # that rank's one line is the report (no traceback)
+            return CONFIG_EXIT
         raise  # torchrun's own failure report (root cause, per-rank error files), as plain torchrun prints it

@@ -37,6 +37,17 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _say_after_rank0(e: Exception, grace_s: float = 5.0) -> None:
+    """A rank other than 0 that refused the config before any collective. Rank 0 usually refuses it too and prints
+    the one line; if this rank got there first, torchrun would SIGTERM rank 0 before it could. So wait (SIGTERM
+    now ends this rank silently: rank 0 said it), then print the line, for a refusal rank 0 did not share."""
+    import signal
+    import time
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(grace_s)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if rank0 or not isinstance(e, ConfigError):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun stops the others when one rank exits: let rank 0
+            _say_after_rank0(e)                      # (which sees the same config) say it, else say it here
         return getattr(e, "exit_status", 2)  # 1 for runtime refusals that say so (llmforge.checkpoint)
     except RuntimeError as e:  # a failed/timed-out collective: gloo and NCCL do not say which rank saw it
         if os.environ.get("LLMFORGE_DEBUG") or not dist.is_initialized() or not is_collective_failure(e):

@@ -121,3 +121,14 @@ def test_dry_run_prints_exact_command_with_free_port():
     port = int(line.split("--rdzv-endpoint=127.0.0.1:")[1].split()[0])
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # it was free when chosen
+
+
+def test_a_run_dir_refused_by_the_workers_is_one_line_and_exit_2(synth_data, tmp_path):
+    """Rank 0's one line used to be followed by torchrun's ChildFailedError traceback and exit status 1."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.yaml").write_text("mine\n")
+    r = _launch("--nproc-per-node", "2", *_args(synth_data, user))
+    assert r.returncode == 2, r.stderr[-1500:]
+    _one_line_error(r, f"run_dir {user} is not empty and was not written by llmforge")
+    assert os.listdir(user) == ["config.yaml"]
