@@ -2,8 +2,9 @@
 
 Shared by ``llmforge.eval``, ``llmforge.generate`` and ``llmforge.export_hf``. The checkpoint is read with DCP
 into one unsharded model in this process, so a checkpoint saved by any layout (DDP, FSDP2, TP, PP) loads: DCP
-reshards by parameter name. LoRA adapters (``train.lora``) are loaded and merged into the weights. Every file is
-checked against the checkpoint's COMPLETE marker (sizes and content hashes) under a shared lock first: a damaged
+reshards by parameter name; a DeepSpeed run's tag is consolidated by engines/deepspeed_weights.py. LoRA adapters
+(``train.lora``) are loaded and merged into the weights. Every file (DCP's or DeepSpeed's) is checked against the
+checkpoint's COMPLETE marker (sizes and content hashes) under a shared lock first: a damaged
 checkpoint is skipped for the next older one with a warning naming the file (an explicit ``checkpoint`` is refused
 naming it), and one a running training rotates away meanwhile is replaced by the newer one it saved. Problems
 raise :class:`RunLoadError`, whose message is one printable line.
