@@ -9,10 +9,10 @@
    without it each write would pay for the writeback of the one before.
 2. training time blocked by checkpointing: the same --steps training steps with no saves (baseline), with a
    sync save every --interval steps, and with ``checkpoint.async_save`` (staged copy + background write), the
-   last save --interval steps before the end. Blocked per save = time inside ``save()`` + the excess over the
-   no-save run's median step of every step that overlaps a background write (CPU/GIL contention, the optimizer
-   step's wait for the staged copy) + the final ``wait()`` -> ``async_blocked_ratio`` = async / sync (medians
-   over --reps; goal <= 0.1). ``*_wall`` is the same from wall-clock differences to the no-save run of the
+   last save --interval steps before the end. Blocked per save = time inside ``save()`` + the excess of every
+   step that overlaps a background write over the same run's median step beside none (CPU/GIL contention, the
+   optimizer step's wait for the staged copy) + the final ``wait()`` -> ``async_blocked_ratio`` = async / sync
+   (medians over --reps; goal <= 0.1). ``*_wall`` is the same from wall-clock differences to the no-save run of the
    same repetition (the three run back to back, in alternating order): it holds the same cost, but also the
    noise of a shared machine, several tenths of a second per run here.
 
@@ -90,9 +90,9 @@ def save_load(args, root, model, opt) -> dict:
 def blocked(args, root, model, opt, step) -> dict:
     """Training with no saves, sync saves and async saves, the three back to back in each repetition. Blocked per
     save = the time inside ``save()`` + what the steps that overlap a background write take beyond the median
-    step of the no-save run of the same repetition (contention for the CPU and the GIL, the wait of the optimizer
-    step for the staged copy) + the final ``wait()``. The wall-clock difference to the no-save run is reported
-    too (``*_wall``): it holds the same cost, but under a shared machine's noise of several tenths of a second."""
+    step of the same run beside no write (contention for the CPU and the GIL, the wait of the optimizer step for
+    the staged copy) + the final ``wait()``. The wall-clock difference to the no-save run is reported too
+    (``*_wall``): it holds the same cost, but under a shared machine's noise of several tenths of a second."""
     def run(mode):
         d = os.path.join(root, f"run-{mode}")
         c = Checkpointer(d, keep=2, async_save=(mode == "async"), rank=0)
@@ -123,7 +123,8 @@ def blocked(args, root, model, opt, step) -> dict:
     n_saves = (args.steps - 1) // args.interval
 
     def blocked_s(mode, r):
-        got, base = runs[mode][r], median(runs["none"][r]["times"])
+        got = runs[mode][r]  # the baseline step: this run's steps beside no write (nearest in time: same load)
+        base = median([t for i, t in enumerate(got["times"]) if i not in got["overlapped"]])
         extra = sum(max(got["times"][i] - base, 0.0) for i in got["overlapped"])
         return (got["in_save"] + extra + got["final_wait"]) / n_saves
 
