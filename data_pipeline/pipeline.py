@@ -20,7 +20,7 @@ from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .manifest import adopt_unlisted, fold, install_dir, remove_listed, start_recording, stop_recording
+from .manifest import adopt_unlisted, fold, install_dir, listed, remove_listed, start_recording, stop_recording
 from .output_dir import (check_apart_from_inputs, claim, input_digests, load_hash_cache, os_error, remove_owned,
                          save_hash_cache, unlock)
 from .prepare import dedup_columns, prepare_task, prepare_warmup
@@ -157,6 +157,10 @@ def prepare_output_dir(ctx) -> bool:
     try:
         if os.path.exists(fp_path) and read_json(fp_path).get("fingerprint") != fp:
             print(f"note: {ctx.out} holds a run with another config or input; starting over", flush=True)
+            remove_listed(ctx.out, protected(ctx))
+        elif not os.path.exists(fp_path) and listed(ctx.out):  # a start-over killed after the fingerprint went:
+            # its markers and work files may still be there, and would be taken for this config's finished tasks
+            print(f"note: {ctx.out} holds part of an earlier run without its fingerprint; starting over", flush=True)
             remove_listed(ctx.out, protected(ctx))
         os.makedirs(ctx.work, exist_ok=True)
         remove_temp_files(ctx.out, ctx.work)

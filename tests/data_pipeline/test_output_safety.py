@@ -168,6 +168,21 @@ def test_a_failed_start_over_keeps_the_users_files_in_subfolders(corpus, tmp_pat
     assert _user_files_intact(out)
 
 
+def test_a_start_over_killed_after_the_fingerprint_went_starts_over_again(corpus, tmp_path, capsys):
+    out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
+    assert run(corpus, out, capsys=capsys)[0] == 0
+    with open(os.path.join(out, "work", "manifest.json")) as f:
+        gone = [p for p in sorted(json.load(f)) if p <= "work/fingerprint.json"]  # remove_listed's order, cut there
+    for rel in gone:
+        os.remove(os.path.join(out, rel))
+    assert os.listdir(os.path.join(out, "work", "markers"))  # the old config's markers are left
+    rc, cap = run(corpus, out, "shards.valid_fraction=0.2", capsys=capsys)  # this used to take them for its own
+    assert rc == 0 and "starting over" in cap.out, cap.err
+    assert run(corpus, fresh, "shards.valid_fraction=0.2", capsys=capsys)[0] == 0
+    skip = ("work/timings", "config.yaml", "work/config.yaml")
+    assert tree_hashes(out, skip) == tree_hashes(fresh, skip)
+
+
 def test_a_folder_from_before_the_manifest_starts_over_without_stale_shards(corpus, tmp_path, capsys):
     out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
     assert run(corpus, out, capsys=capsys)[0] == 0
