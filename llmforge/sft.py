@@ -204,13 +204,20 @@ def load_init_weights(parts, src: str) -> str:
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         return path
     import sys
-    from llmforge.checkpoint import Checkpointer, load_newest
+    from llmforge.checkpoint import Checkpointer, NoUsableCheckpoint, load_newest
     from llmforge.lora import is_adapter
     root = os.path.join(src, "checkpoints")
     ck = Checkpointer(root, rank=dist.get_rank())
-    # the newest checkpoint that verifies (a damaged one is skipped with a warning naming the file)
-    path, _ = load_newest(root, lambda p: ck.load(p, parts, [], load_optimizer=False, load_rng=False, skip=is_adapter),
-                          log=lambda m: print(m, file=sys.stderr, flush=True) if dist.get_rank() == 0 else None)
+    # the newest checkpoint that verifies (a damaged one is skipped with a warning naming the file, said once one
+    # loads: a refusal is one line that names every damaged file)
+    skipped: list[str] = []
+    try:
+        path, _ = load_newest(root, lambda p: ck.load(p, parts, [], load_optimizer=False, load_rng=False,
+                                                      skip=is_adapter), log=skipped.append)
+    except NoUsableCheckpoint as e:
+        raise NoUsableCheckpoint(f"train.init_from: {e}") from None
+    for line in skipped if dist.get_rank() == 0 else ():
+        print(line, file=sys.stderr, flush=True)
     if path is None:
         raise ConfigError(f"train.init_from: no usable checkpoint under {root} (none, or all damaged or incomplete)")
     return path

@@ -321,3 +321,20 @@ def test_a_garbled_entry_under_a_rewritten_marker_is_skipped_as_damage(run):
     assert load_run(run, log=warnings.append).step == 2
     assert len(warnings) == 1 and f"skipping checkpoint {ckpt}: " in warnings[0], warnings
     assert "unreadable" in warnings[0], warnings
+
+
+def test_init_from_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_the_key(run, capsys):
+    from llmforge.checkpoint import NoUsableCheckpoint
+    from llmforge.config import RunConfig, load_config
+    from llmforge.model.presets import model_args
+    from llmforge.model.transformer import Transformer
+    from llmforge.run_loading import ensure_process_group
+    from llmforge.sft import load_init_weights
+    damaged = [_flip(_ckpt(run, step_dir), "model.tok_embeddings", 64) for step_dir in (OLD, NEW)]
+    model = Transformer(model_args(load_config(RunConfig, os.path.join(run, "config.yaml")).model, None))
+    ensure_process_group()
+    capsys.readouterr()
+    with pytest.raises(NoUsableCheckpoint) as e:
+        load_init_weights([model], run)
+    assert str(e.value).startswith("train.init_from: ") and all(d in str(e.value) for d in damaged), str(e.value)
+    assert capsys.readouterr().err == ""  # the refusal is the only line: no warnings before it
