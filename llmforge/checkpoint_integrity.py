@@ -126,8 +126,10 @@ def is_complete(path: str) -> tuple[bool, str]:
         return False, why
     actual = sizes(path)
     for name, size in marker["sizes"].items():
-        if actual.get(name) != size:
-            return False, f"{name} is {actual.get(name, 'missing')} bytes, expected {size}"
+        if name not in actual:
+            return False, f"{name} is missing (the COMPLETE marker lists it, {size} bytes)"
+        if actual[name] != size:
+            return False, f"{name} is {actual[name]} bytes, expected {size}"
     return True, ""
 
 

@@ -338,3 +338,12 @@ def test_init_from_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_th
         load_init_weights([model], run)
     assert str(e.value).startswith("train.init_from: ") and all(d in str(e.value) for d in damaged), str(e.value)
     assert capsys.readouterr().err == ""  # the refusal is the only line: no warnings before it
+
+
+def test_a_deleted_metadata_file_is_skipped_naming_it(run):
+    from llmforge.run_loading import load_run
+    os.remove(os.path.join(_ckpt(run, NEW), ".metadata"))
+    warnings = []
+    assert load_run(run, log=warnings.append).step == 2
+    assert len(warnings) == 1 and f"{_ckpt(run, NEW)}: .metadata is missing (the COMPLETE marker lists it" in \
+        warnings[0], warnings
