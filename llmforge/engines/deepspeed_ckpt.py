@@ -87,13 +87,15 @@ def _resume_listing(root: str) -> list[tuple[str, str]]:
 
 
 def _remove_interrupted(root: str, log) -> None:
-    """Once resuming is decided: interrupted saves (hidden folders, or tags of older versions newer than latest)."""
+    """Once resuming is decided: interrupted saves (hidden folders, or tags of older versions newer than latest)
+    and interrupted removals (rotation renames a tag to ``.step_N.removing`` before deleting it)."""
     for path, why in tag_listing(root) or []:
         if why == INTERRUPTED:
             log(f"warning: removing interrupted DeepSpeed checkpoint {path}")
             shutil.rmtree(path, ignore_errors=True)
-    for path in glob.glob(os.path.join(glob.escape(root), ".step_*.tmp")):
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".step_*.tmp", ".step_*.removing"):
+        for path in glob.glob(os.path.join(glob.escape(root), pattern)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resume(engine, root: str, rank: int, log) -> tuple[int, int, str | None]:

@@ -183,3 +183,22 @@ def test_native_resume_error_names_the_file_that_refused(synth_data, tmp_path, c
     assert train_main(args + ["train.steps=2"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and rng in errors[0] and "not a readable RNG state" in errors[0], errors
+
+
+def test_interrupted_saves_are_finished_or_removed_and_never_listed(tmp_path):
+    """kill -9 in a save leaves ``.step_N.tmp``: with its marker (killed before the rename) the save is finished,
+    without it is removed; an older version's interrupted tag (no marker, newer than `latest`) is not a checkpoint,
+    its committed ones (no marker, at or below `latest`) are."""
+    from llmforge.engines.deepspeed_ckpt import _remove_interrupted, _resume_listing
+    root = tmp_path / "checkpoints"
+    for name in ("step_00000002", "step_00000004", "step_00000006", ".step_00000008.tmp", ".step_00000010.tmp"):
+        (root / name).mkdir(parents=True)
+        (root / name / STATES).write_bytes(b"x")
+    (root / "latest").write_text("step_00000004")
+    for name in ("step_00000004", ".step_00000008.tmp"):
+        (root / name / "COMPLETE").write_text('{"sizes": {}}')
+    listing = _resume_listing(str(root))
+    assert [(os.path.basename(p), why) for p, why in listing] == [
+        ("step_00000008", ""), ("step_00000004", ""), ("step_00000002", "")]
+    _remove_interrupted(str(root), print)
+    assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000004", "step_00000008"]
