@@ -4,7 +4,8 @@ Export writes ``model.safetensors``, ``config.json`` (LlamaForCausalLM or GPT2LM
 and the tokenizer: ``tokenizer.model`` (the run's sentencepiece model) plus, when transformers is installed and
 its conversion reproduces sentencepiece's ids on a check text, ``tokenizer.json``/``tokenizer_config.json``.
 Everything goes to a temp folder that is renamed into place, and only into a new or empty folder or one export_hf
-wrote before (``.llmforge-export`` lists the files it wrote; a folder holding anything else is refused). Import (``import_hf``, ``load_hf_into``) reads such
+wrote before (``.llmforge-export`` lists the files it wrote with a hash of each, the weights by size; a folder
+holding anything else, or a file edited since, is refused). Import (``import_hf``, ``load_hf_into``) reads such
 a folder (or a Llama/GPT-2 folder from the Hub, already downloaded) back into our parameter names.
 
 Name mapping. Llama: our RoPE already uses HF's rotate-half layout, so q/k rows need no permutation; w1/w3/w2 are
@@ -155,15 +156,37 @@ def check_export_dir(out_dir: str) -> None:
     names = sorted(os.listdir(out_dir))
     try:
         with open(os.path.join(out_dir, EXPORT_MARKER)) as f:
-            ours = set(json.load(f)["files"]) | {EXPORT_MARKER}
+            marker = json.load(f)
+        ours = set(marker["files"]) | {EXPORT_MARKER}
     except (OSError, ValueError, KeyError, TypeError):
-        ours = set()
+        marker, ours = {}, set()
     others = [n for n in names if n not in ours]
-    if not others:
+    edited = [] if others else [n for n in _edited(out_dir, marker) if n in names]
+    if not others and not edited:
         return
-    shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
-    what = "an earlier export that now also holds" if ours else "not a Hugging Face export written by export_hf: it holds"
+    shown = ", ".join((others or edited)[:4]) + (", ..." if len(others or edited) > 4 else "")
+    what = ("an earlier export whose files were edited since:" if edited else
+            "an earlier export that now also holds" if ours else
+            "not a Hugging Face export written by export_hf: it holds")
     raise ValueError(f"{out_dir} is {what} {shown}: refusing to overwrite it (choose a new or empty folder)")
+
+
+def _file_id(path: str) -> str:
+    """What the marker records per file: the weights by size (GBs, never hand-edited), the rest by content (a
+    config.json or generation_config.json the user tuned by hand must not be replaced by the next export)."""
+    if path.endswith(".safetensors"):
+        return f"size {os.path.getsize(path)}"
+    import xxhash
+    with open(path, "rb") as f:
+        return xxhash.xxh3_64_hexdigest(f.read())
+
+
+def _edited(out_dir: str, marker: dict) -> list[str]:
+    ids = marker.get("ids") if isinstance(marker, dict) else None
+    if not isinstance(ids, dict):
+        return []  # an export from before the ids were recorded: its names alone are checked
+    return sorted(n for n, v in ids.items() if os.path.isfile(os.path.join(out_dir, n))
+                  and _file_id(os.path.join(out_dir, n)) != v)
 
 
 def _save_tokenizer(tok_path: str, out: str) -> str:
@@ -199,7 +222,7 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
     """Write an HF folder atomically (temp folder + rename). Returns a note on the tokenizer files. A fine-tuned
     ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.sft)."""
     from safetensors.torch import save_file
-    out_dir = os.path.realpath(out_dir)  # a symlink to an export: write its target (renaming the link would leave it)
+    out_dir = os.path.realpath(out_dir)  # a link to an export: write its target (a renamed link was left behind)
     check_export_dir(out_dir)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tok_path:
@@ -226,7 +249,9 @@ def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | Non
             from llmforge.export_chat import write_hf_chat_template
             note = "; ".join(n for n in (note, write_hf_chat_template(tmp, run_dir, tok_path)) if n)
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:  # last: the folder is renamed into place after it
-            json.dump({"written_by": "llmforge.export_hf", "files": sorted(os.listdir(tmp))}, f, indent=1)
+            names = sorted(os.listdir(tmp))
+            json.dump({"written_by": "llmforge.export_hf", "files": names,
+                       "ids": {n: _file_id(os.path.join(tmp, n)) for n in names if n != EXPORT_MARKER}}, f, indent=1)
         old = f"{out_dir}.old{os.getpid()}"
         if os.path.exists(out_dir):
             os.rename(out_dir, old)  # a previous export: swapped out, then removed

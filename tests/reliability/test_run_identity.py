@@ -125,6 +125,17 @@ def test_export_through_a_symlink_updates_its_target_and_keeps_the_link(env, tmp
     assert sorted(os.listdir(tmp_path)) == ["latest", "models"] and os.listdir(tmp_path / "models") == ["v1"]
 
 
+def test_export_over_a_file_the_user_edited_in_an_earlier_export_is_refused(env, tmp_path, capsys):
+    """Only names were compared: a hand-tuned generation_config.json was replaced by the next export."""
+    again = shutil.copytree(env["hf"], str(tmp_path / "again"))
+    gen = os.path.join(again, "generation_config.json")
+    open(gen, "w").write('{"temperature": 0.2}\n')
+    capsys.readouterr()
+    line = _one_line(export_main([env["run"], again]), capsys.readouterr().err)
+    assert "edited since" in line and "generation_config.json" in line
+    assert open(gen).read() == '{"temperature": 0.2}\n'
+
+
 def test_a_run_dir_that_is_a_file_is_refused_as_one(env, tmp_path, capsys):
     path = tmp_path / "run"
     path.write_text("mine\n")
