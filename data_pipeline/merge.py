@@ -82,6 +82,9 @@ def merge(out: str, inputs: list[str], force: bool = False) -> None:
     if any(os.path.realpath(out) == os.path.realpath(p) for p in prefixes):
         raise ConfigError(f"merge: the output {out} is also an input: choose another output prefix")
     existing = [out + ext for ext in (".bin", ".idx", STATS_EXT) if os.path.lexists(out + ext)]
+    folders = [p for p in existing if os.path.isdir(p)]
+    if folders:  # --force replaces files; a folder of that name is not an earlier merge's output
+        raise ConfigError(f"merge: {folders[0]} is a folder, not a shard file: choose another output prefix")
     if existing and not force:
         raise ConfigError(f"merge: {existing[0]} exists: choose another output prefix, or pass --force to "
                           "replace it")

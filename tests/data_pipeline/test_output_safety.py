@@ -301,3 +301,11 @@ def test_merge_checks_loose_shards_and_the_outputs_folder_by_their_token_ids(out
     assert main(["merge", os.path.join(c_folder, "shards", "m"), outputs["C"], loose]) == 0  # 350 < 400: fits
     for ext in (".bin", ".idx", ".stats.json"):
         os.remove(os.path.join(c_folder, "shards", "m" + ext))
+
+
+def test_merge_force_never_replaces_a_folder(outputs, tmp_path, capsys):
+    (tmp_path / "merged.bin").mkdir()  # --force used to write OUT.stats.json and temp files, then fail on the rename
+    assert main(["merge", str(tmp_path / "merged"), outputs["A"], outputs["B"], "--force"]) == 2
+    cap = capsys.readouterr()
+    assert len(errors(cap)) == 1 and "merged.bin is a folder" in cap.err, cap.err
+    assert os.listdir(tmp_path) == ["merged.bin"]
