@@ -269,6 +269,7 @@ def run_training(cfg) -> int:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
+    cfg.run_dir = os.path.expanduser(cfg.run_dir)  # `run_dir: ~/runs/x` in a YAML file: no shell expanded it
     check_run_dir_owner(cfg.run_dir)  # the user's own folder: refused before the lock writes into it
     plan = plan_run(cfg, world, cls.resolve_layout)
     if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation

@@ -136,6 +136,14 @@ def test_export_over_a_file_the_user_edited_in_an_earlier_export_is_refused(env,
     assert open(gen).read() == '{"temperature": 0.2}\n'
 
 
+def test_a_run_dir_under_tilde_is_the_home_folder(env, tmp_path, capsys, monkeypatch):
+    """`run_dir: ~/runs/x` in a YAML file (no shell to expand it) used to make a folder named ~ in the cwd."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    rc, _, err = _train(capsys, "~/runs/x", env["data"])
+    assert rc == 0, err
+    assert (tmp_path / "home" / "runs" / "x" / RUN_MARKER).is_file() and not os.path.exists("~")
+
+
 def test_a_run_dir_that_is_a_file_is_refused_as_one(env, tmp_path, capsys):
     path = tmp_path / "run"
     path.write_text("mine\n")
