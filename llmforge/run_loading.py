@@ -138,10 +138,11 @@ def _load_checkpoint(cfg, model, ckpt_root: str, checkpoint: str | None, log) ->
         path, state = load_newest(ckpt_root, load, skipped.append)
     except CheckpointError as e:
         raise _runtime(RunLoadError(str(e))) from None
-    for line in skipped if path is not None else ():
+    if path is None:  # the one line names why each listed checkpoint is incomplete
+        raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted): "
+                           + "; ".join(line.removeprefix("warning: skipping checkpoint ") for line in skipped))
+    for line in skipped:
         log(line)
-    if path is None:
-        raise RunLoadError(f"no complete checkpoint under {ckpt_root} (train first, or the saves were interrupted)")
     return path, state
 
 

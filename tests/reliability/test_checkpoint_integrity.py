@@ -347,3 +347,14 @@ def test_a_deleted_metadata_file_is_skipped_naming_it(run):
     assert load_run(run, log=warnings.append).step == 2
     assert len(warnings) == 1 and f"{_ckpt(run, NEW)}: .metadata is missing (the COMPLETE marker lists it" in \
         warnings[0], warnings
+
+
+def test_no_complete_checkpoint_line_names_why_each_is_incomplete(run, capsys):
+    from llmforge.eval import main as eval_main
+    os.remove(os.path.join(_ckpt(run, NEW), "COMPLETE"))
+    _truncate(_ckpt(run, OLD))
+    capsys.readouterr()
+    assert eval_main([run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no complete checkpoint under"), err
+    assert f"{_ckpt(run, NEW)}: no COMPLETE marker" in err[0] and f"{_ckpt(run, OLD)}: __0_0.distcp is" in err[0], err
