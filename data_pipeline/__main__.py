@@ -78,10 +78,11 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_keys(_args) -> int:
-    from llmforge.config import describe
+    from llmforge.config import describe, key_ranges
     from .config import PipelineConfig
+    ranges = key_ranges(PipelineConfig)  # the range a value is checked against (NaN and inf never pass)
     for key, tp, default, doc in describe(PipelineConfig):
-        print(f"{key:<36} {tp:<10} {default!r:<24} {doc}")
+        print(f"{key:<36} {tp:<10} {str(ranges.get(key, '')):<12} {default!r:<24} {doc}")
     return 0
 
 

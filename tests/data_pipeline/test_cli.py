@@ -46,3 +46,5 @@ def test_keys_lists_contract_keys():
     p = cli("keys")
     keys = {line.split()[0] for line in p.stdout.splitlines()}
     assert {"input.paths", "input.text_key", "output_dir", "workers", "tokenizer.vocab_size"} <= keys
+    rows = {line.split()[0]: line for line in p.stdout.splitlines()}
+    assert "[0, 1]" in rows["gopher_repetition.dup_line_frac"] and ">= 1" in rows["input.max_doc_chars"]  # ranges
