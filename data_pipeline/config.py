@@ -267,4 +267,10 @@ class PipelineConfig:
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
-    return load_config(PipelineConfig, path, overrides)
+    import os
+    cfg = load_config(PipelineConfig, path, overrides)
+    # `output_dir: ~/x` in a YAML file: no shell expanded it (it was a folder named ~ in the cwd, an input not found)
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    cfg.input.paths = [os.path.expanduser(p) for p in cfg.input.paths]
+    cfg.tokenizer.model_path = os.path.expanduser(cfg.tokenizer.model_path)
+    return cfg

@@ -224,3 +224,13 @@ def test_file_below_task_mb_is_split_across_workers_to_the_same_bytes(tmp_path):
     # Resumed with another worker count: the layout it began with is kept, nothing runs again.
     again = run_inproc(path, outs[2], "workers=1")
     assert again["stats"]["input"]["tasks"] == 2 and again["task_seconds"] == results[2]["task_seconds"]
+
+
+def test_tilde_in_paths_is_the_home_folder(tmp_path, monkeypatch):
+    """`output_dir: ~/x` in a YAML file (no shell to expand it) used to be a folder named ~ in the cwd, and an
+    input under ~ was not found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from data_pipeline import config
+    cfg = config.load(None, ["output_dir=~/out", "input.paths=[~/in/docs.jsonl]", "tokenizer.model_path=~/t.model"])
+    assert (cfg.output_dir, cfg.input.paths, cfg.tokenizer.model_path) == (
+        str(tmp_path / "out"), [str(tmp_path / "in" / "docs.jsonl")], str(tmp_path / "t.model"))
