@@ -270,6 +270,8 @@ def run_training(cfg) -> int:
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
     cfg.run_dir = os.path.expanduser(cfg.run_dir)  # `run_dir: ~/runs/x` in a YAML file: no shell expanded it
+    cfg.train.init_from, cfg.train.init_from_hf = map(os.path.expanduser, (cfg.train.init_from, cfg.train.init_from_hf))
+    cfg.data.paths = [os.path.expanduser(p) for p in cfg.data.paths]
     check_run_dir_owner(cfg.run_dir)  # the user's own folder: refused before the lock writes into it
     plan = plan_run(cfg, world, cls.resolve_layout)
     if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation

@@ -137,9 +137,13 @@ def test_export_over_a_file_the_user_edited_in_an_earlier_export_is_refused(env,
 
 
 def test_a_run_dir_under_tilde_is_the_home_folder(env, tmp_path, capsys, monkeypatch):
-    """`run_dir: ~/runs/x` in a YAML file (no shell to expand it) used to make a folder named ~ in the cwd."""
+    """`run_dir: ~/runs/x` in a YAML file (no shell to expand it) used to make a folder named ~ in the cwd; data.paths
+    and train.init_from under ~ were not found."""
+    (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    rc, _, err = _train(capsys, "~/runs/x", env["data"])
+    os.symlink(env["data"], tmp_path / "home" / "data")
+    os.symlink(env["run"], tmp_path / "home" / "base")
+    rc, _, err = _train(capsys, "~/runs/x", "~/data", "train.init_from=~/base")
     assert rc == 0, err
     assert (tmp_path / "home" / "runs" / "x" / RUN_MARKER).is_file() and not os.path.exists("~")
 
