@@ -200,3 +200,12 @@ def test_eval_refuses_negative_options_before_loading(tmp_path, capsys, args, wo
     rc = eval_main([str(tmp_path / "no-run"), *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and word in err and "no-run" not in err, err
+
+
+@pytest.mark.parametrize("override", ["deepspeed.gradient_clipping=nan", "deepspeed.gradient_clipping=.nan",
+                                      "deepspeed.zero_optimization.reduce_bucket_size=-.inf"])
+def test_a_raw_deepspeed_value_is_never_nan_or_inf(override):
+    key = override.split("=")[0]  # was: accepted (a NaN clip trained with rc 0) or a TypeError traceback at step 1
+    with pytest.raises(ConfigError, match=r"^" + key.replace(".", r"\.") + r".*not a finite number"):
+        load_config(RunConfig, None, [override])
+    load_config(RunConfig, None, ["deepspeed.gradient_clipping=0.5", "deepspeed.zero_optimization.stage=2"])

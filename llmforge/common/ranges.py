@@ -3,7 +3,8 @@
 A :class:`Range` lives in the dataclass field's metadata under ``"range"``; :func:`range_errors` walks a config
 instance (nested sections included) and names every value outside its key's range. NaN is never in a range and
 +-inf only where a key says ``allow_inf``: a NaN threshold compares False with everything, so it would silently
-switch a rule off. Kept apart from ``llmforge.config`` so the README table and the checks read one definition.
+switch a rule off. A raw mapping without a range (``deepspeed:``) is still refused a NaN or inf anywhere in it.
+Kept apart from ``llmforge.config`` so the README table and the checks read one definition.
 """
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def field_range(f: dataclasses.Field) -> Optional[Range]:
     return f.metadata.get("range")
 
 
+_NON_FINITE = {"nan", ".nan", "inf", "+inf", "-inf", ".inf", "+.inf", "-.inf", "infinity", "-infinity"}
+
+
+def _non_finite(tree: dict, key: str) -> Iterator[str]:
+    """A NaN or inf anywhere in a raw mapping, as a number or as the text an override leaves it (``nan``): the
+    library it goes to would take it (a NaN gradient_clipping) or fail on it mid-run with a traceback."""
+    for k, v in tree.items():
+        where = f"{key}.{k}"
+        if isinstance(v, dict):
+            yield from _non_finite(v, where)
+        elif (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, str) and v.lower() in _NON_FINITE):
+            yield f"{where}={v!r} is not a finite number: NaN and inf are refused in every key"
+
+
 def range_errors(cfg, prefix: str = "") -> Iterator[str]:
     """One line per value of ``cfg`` outside its key's range, naming the key, the value and the range. Values of
     None (an optional key left unset) are not checked."""
@@ -63,6 +78,8 @@ def range_errors(cfg, prefix: str = "") -> Iterator[str]:
             yield from range_errors(value, key + ".")
             continue
         rng = field_range(f)
+        if rng is None and isinstance(value, dict):  # a raw section (deepspeed:): no ranges, but never NaN/inf
+            yield from _non_finite(value, key)
         if rng is None or value is None:
             continue
         if isinstance(value, dict):
