@@ -125,12 +125,21 @@ class NativeEngine(Engine):
     def load_latest(self, log) -> dict | None:
         candidates, reasons = resume_candidates(self.ckpt.root, log), []
         for path in candidates:  # newest first; one that fails to load is reported and the next older one tried
+            state, failed = None, None
             try:
                 state = self.ckpt.load(path, self.pm.parts, self.optimizers)
-            except UnsafePickleError:  # a crafted file is refused (exit 1, naming it), never skipped and overwritten
-                raise
+            except UnsafePickleError as e:  # a crafted file is refused (exit 1, naming it), never skipped
+                failed = ("crafted", str(e))
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                failed = ("failed", (str(e).strip().splitlines() or [type(e).__name__])[0])
+            # one rank's own file (its RNG state) may fail alone: every rank takes the same decision, or they part
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, failed)
+            found = sorted(f for f in gathered if f)  # "crafted" sorts first
+            if found and found[0][0] == "crafted":
+                raise UnsafePickleError(found[0][1])
+            if found:
+                why = found[0][1]
                 log(f"warning: cannot load checkpoint {path}: {why}")
                 reasons.append(why if path in why else f"{path}: {why}")  # the error line names each file
                 continue

@@ -358,3 +358,27 @@ def test_no_complete_checkpoint_line_names_why_each_is_incomplete(run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no complete checkpoint under"), err
     assert f"{_ckpt(run, NEW)}: no COMPLETE marker" in err[0] and f"{_ckpt(run, OLD)}: __0_0.distcp is" in err[0], err
+
+
+def test_two_ranks_agree_when_only_rank_1_cannot_load_its_own_file(tmp_path):
+    """A file only rank 1 reads (its RNG state) that the marker vouches for (rewritten to match) but that does not
+    unpickle: every rank resumes from the older checkpoint together (rank 1 alone used to skip to it while rank 0
+    trained on, and their collectives parted)."""
+    from llmforge.checkpoint_integrity import HASH, _file_checksums
+    data = write_synthetic_shards(str(tmp_path / "synth"), n_train=40, n_valid=6)
+    run = str(tmp_path / "run")
+    assert run_cli(_args(run, data, nproc=2), timeout=300).returncode == 0
+    reference = read_metrics(run)
+    rng = os.path.join(_ckpt(run, NEW), "rng-rank1.pt")
+    size = os.path.getsize(rng)
+    with open(rng, "wb") as f:
+        f.write(b"\xff" * size)
+    marker_path = os.path.join(_ckpt(run, NEW), "COMPLETE")
+    marker = json.load(open(marker_path))
+    marker[HASH]["rng-rank1.pt"] = _file_checksums([rng])[rng]
+    json.dump(marker, open(marker_path, "w"))
+    p = run_cli(_args(run, data, nproc=2), timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and f"cannot load checkpoint {_ckpt(run, NEW)}: {rng}" in out, out[-3000:]
+    assert f"resumed from {_ckpt(run, OLD)}" in out, out[-3000:]
+    assert [read_metrics(run)[s]["loss"] for s in (3, 4)] == [reference[s]["loss"] for s in (3, 4)]
