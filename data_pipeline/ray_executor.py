@@ -53,6 +53,13 @@ class _DropThreadWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+def _writes_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test's capture object
+        return False
+
+
 def _init(ray, timeout: float | None, what: str, **kw) -> None:
     """ray.init(**kw) in a helper thread that the main thread waits for. ray.init blocks in C++ while it looks for
     the cluster (minutes, for an address where none listens), where no Python signal handler runs; waiting here
@@ -77,17 +84,24 @@ def _init(ray, timeout: float | None, what: str, **kw) -> None:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
+        timed_out = False
         try:
             threading.Thread(target=target, name="ray-init", daemon=True).start()
             deadline = None if timeout is None else time.monotonic() + timeout
             while not done.wait(0.2):
                 if deadline is not None and time.monotonic() > deadline:
+                    timed_out = True
                     raise RayJobError(f"{what}: no Ray cluster answered within {timeout:g} s (ray.connect_timeout); "
                                       "is `ray start --head` running there?")
         finally:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            if timed_out and _writes_fd2(sys.stderr):
+                # The abandoned thread's C++ client still writes to fd 2 ("Failed to connect to GCS ... within 5
+                # seconds", also after the run's one line): fd 2 stays captured, Python's stderr gets the real one.
+                sys.stderr = os.fdopen(saved, "w", buffering=1)
+            else:
+                os.dup2(saved, 2)
+                os.close(saved)
             logging.getLogger("ray._private.worker").removeFilter(quiet)
         if "error" not in box:
             captured.seek(0)
