@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from llmforge.run_guard import RUN_MARKER
 from tests.parallel.conftest import final_params, losses, max_rel, param_max_diff
 
 CASES = {  # name: ((processes, overrides) saving, (processes, overrides) resuming)
@@ -32,6 +33,7 @@ def test_resume_in_another_layout(runner, name):
     resumed = os.path.join(runner.root, f"{name}_resume")
     shutil.copytree(os.path.join(saved, "checkpoints", "step_00000003"),
                     os.path.join(resumed, "checkpoints", "step_00000003"))
+    shutil.copy(os.path.join(saved, RUN_MARKER), resumed)  # a run dir llmforge made (else refused as the user's)
     runner.run(f"{name}_resume", nb, b)
     got = losses(resumed)
     assert sorted(got) == [4, 5, 6]
