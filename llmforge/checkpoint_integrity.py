@@ -46,6 +46,7 @@ class CheckpointVanished(CheckpointError):
 class NoUsableCheckpoint(CheckpointError):
     """A run dir holds checkpoints and none of them loads: resume refuses rather than start over on top of them."""
     exit_status = 1
+    every_rank = True  # raised alike on every rank (rank 0's listing, the ranks' gathered outcomes): printed once
 
 
 def _file_checksums(paths: list[str]) -> dict[str, str]:

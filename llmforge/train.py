@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, TrainingError, FileNotFoundError, ValueError) as e:
         if os.environ.get("LLMFORGE_DEBUG"):
             raise
-        if rank0 or not isinstance(e, ConfigError):
+        if rank0 or not (isinstance(e, ConfigError) or getattr(e, "every_rank", False)):
             print(f"error: {e}", file=sys.stderr, flush=True)
         elif os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun stops the others when one rank exits: let rank 0
             _say_after_rank0(e)                      # (which sees the same config) say it, else say it here

@@ -137,7 +137,9 @@ class NativeEngine(Engine):
             dist.all_gather_object(gathered, failed)
             found = sorted(f for f in gathered if f)  # "crafted" sorts first
             if found and found[0][0] == "crafted":
-                raise UnsafePickleError(found[0][1])
+                refused = UnsafePickleError(found[0][1])
+                refused.every_rank = True  # every rank raises it: llmforge.train prints it once
+                raise refused
             if found:
                 why = found[0][1]
                 log(f"warning: cannot load checkpoint {path}: {why}")

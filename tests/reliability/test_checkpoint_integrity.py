@@ -361,22 +361,33 @@ def test_no_complete_checkpoint_line_names_why_each_is_incomplete(run, capsys):
 
 
 def test_two_ranks_agree_when_only_rank_1_cannot_load_its_own_file(tmp_path):
-    """A file only rank 1 reads (its RNG state) that the marker vouches for (rewritten to match) but that does not
-    unpickle: every rank resumes from the older checkpoint together (rank 1 alone used to skip to it while rank 0
-    trained on, and their collectives parted)."""
+    """A file only rank 1 reads (its RNG state) that the marker vouches for (rewritten to match): crafted, every
+    rank refuses and the refusal is printed once; garbled, every rank resumes from the older checkpoint together
+    (rank 1 alone used to skip to it while rank 0 trained on, and their collectives parted)."""
+    import torch
     from llmforge.checkpoint_integrity import HASH, _file_checksums
+    from tests.reliability.test_unpickle import _Payload
     data = write_synthetic_shards(str(tmp_path / "synth"), n_train=40, n_valid=6)
     run = str(tmp_path / "run")
     assert run_cli(_args(run, data, nproc=2), timeout=300).returncode == 0
     reference = read_metrics(run)
-    rng = os.path.join(_ckpt(run, NEW), "rng-rank1.pt")
+    rng, marker_path = os.path.join(_ckpt(run, NEW), "rng-rank1.pt"), os.path.join(_ckpt(run, NEW), "COMPLETE")
     size = os.path.getsize(rng)
+
+    def reseal():
+        marker = json.load(open(marker_path))
+        name = "rng-rank1.pt"
+        marker["sizes"][name], marker[HASH][name] = os.path.getsize(rng), _file_checksums([rng])[rng]
+        json.dump(marker, open(marker_path, "w"))
+    torch.save({"torch": _Payload(str(tmp_path / "pwned"))}, rng)
+    reseal()
+    p = run_cli(_args(run, data, nproc=2), timeout=300)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode != 0 and len(errors) == 1 and rng in errors[0], p.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "pwned")
     with open(rng, "wb") as f:
         f.write(b"\xff" * size)
-    marker_path = os.path.join(_ckpt(run, NEW), "COMPLETE")
-    marker = json.load(open(marker_path))
-    marker[HASH]["rng-rank1.pt"] = _file_checksums([rng])[rng]
-    json.dump(marker, open(marker_path, "w"))
+    reseal()
     p = run_cli(_args(run, data, nproc=2), timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0 and f"cannot load checkpoint {_ckpt(run, NEW)}: {rng}" in out, out[-3000:]
