@@ -122,7 +122,12 @@ def check_config(cfg) -> None:
             continue
         if rule[0] == "refused" and rule[1](cfg):
             raise ConfigError(f"{key}: not supported by engine=deepspeed: {rule[2]}")
-    check_raw(cfg.deepspeed or {})
+    raw = cfg.deepspeed or {}
+    if "gradient_clipping" in raw and raw["gradient_clipping"] != cfg.train.grad_clip:
+        # one setting under two names: say which to use instead of letting the raw value win silently
+        raise ConfigError(f"{PREFIX}gradient_clipping={raw['gradient_clipping']} conflicts with train.grad_clip="
+                          f"{cfg.train.grad_clip} (the same setting): set train.grad_clip only")
+    check_raw(raw)
 
 
 def check_raw(raw: dict) -> None:

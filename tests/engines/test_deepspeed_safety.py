@@ -120,3 +120,14 @@ def test_dp2_resume_refuses_a_planted_shard_of_rank_1_on_every_rank(synth_data, 
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
     assert str(shard) in errors[0] and "posix.system" in errors[0], errors
     assert not marker.exists() and sorted(os.listdir(tag)) == before
+
+
+def test_raw_gradient_clipping_conflicting_with_train_grad_clip_refused():
+    """deepspeed.gradient_clipping is train.grad_clip under another name: a different value would win silently."""
+    from llmforge.config import ConfigError, RunConfig, load_config
+    from llmforge.engines.deepspeed import DeepSpeedEngine
+    cfg = load_config(RunConfig, TINY, ["engine=deepspeed", "train.grad_clip=1.0", "deepspeed.gradient_clipping=0.5"])
+    with pytest.raises(ConfigError, match="gradient_clipping=0.5 conflicts with train.grad_clip=1.0"):
+        DeepSpeedEngine.check_config(cfg)
+    same = load_config(RunConfig, TINY, ["engine=deepspeed", "train.grad_clip=0.5", "deepspeed.gradient_clipping=0.5"])
+    DeepSpeedEngine.check_config(same)
