@@ -6,8 +6,10 @@ has exactly one path.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
+import sys
 import traceback
 from dataclasses import dataclass
 
@@ -108,3 +110,14 @@ def resolve_dtype(train_dtype: str, device: torch.device) -> torch.dtype:
     if train_dtype == "bf16" or (train_dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def exit_without_teardown(rc) -> None:
+    """End a finished run without interpreter teardown. Process groups that outlive ``destroy_process_group``
+    (DeviceMesh caches, DeepSpeed's comm module hold them) are freed there, and a gloo worker thread that then
+    needs the GIL aborts the process (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded, failing the launcher. Everything llmforge writes is closed and flushed by then."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc if isinstance(rc, int) else (0 if rc is None else 1))

@@ -138,4 +138,5 @@ def _tasks(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmforge.distributed import exit_without_teardown
+    exit_without_teardown(main())

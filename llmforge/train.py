@@ -12,7 +12,7 @@ import sys
 import torch.distributed as dist
 
 from llmforge.config import ConfigError, RunConfig, load_config
-from llmforge.distributed import LaunchError, collective_error, is_collective_failure
+from llmforge.distributed import LaunchError, collective_error, exit_without_teardown, is_collective_failure
 from llmforge.engines.base import TrainingError
 
 USAGE = "usage: python -m llmforge.train CONFIG.yaml [key=value ...]   (e.g. train.steps=20 parallel.tp=2)"
@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -2,7 +2,10 @@
 (``llmforge.train.main`` with the torchrun environment variables), then compare metrics.jsonl and checkpoints.
 
 Forking keeps each run to a few seconds on 2 cores (a fresh interpreter per rank costs several seconds of
-``import torch``); the parent stays single-threaded so forked children never inherit a live OpenMP pool.
+``import torch``). Ranks fork from a forkserver, never from the pytest process: by the time these tests run,
+earlier in-process tests have left threads in pytest (gloo loops of a leaked group, jemalloc, tqdm's monitor,
+tokenizer pools), and a rank forked while one of them held a lock hung mid-training. The server is a fresh
+interpreter that imports this module (torch, llmforge, one intra-op thread) and does nothing else.
 A few tests also go through ``python -m torch.distributed.run`` itself.
 """
 from __future__ import annotations
@@ -37,7 +40,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, argv: list[str], log: str, patch) -> None:
+def _context():
+    """The forkserver context; rank targets and patches must be picklable (module-level functions, partials)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _as_parent(env: dict, cwd: str) -> None:
+    """A forkserver child starts with the server's environment and cwd: take the test's."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+
+
+def _child(rank: int, world: int, port: int, argv: list[str], log: str, patch, env: dict, cwd: str) -> None:
+    _as_parent(env, cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -76,9 +94,10 @@ def launch_argv(nproc: int, argv: list[str], run_dir: str, timeout: float = 240,
     <run_dir>.rank*.log). Ranks still alive at ``timeout`` (or ``grace_after_first_exit`` s after the first rank
     ends) are killed."""
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    ctx = mp.get_context("fork")
+    ctx = _context()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, nproc, port, argv, f"{run_dir}.rank{r}.log", patch))
+    procs = [ctx.Process(target=_child, args=(r, nproc, port, argv, f"{run_dir}.rank{r}.log", patch,
+                                              dict(os.environ), os.getcwd()))
              for r in range(nproc)]
     for p in procs:
         p.start()
@@ -98,7 +117,8 @@ def launch_argv(nproc: int, argv: list[str], run_dir: str, timeout: float = 240,
     return [p.exitcode for p in procs], ended
 
 
-def _fn_child(rank, world, port, fn, args, out):
+def _fn_child(rank, world, port, fn, args, out, env, cwd):
+    _as_parent(env, cwd)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import pickle
@@ -123,9 +143,10 @@ def _fn_child(rank, world, port, fn, args, out):
 def run_fn(nproc: int, fn, *args, tmp: str, timeout: float = 120) -> list:
     """Call ``fn(rank, world, *args)`` on ``nproc`` forked ranks of an initialised gloo group; return the results."""
     import pickle
-    ctx = mp.get_context("fork")
+    ctx = _context()
     port, out = free_port(), os.path.join(tmp, f"result{time.time_ns()}")
-    procs = [ctx.Process(target=_fn_child, args=(r, nproc, port, fn, args, out)) for r in range(nproc)]
+    procs = [ctx.Process(target=_fn_child, args=(r, nproc, port, fn, args, out, dict(os.environ), os.getcwd()))
+             for r in range(nproc)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout

@@ -2,6 +2,7 @@
 of the mesh sub-groups), with one line naming the failing rank and where it was waiting."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -10,19 +11,18 @@ import pytest
 TIMEOUT_S = 4
 
 
-def _stall_rank1_at_step3(stamp: str):
-    def patch(rank: int) -> None:
-        from llmforge.engines.native import NativeEngine
-        original, calls = NativeEngine.forward_backward, [0]
+def _stall_rank1_at_step3(stamp: str, rank: int) -> None:
+    """A rank patch (picklable: ranks start from a forkserver)."""
+    from llmforge.engines.native import NativeEngine
+    original, calls = NativeEngine.forward_backward, [0]
 
-        def forward_backward(*args, **kwargs):
-            calls[0] += 1
-            if rank == 1 and calls[0] == 3:
-                open(stamp, "w").write(str(time.time()))
-                time.sleep(120)  # stops participating; the test kills it once rank 0 has failed
-            return original(*args, **kwargs)
-        NativeEngine.forward_backward = forward_backward
-    return patch
+    def forward_backward(*args, **kwargs):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            open(stamp, "w").write(str(time.time()))
+            time.sleep(120)  # stops participating; the test kills it once rank 0 has failed
+        return original(*args, **kwargs)
+    NativeEngine.forward_backward = forward_backward
 
 
 @pytest.mark.parametrize("layout,where", [
@@ -36,7 +36,7 @@ def test_stalled_rank_fails_the_others_within_the_timeout(runner, layout, where)
     name = "timeout_" + layout[0].split(".")[1].split("=")[0]
     nproc = 4 if "parallel.tp=2" in layout else 2
     stamp = os.path.join(runner.root, name + ".stall")
-    run_dir = runner.run(name, nproc, [*layout, f"dist.timeout_s={TIMEOUT_S}"], patch=_stall_rank1_at_step3(stamp),
+    run_dir = runner.run(name, nproc, [*layout, f"dist.timeout_s={TIMEOUT_S}"], patch=functools.partial(_stall_rank1_at_step3, stamp),
                          expect_ok=False, timeout=90, grace=1)
     rc0 = runner.last_exit_codes[0]
     waited = runner.ended[0] - float(open(stamp).read())

@@ -52,6 +52,10 @@ def test_layout_equals_one_process(sft_env, pre_run, reference, tmp_path, name, 
 
 
 @pytest.mark.slow
+def _kill_at_step3(rank: int) -> None:  # a rank patch: picklable (ranks start from a forkserver)
+    os.environ["LLMFORGE_FAULT"] = "kill@3"
+
+
 def test_kill_9_then_rerun_is_bitwise_identical(sft_env, pre_run, tmp_path):
     def curve(run_dir):
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -59,7 +63,7 @@ def test_kill_9_then_rerun_is_bitwise_identical(sft_env, pre_run, tmp_path):
     args = _args(sft_env, pre_run, "train.steps=6", "checkpoint.interval=2")
     ref = train(str(tmp_path / "ref"), SFT, *args)
     run = str(tmp_path / "run")
-    train(run, SFT, *args, patch=lambda rank: os.environ.update(LLMFORGE_FAULT="kill@3"), expect_ok=False)
+    train(run, SFT, *args, patch=_kill_at_step3, expect_ok=False)
     assert max(r[0] for r in curve(run)) == 3  # died after step 3 (checkpoint of step 2 on disk)
     train(run, SFT, *args)
     assert curve(run) == curve(ref)
