@@ -7,8 +7,9 @@ offline and writes ``RUN_DIR/eval_tasks.json`` (per task and metric) beside eval
 Prints one JSON line and writes it atomically to ``RUN_DIR/eval.json``: ``loss`` (mean token cross-entropy over
 the validation windows), ``perplexity`` = exp(loss), ``tokens`` (targets scored), ``checkpoint``, ``step``.
 The windows are the ones training validates on (``data.paths`` from the run's config.yaml, overridable) and are
-scored by the same ``train.evaluate``; by default the whole validation split is used, capped at
-``DEFAULT_MAX_TOKENS`` target tokens so a huge split does not run for hours (``--batches 0``: no cap).
+scored by the same ``ParallelModel.evaluate`` the native engine validates with; by default the whole validation
+split is used, capped at ``DEFAULT_MAX_TOKENS`` target tokens so a huge split does not run for hours
+(``--batches 0``: no cap).
 """
 from __future__ import annotations
 
