@@ -23,6 +23,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from llmforge.common.slurm import TASK_SCRIPT, array_sbatch_args, submit, wait_for_jobs
+
 from .atomic_io import note_write, read_json, write_bytes, write_json
 
 
@@ -169,9 +171,6 @@ class LocalExecutor:
                 bar.update(1)
 
 
-TASK_SCRIPT = "#!/bin/bash\n# Runs the argv it is given; nothing from the config is interpolated into shell text.\nexec \"$@\"\n"
-
-
 class SlurmExecutor:
     """Each stage becomes ``sbatch --array=<pending ranks>`` depending (afterok) on the previous stage's job.
     sbatch gets an argument list; the job script only execs its arguments."""
@@ -180,18 +179,11 @@ class SlurmExecutor:
         self.cfg, self.config_path = cfg, os.path.abspath(config_path)
 
     def sbatch_args(self, ctx, stage: Stage, ranks: list[int], depend: str | None) -> list[str]:
-        s = self.cfg.slurm
         logs = os.path.join(ctx.work, "slurm", "logs")
-        args = ["sbatch", "--parsable", f"--job-name=data-{stage.name}", f"--array={','.join(map(str, ranks))}"
-                + (f"%{s.max_parallel}" if s.max_parallel else ""), f"--output={logs}/{stage.name}-%a.out",
-                f"--chdir={os.getcwd()}", f"--cpus-per-task={s.cpus_per_task}"]
-        args += [f"--partition={s.partition}"] * bool(s.partition) + [f"--mem={s.mem}"] * bool(s.mem)
-        args += [f"--time={s.time}"] * bool(s.time) + list(s.extra_args)
-        if depend:
-            args.append(f"--dependency=afterok:{depend}")
+        args = array_sbatch_args(f"data-{stage.name}", ranks, f"{logs}/{stage.name}-%a.out", self.cfg.slurm, depend)
         script = os.path.join(ctx.work, "slurm", "task.sh")
-        return args + [script, s.python or sys.executable, "-m", "data_pipeline", "task", self.config_path,
-                       "--stage", stage.name]
+        return args + [script, self.cfg.slurm.python or sys.executable, "-m", "data_pipeline", "task",
+                       self.config_path, "--stage", stage.name]
 
     def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
         os.makedirs(os.path.join(ctx.work, "slurm", "logs"), exist_ok=True)
@@ -205,22 +197,13 @@ class SlurmExecutor:
                 continue
             for r in pending:  # Slurm writes these logs: listed here, so a start-over removes them (manifest.py)
                 note_write(os.path.join(ctx.work, "slurm", "logs", f"{stage.name}-{r}.out"))
-            out = subprocess.run(self.sbatch_args(ctx, stage, pending, depend), capture_output=True, text=True)
-            if out.returncode != 0:
-                raise PipelineError(f"sbatch for stage {stage.name} failed: {out.stderr.strip() or out.stdout.strip()}")
-            depend = out.stdout.strip().split(";")[0]
+            depend = submit(self.sbatch_args(ctx, stage, pending, depend), PipelineError,
+                            f"sbatch for stage {stage.name}")
             jobs.append((stage, depend))
             print(f"submitted {stage.name}: job {depend} ({len(pending)} tasks)", file=sys.stderr)
         if not self.cfg.slurm.wait or not jobs:
             return {}
-        ids = ",".join(j for _, j in jobs)
-        while True:
-            q = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T %r"], capture_output=True, text=True)
-            lines = [ln for ln in q.stdout.splitlines() if ln.strip()]
-            if q.returncode == 0 and (not lines or all("DependencyNeverSatisfied" in ln for ln in lines)):
-                break
-            time.sleep(self.cfg.slurm.poll_s)
-        if lines:
+        if wait_for_jobs([j for _, j in jobs], self.cfg.slurm.poll_s):
             subprocess.run(["scancel", *[j for _, j in jobs]], capture_output=True)
         for stage in stages:
             missing = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]

@@ -26,12 +26,10 @@ from .law import ScalingError
 from .plan import tokenizer_vocab, write_json
 from .shapes import Shape, round_to_shape
 from llmforge.common.atomic import atomic_path
+from llmforge.common.slurm import TASK_SCRIPT, array_sbatch_args, submit, wait_for_jobs
 
 COLUMNS = ("params", "tokens", "loss", "non_embedding_params", "flops", "n_layers", "dim", "n_heads", "n_kv_heads",
            "ffn_dim", "steps", "run_dir")
-TASK_SCRIPT = ("#!/bin/bash\n# Runs the argv it is given; nothing from the config is interpolated into shell text.\n"
-               "exec \"$@\"\n")
-
 
 @dataclasses.dataclass
 class SweepSlurmConfig:
@@ -191,24 +189,14 @@ def _run_slurm(sweep: SweepConfig, runs: list[Run], out_dir: str) -> bool:
             f.write(TASK_SCRIPT)
         os.chmod(tmp, 0o755)
     s = sweep.slurm
-    args = ["sbatch", "--parsable", "--job-name=scaling-sweep",
-            f"--array={','.join(map(str, pending))}" + (f"%{s.max_parallel}" if s.max_parallel else ""),
-            f"--output={sdir}/logs/%a.out", f"--chdir={os.getcwd()}", f"--cpus-per-task={s.cpus_per_task}"]
-    args += [f"--partition={s.partition}"] * bool(s.partition) + [f"--time={s.time}"] * bool(s.time)
-    args += [f"--mem={s.mem}"] * bool(s.mem) + [f"--gpus-per-task={s.gpus_per_task}"] * bool(s.gpus_per_task)
-    args += list(s.extra_args) + [script, s.python or sys.executable, "-m", "llmforge.scaling", "task", spec]
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"sbatch failed: {out.stderr.strip() or out.stdout.strip()}")
-    job = out.stdout.strip().split(";")[0]
+    args = array_sbatch_args("scaling-sweep", pending, f"{sdir}/logs/%a.out", s)
+    args += [script, s.python or sys.executable, "-m", "llmforge.scaling", "task", spec]
+    job = submit(args, RuntimeError)
     print(f"submitted job {job}: array of {len(pending)} runs (logs {sdir}/logs/)", flush=True)
     if not s.wait:
         return False
-    while True:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True)
-        if q.returncode == 0 and not q.stdout.strip():
-            return True
-        time.sleep(s.poll_s)
+    wait_for_jobs([job], s.poll_s)
+    return True
 
 
 def run_task(spec: str) -> int:
