@@ -4,4 +4,6 @@
 - ``shards``: the Megatron-compatible .bin/.idx format (written by the pipeline, read by the trainer).
 - ``atomic``: temp-name + rename writes used everywhere a file must never be seen half-written.
 - ``chat``: the chat template shared by the SFT data stage, training, generation and the HF export.
+- ``ranges``: the documented range of every numeric config key, checked at validation.
+- ``slurm``: sbatch job arrays (job script, arguments, polling) for the data executor and the scaling sweep.
 """
