@@ -25,37 +25,27 @@ GIB = 2 ** 30
 
 
 def _resolve(cfg, world: int):
+    """The model shape, layout and batch plan through ``llmforge.train``'s own resolution
+    (``run_plan.resolve_shape_and_batch``); the data need not exist (then the preset or model.vocab_size decides)."""
     from llmforge.config import ConfigError
-    from llmforge.model.presets import model_args
-    from llmforge.parallel import resolve_dims
+    from llmforge.engines.native import NativeEngine
+    from llmforge.run_plan import resolve_shape_and_batch
     if cfg.engine != "native":
         raise ConfigError(f"engine={cfg.engine}: the dry run models the native engine (engine=native)")
-    if cfg.train.init_from_hf:
-        from llmforge.export_hf import hf_model_args
-        margs = hf_model_args(cfg.train.init_from_hf)
-    else:
-        vocab = None
-        try:
-            import sentencepiece as spm
-            from llmforge.data import find_tokenizer
-            tok = find_tokenizer(cfg.data.paths)
-            vocab = spm.SentencePieceProcessor(model_file=tok).vocab_size() if tok else None
-        except Exception:  # noqa: BLE001 - data need not exist for a dry run; the preset/model.vocab_size decides
-            vocab = None
-        try:
-            margs = model_args(cfg.model, vocab)
-        except ValueError as e:
-            raise ConfigError(f"{e} (a dry run without data needs model.vocab_size=N)") from None
-    if cfg.data.seq_len > margs.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
-    dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)
-    local = cfg.train.global_batch_size // dims.dp
-    micro = cfg.train.micro_batch_size or local
-    if local % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {local}")
+    try:
+        from llmforge.data import find_tokenizer
+        tok = find_tokenizer(cfg.data.paths)
+    except Exception:  # noqa: BLE001 - data need not exist for a dry run
+        tok = None
+    try:
+        margs, dims, _, local, micro, accum = resolve_shape_and_batch(cfg, world, NativeEngine.resolve_layout, tok)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{e} (a dry run without data needs model.vocab_size=N)") from None
     if dims.pp > 1:
-        micro = local // dims.pp_microbatches
-    return margs, dims, micro, local // micro if dims.pp == 1 else 1
+        return margs, dims, local // dims.pp_microbatches, 1
+    return margs, dims, micro, accum
 
 
 def probe_parts(margs, dims, mesh, cfg, pp_rank: int, dtype):

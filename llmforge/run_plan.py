@@ -58,6 +58,16 @@ def resolve_model_args(cfg, tok_path: str | None):
     return margs
 
 
+def resolve_shape_and_batch(cfg, world: int, resolve_layout: Callable, tok_path: str | None) -> tuple:
+    """(model args, the engine's layout, dp, local batch, micro batch, accumulation steps): what a run resolves
+    before it needs its data, shared by ``plan_run`` and the dry run (which may have no data)."""
+    margs = resolve_model_args(cfg, tok_path)
+    if cfg.data.seq_len > margs.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
+    layout, dp = resolve_layout(cfg, world, margs)
+    return (margs, layout, dp, *batch_plan(cfg, dp))
+
+
 @dataclass
 class RunPlan:
     tok_path: str | None
@@ -78,11 +88,7 @@ def plan_run(cfg, world: int, resolve_layout: Callable) -> RunPlan:
     from llmforge.sft import check_run
     check_run(cfg)  # SFT data, train.init_from, train.freeze: native engine (and data backend)
     tok_path = find_tokenizer(cfg.data.paths)
-    margs = resolve_model_args(cfg, tok_path)
-    if cfg.data.seq_len > margs.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
-    layout, dp = resolve_layout(cfg, world, margs)
-    local_bs, micro, accum = batch_plan(cfg, dp)
+    margs, layout, dp, local_bs, micro, accum = resolve_shape_and_batch(cfg, world, resolve_layout, tok_path)
     train_stream, valid = build_run_datasets(cfg, margs.vocab_size)  # data.backend: native | megatron
     return RunPlan(tok_path, margs, layout, dp, local_bs, micro, accum, train_stream, valid,
                    eval_batch_count(cfg, micro))
