@@ -155,7 +155,7 @@ class Trainer:
         if self.tokenizer is None:
             import sentencepiece as spm
             self.tokenizer = spm.SentencePieceProcessor(model_file=self.plan.tok_path)
-        row = run_tasks_in_training(self.engine.pm.parts, self.plan.margs, self.tokenizer, self.cfg.eval,
+        row = run_tasks_in_training(self.engine.model_parts(), self.plan.margs, self.tokenizer, self.cfg.eval,
                                     self.cfg.run_dir, self.device)
         self.metrics.log({"step": self.step, **row})
 

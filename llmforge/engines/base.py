@@ -17,7 +17,8 @@ class TrainingError(RuntimeError):
 
 
 class Engine(abc.ABC):
-    """Built after the process group exists; every method is called on every rank at the same point."""
+    """Built after the process group exists; every method but ``write_run_files`` (rank 0 only) is called on every
+    rank at the same point."""
     name: str = "engine"
     dp_rank: int = 0            # index of this rank's slice of the global batch
     n_params: int = 0
@@ -78,6 +79,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load_latest(self, log) -> dict | None:
         """Resume from the newest loadable checkpoint: return the trainer state saved with it, or None."""
+
+    def model_parts(self) -> list:
+        """This rank's model as parallelised parts (pipeline stages, FSDP/TP-sharded), for components that gather
+        the whole model (in-training benchmarks). An engine that cannot refuses ``eval.tasks`` in check_config."""
+        raise NotImplementedError(f"engine {self.name} does not expose its model parts")
 
     def wait(self) -> None:
         """Finish pending asynchronous work (async checkpoint saves)."""

@@ -116,6 +116,9 @@ class NativeEngine(Engine):
             opt.zero_grad(set_to_none=True)
         return True
 
+    def model_parts(self) -> list:
+        return self.pm.parts
+
     def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
         return self.pm.evaluate(valid, self.plan.micro, max_batches, self.device, self.amp)
 
