@@ -7,7 +7,7 @@ the assistant's, more characters in its messages than ``input.max_doc_chars``, l
 after ``sft.truncation``) is reported as ``file:line: ...`` and fails the run or is counted
 under ``read_errors`` per ``input.on_error``, exactly like the pretraining reader.
 
-The chat template (``TEMPLATE`` below; written to ``OUT/chat_template.json`` with an equivalent Jinja string so
+The chat template (``llmforge.common.chat``; written to ``OUT/chat_template.json`` with an equivalent Jinja string so
 training, eval, generate and the Hugging Face export all use one definition)::
 
     </s><|system|>\\n{system}\\n<|user|>\\n{prompt}\\n<|assistant|>\\n{response}</s><|user|>\\n...

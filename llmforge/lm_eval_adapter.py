@@ -31,7 +31,9 @@ DEFAULT_BATCH_SIZE = 16
 @register_model("llmforge")
 class LLMForgeLM(TemplateLM):
     """lm-eval's LM interface over an llmforge Transformer and its sentencepiece tokenizer. ``--model_args`` keys:
-    run_dir, checkpoint, batch_size, device, max_length, max_gen_toks (any other is refused with a TypeError)."""
+    run_dir, checkpoint, batch_size, device, max_length, max_gen_toks (any other is refused with a TypeError;
+    ``max_batch_size``, which lm-eval itself passes, is accepted and unused). In-process callers (in-training
+    benchmarks) pass ``model`` and ``tokenizer`` instead of ``run_dir``."""
 
     def __init__(self, run_dir: str | None = None, checkpoint: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
                  device: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,

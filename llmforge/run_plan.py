@@ -1,8 +1,11 @@
 """Everything a run derives from its config before any process group exists, shared by both engines.
 
-``plan_run`` finds the tokenizer, resolves the model shape (preset, overrides, data vocab, or an HF folder),
-checks the layout (the engine's own rules), derives the batch plan and opens the data stream. Every problem
-is a ConfigError raised identically on every rank, before a collective could hang on it.
+``plan_run`` checks the fine-tuning keys (SFT data, ``train.init_from``, ``train.freeze``), finds the tokenizer,
+resolves the model shape (preset, overrides and data vocab; the HF folder of ``train.init_from_hf``, whose shape
+is written back into ``cfg.model``; or the run or HF folder of ``train.init_from``), checks the layout (the
+engine's own rules), derives the batch plan and opens the data streams. ``resolve_shape_and_batch`` is the part
+that needs no data, shared with the dry run. Every problem is a ConfigError raised identically on every rank,
+before a collective could hang on it.
 """
 from __future__ import annotations
 
