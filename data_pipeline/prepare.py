@@ -54,7 +54,7 @@ def prepare_task(ctx, rank: int) -> dict:
     keys: list[list[int]] = []
     rejects = JsonlZstWriter(os.path.join(ctx.work, "rejects", f"{rank:05d}.jsonl.zst")) if cfg.write_rejects else None
     if cfg.sft.enabled:  # chat rows instead of a text field (data_pipeline/sft.py)
-        from .sft import SFTReader
+        from .sft_rows import SFTReader
         reader = SFTReader(cfg, read)
     else:
         reader = Reader(cfg.input, read)
