@@ -36,6 +36,24 @@ GPT2_LAYER = {"attention_norm": "ln_1", "ffn_norm": "ln_2", "attention.wo": "att
 from llmforge.common.chat import CHECK_TEXT  # noqa: E402,F401  (re-exported)
 
 
+SHAPE_KEYS = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings")
+
+
+def shape_diff(want: ModelArgs, got: ModelArgs, keys=SHAPE_KEYS) -> list[str]:
+    """``"key: want vs got"`` for each shape key where two model shapes differ (the one check of an HF import)."""
+    return [f"{k}: model {getattr(want, k)} vs {getattr(got, k)}" for k in keys if getattr(want, k) != getattr(got, k)]
+
+
+def llama_names(args: ModelArgs) -> dict[str, str]:
+    """Our Llama parameter names -> HF's (the tied output weight maps to the embedding, as HF ties it)."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"}
+    for i in range(args.n_layers):
+        for ours, hf in LLAMA_LAYER.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+    return names
+
+
 # ------------------------------------------------------------------------------------------------ state dicts
 def to_hf(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names (tied output weight omitted, as HF stores it)."""

@@ -183,13 +183,11 @@ def load_init_weights(parts, src: str) -> str:
     layout). An HF folder: our names, full tensors on every rank, distributed into the local shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     if _is_hf_folder(src):
-        from llmforge.export_hf import import_hf
+        from llmforge.export_hf import import_hf, shape_diff
         args, sd = import_hf(src)
-        want = parts[0].args
-        diff = [k for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                            "tie_embeddings") if getattr(args, k) != getattr(want, k)]
+        diff = shape_diff(parts[0].args, args)
         if diff:
-            raise ConfigError(f"train.init_from={src}: the folder's {', '.join(diff)} differ from the model")
+            raise ConfigError(f"train.init_from={src} does not match the model ({'; '.join(diff)})")
         for part in parts:
             names = set(get_model_state_dict(part))
             set_model_state_dict(part, {k: v for k, v in sd.items() if k in names},

@@ -111,11 +111,9 @@ def init_buffers(module: nn.Module, device) -> None:
 
 # ------------------------------------------------------------------------------------------------ HF import
 def check_hf_shape(margs, hf_dir: str) -> None:
-    from llmforge.export_hf import hf_model_args
+    from llmforge.export_hf import SHAPE_KEYS, hf_model_args, shape_diff
     args = hf_model_args(hf_dir)
-    keys = ["family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "tie_embeddings"]
-    keys += ["rope_theta"] if args.family == "llama" else ["max_seq_len"]
-    diff = [f"{k}: model {getattr(margs, k)} vs {getattr(args, k)}" for k in keys if getattr(margs, k) != getattr(args, k)]
+    diff = shape_diff(margs, args, (*SHAPE_KEYS, "norm_eps", "rope_theta" if args.family == "llama" else "max_seq_len"))
     if diff:
         raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
 
@@ -124,7 +122,7 @@ class _LlamaSafetensors:
     """Reads single HF tensors (and row ranges of them) lazily: a rank reads only the rows it owns."""
 
     def __init__(self, hf_dir: str, margs):
-        from llmforge.export_hf import LLAMA_LAYER
+        from llmforge.export_hf import llama_names
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = json.load(open(index))["weight_map"]
@@ -132,12 +130,7 @@ class _LlamaSafetensors:
             from safetensors import safe_open
             with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
-        self.dir, self.weight_map = hf_dir, weight_map
-        self.names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                      "output.weight": "model.embed_tokens.weight" if margs.tie_embeddings else "lm_head.weight"}
-        for i in range(margs.n_layers):
-            for ours, hf in LLAMA_LAYER.items():
-                self.names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+        self.dir, self.weight_map, self.names = hf_dir, weight_map, llama_names(margs)
 
     def read(self, name: str, rows: torch.Tensor | None) -> torch.Tensor:
         from safetensors import safe_open
