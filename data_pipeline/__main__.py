@@ -78,7 +78,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_keys(_args) -> int:
-    from llmforge.config import describe, key_ranges
+    from llmforge.common.typed_config import describe, key_ranges
     from .config import PipelineConfig
     ranges = key_ranges(PipelineConfig)  # the range a value is checked against (NaN and inf never pass)
     for key, tp, default, doc in describe(PipelineConfig):
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from llmforge.config import ConfigError
+    from llmforge.common.typed_config import ConfigError
     parser = build_parser()
     parser.__class__ = _Parser
     for action in parser._subparsers._group_actions[0].choices.values():

@@ -1,4 +1,4 @@
-"""The data pipeline's typed config (YAML + dotted overrides via llmforge.config.load_config).
+"""The data pipeline's typed config (YAML + dotted overrides via llmforge.common.typed_config.load_config).
 
 Contract keys (others rely on them): ``input.paths``, ``input.text_key``, ``output_dir``, ``workers``,
 ``tokenizer.vocab_size``. Every other key has a published default; ``python -m data_pipeline keys`` lists them.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmforge.config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
+from llmforge.common.typed_config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
 
 STEP_NAMES = ("clean", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb")
 

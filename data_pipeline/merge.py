@@ -19,7 +19,7 @@ import json
 import os
 
 from llmforge.common.shards import STATS_EXT, find_tokenizer, merge_shards, shard_max_id
-from llmforge.config import ConfigError
+from llmforge.common.typed_config import ConfigError
 
 from .executor import PipelineError
 

@@ -23,7 +23,7 @@ import time
 
 import xxhash
 
-from llmforge.config import ConfigError
+from llmforge.common.typed_config import ConfigError
 
 from .atomic_io import read_json, write_json
 from .executor import PipelineError

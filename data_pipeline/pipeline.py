@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from llmforge.config import dump_config, to_dict
+from llmforge.common.typed_config import dump_config, to_dict
 
 from . import stats as stats_mod
 from .atomic_io import read_json, write_bytes, write_json
