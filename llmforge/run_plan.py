@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
 
 from llmforge.config import ConfigError
 from llmforge.data import find_tokenizer
+from llmforge.model.blocks import ModelArgs
 from llmforge.model.presets import OVERRIDABLE, model_args
 
 
@@ -71,17 +75,26 @@ def resolve_shape_and_batch(cfg, world: int, resolve_layout: Callable, tok_path:
     return (margs, layout, dp, *batch_plan(cfg, dp))
 
 
+class SampleStream(Protocol):
+    """The training data as the loop reads it: sample k of the run is a pure function of (seed, data config, k)
+    (llmforge.data.BlendedStream, llmforge.megatron_data's Megatron-backed stream)."""
+
+    def sample(self, k: int) -> np.ndarray: ...
+
+    def batch(self, start: int, count: int) -> torch.Tensor: ...
+
+
 @dataclass
 class RunPlan:
     tok_path: str | None
-    margs: Any                 # llmforge.model.blocks.ModelArgs
-    layout: Any                # the engine's resolved layout (ParallelDims for native)
+    margs: ModelArgs
+    layout: object             # the engine's resolved layout (ParallelDims for native, DeepSpeed's for deepspeed)
     dp: int                    # data-parallel size (ranks that read different samples)
     local_bs: int              # sequences per data-parallel rank per step
     micro: int                 # sequences per forward/backward
     accum: int                 # micro batches per step
-    train_stream: Any          # global sample index -> tokens
-    valid: Any                 # validation windows (may be empty)
+    train_stream: SampleStream  # global sample index -> tokens
+    valid: Sequence            # validation windows (may be empty)
     eval_batches: int          # validation micro batches per evaluation (same windows in any layout)
 
 
