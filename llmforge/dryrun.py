@@ -109,23 +109,28 @@ def _simulate_fake(cfg, margs, dims, rank: int, micro: int, accum: int):
         dist.destroy_process_group()
 
 
+def _child_main(fn, args, send) -> None:
+    import pickle
+    try:
+        out = (True, fn(*args))
+    except BaseException as e:  # noqa: BLE001 - handed to the parent
+        import traceback
+        out = (False, (e, traceback.format_exc()) if _picklable(e) else (RuntimeError(str(e)), traceback.format_exc()))
+    send.send_bytes(pickle.dumps(out))
+    os._exit(0)
+
+
 def _in_child(fn, *args):
     """Run ``fn(*args)`` in a forked process: every simulated rank gets a fresh process-group/mesh state
-    (DeviceMesh caches outlive ``destroy_process_group``). Exceptions come back as themselves."""
+    (DeviceMesh caches outlive ``destroy_process_group``). Exceptions come back as themselves. The fork is
+    made by a forkserver (a fresh interpreter that imported this module once), never by the caller: a caller with
+    threads (a test process, a notebook) would hand the child the locks they held at the fork."""
     import multiprocessing as mp
     import pickle
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__ if __name__ != "__main__" else "llmforge.dryrun"])
     recv, send = ctx.Pipe(duplex=False)
-
-    def child():
-        try:
-            out = (True, fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the parent
-            import traceback
-            out = (False, (e, traceback.format_exc()) if _picklable(e) else (RuntimeError(str(e)), traceback.format_exc()))
-        send.send_bytes(pickle.dumps(out))
-        os._exit(0)
-    proc = ctx.Process(target=child)
+    proc = ctx.Process(target=_child_main, args=(fn, args, send))
     proc.start()
     send.close()
     try:
