@@ -28,7 +28,9 @@ def main() -> int:
         except (ValueError, TrainingError) as e:  # ConfigError is a ValueError
             if not spec.get("keep_going"):
                 raise
-            print(f"RUN_ERROR {cfg.run_dir}: {e}", file=sys.stderr, flush=True)
+            # one write per line: both ranks share the pipe, and print's separate "\n" write interleaves
+            sys.stderr.write(f"RUN_ERROR {cfg.run_dir}: {e}\n")
+            sys.stderr.flush()
             failed = 2
             continue
         if rc:
