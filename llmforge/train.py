@@ -37,6 +37,13 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _say(line: str) -> None:
+    """One write per line: ranks share stderr, and print's separate newline write (PYTHONUNBUFFERED) lets two
+    ranks' lines run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _say_after_rank0(e: Exception, grace_s: float = 5.0) -> None:
     """A rank other than 0 that refused the config before any collective. Rank 0 usually refuses it too and prints
     the one line; if this rank got there first, torchrun would SIGTERM rank 0 before it could. So wait (SIGTERM
@@ -45,7 +52,7 @@ def _say_after_rank0(e: Exception, grace_s: float = 5.0) -> None:
     import time
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     time.sleep(grace_s)
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    _say(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LLMFORGE_DEBUG"):
             raise
         if rank0 or not (isinstance(e, ConfigError) or getattr(e, "every_rank", False)):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            _say(f"error: {e}")
         elif os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun stops the others when one rank exits: let rank 0
             _say_after_rank0(e)                      # (which sees the same config) say it, else say it here
         return getattr(e, "exit_status", 2)  # 1 for runtime refusals that say so (llmforge.checkpoint)
     except RuntimeError as e:  # a failed/timed-out collective: gloo and NCCL do not say which rank saw it
         if os.environ.get("LLMFORGE_DEBUG") or not dist.is_initialized() or not is_collective_failure(e):
             raise
-        print(f"error: {collective_error(e)}", file=sys.stderr, flush=True)
+        _say(f"error: {collective_error(e)}")
         return 3
     finally:
         if dist.is_initialized():
