@@ -39,7 +39,7 @@ import numpy as np
 from .atomic_io import read_json, write_bytes, write_json
 from .executor import PipelineError
 from .shards import IndexedShard, ShardWriter, token_dtype
-from .sft_rows import SFTReader, check_messages, clean_message, encode_row, parse_row  # noqa: F401
+from .sft_rows import encode_row
 
 from llmforge.common.chat import (JINJA, MASK_DIR, ROLES, TEMPLATE_FILE, TEMPLATE_NAME, ChatTemplate,  # noqa: F401
                                   ChatTemplateError, header, load_template, render)

@@ -11,8 +11,8 @@ import re
 from typing import Optional
 
 from llmforge.common.typed_config import (  # noqa: F401  (re-exported)
-    ConfigError, _build, _coerce, _field_types, _is_dataclass_type, _parse_scalar, _set_dotted, _unknown,
-    check_ranges, describe, dump_config, key_ranges, load_config, markdown_keys, opt, parse_overrides, to_dict)
+    ConfigError, _build, _set_dotted, check_ranges, describe, dump_config, key_ranges, load_config, markdown_keys,
+    opt, parse_overrides, to_dict)
 
 
 # --------------------------------------------------------------------------------------------- trainer schema

@@ -128,7 +128,7 @@ def _in_child(fn, *args):
     import multiprocessing as mp
     import pickle
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__ if __name__ != "__main__" else "llmforge.dryrun"])
+    ctx.set_forkserver_preload(["llmforge.dryrun"])
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(fn, args, send))
     proc.start()

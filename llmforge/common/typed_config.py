@@ -13,7 +13,7 @@ import os
 import re
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
