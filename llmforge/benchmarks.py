@@ -288,5 +288,5 @@ def plot_benchmarks(run_dir: str) -> str | None:
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize="small")
-    from llmforge.metrics import save_figure
+    from llmforge.common.atomic import save_figure
     return save_figure(fig, os.path.join(run_dir, "benchmarks.png"))

@@ -80,7 +80,7 @@ class TrainConfig:
                                                 "device, so steps that are not logged never wait for the host")
     init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
     init_from: str = opt("", "fine-tuning: start from an llmforge run dir (its newest complete checkpoint, any layout) "
-                             "or a Hugging Face folder; the model shape comes from it (llmforge/sft.py)")
+                             "or a Hugging Face folder; the model shape comes from it (llmforge/init_from.py)")
     allow_tokenizer_change: bool = opt(False, "let train.init_from / init_from_hf start from a model whose tokenizer "
                                               "differs from the data's (ids then mean other text; a warning)")
     freeze: list[str] = opt([], "parameter groups kept fixed: embeddings | head (final norm + output) | blocks:K "

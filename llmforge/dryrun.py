@@ -159,7 +159,7 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
     from llmforge.model.transformer import num_params
     from llmforge.parallel.build import meta_model
     if cfg.train.dtype == "auto":  # what a GPU run resolves "auto" to
-        cfg.train = dataclasses.replace(cfg.train, dtype="bf16")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bf16"))  # a copy: cfg stays
     margs, dims, micro, accum = _resolve(cfg, world)
     total = num_params(meta_model(margs))
     per_stage = world // dims.pp

@@ -88,7 +88,7 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
     loss, tokens = ParallelModel([run.model]).evaluate(valid, bs, n_batches, dev, amp)
     if not tokens:
         raise ConfigError("the validation split produced no tokens")
-    from llmforge.sft import is_sft_data
+    from llmforge.sft_data import is_sft_data
     sft = is_sft_data(cfg.data.paths)  # fine-tuning data: only response tokens are scored
     available = sum(v.scored_tokens() for v in valid) if sft else sum(len(v) for v in valid) * cfg.data.seq_len
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "checkpoint": os.path.abspath(run.checkpoint),

@@ -238,7 +238,7 @@ def _save_tokenizer(tok_path: str, out: str) -> str:
 def save_hf(args: ModelArgs, state_dict: dict, out_dir: str, tok_path: str | None = None, dtype: str = "fp32",
             run_dir: str | None = None) -> str:
     """Write an HF folder atomically (temp folder + rename). Returns a note on the tokenizer files. A fine-tuned
-    ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.sft)."""
+    ``run_dir`` (chat_template.json) also gets its chat template into the tokenizer config (llmforge.common.chat)."""
     from safetensors.torch import save_file
     out_dir = os.path.realpath(out_dir)  # a link to an export: write its target (a renamed link was left behind)
     check_export_dir(out_dir)

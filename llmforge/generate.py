@@ -122,7 +122,7 @@ def _generate_cli(a) -> int:
     from llmforge.distributed import pick_device
     cfg, model, tok, _ = load_run(a.run_dir, a.overrides, device=pick_device(a.device),
                                   log=lambda m: print(m, file=sys.stderr))
-    from llmforge.sft import chat_prompt_ids
+    from llmforge.common.chat import chat_prompt_ids
     chat = None if a.raw or tok is None else chat_prompt_ids(a.run_dir, a.prompt, a.system)
     if chat is not None:  # fine-tuned run: the template's user turn + assistant header; print the reply only
         eos = tok.eos_id()

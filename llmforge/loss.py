@@ -10,6 +10,15 @@ Loss parallel: when the logits are a DTensor sharded over the vocabulary (``para
 the output projection stays column-parallel, no all-gather of B x S x V logits), each rank works on its vocab
 shard; the row max, the sum of exponentials and the target logit are all-reduced over the TP group (three
 B x S vectors instead of the logits), as in Megatron-LM's vocab-parallel cross-entropy.
+
+Masked loss (fine-tuning on SFT data). Batches stay one int64 tensor ``(B, seq_len + 1)``: a token that is *not*
+a loss target is stored as ``-1 - id`` (pad too). ``split_batch`` turns that into model inputs (ids) and targets
+(``IGNORE_INDEX`` where masked); on a pretraining batch it is the plain shift. ``MaskedLoss`` sums token
+cross-entropy over response tokens and divides by the number of response tokens in the **global** batch (an
+integer all-reduce over the data-parallel group) times the number of micro batches whose gradients the engine
+averages. Every layout (DDP, ZeRO-1/2/3, TP, PP, gradient accumulation) then computes exactly sum(CE over all
+response tokens of the step) / their count, instead of a mean of per-micro-batch means that would weigh a token by
+how many others share its micro batch.
 """
 from __future__ import annotations
 
@@ -98,3 +107,31 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The training loss: mean token cross-entropy (fp32 accumulation whatever the logits' dtype)."""
     return cross_entropy(logits, targets)
+
+
+# ------------------------------------------------------------------------------------------------ masked (SFT)
+def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a (B, L + 1) batch: ids shifted by one; masked tokens -> ids / IGNORE_INDEX targets."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    return torch.where(x >= 0, x, -1 - x), torch.where(y >= 0, y, torch.full_like(y, IGNORE_INDEX))
+
+
+class MaskedLoss:
+    """loss(logits, targets) = sum of CE over non-ignored targets * scale, scale set once per step by
+    ``prepare`` to (dp * micro batches per rank) / (response tokens in the global batch)."""
+
+    def __init__(self):
+        self.scale = 1.0
+
+    def prepare(self, targets: torch.Tensor, dp_group, n_micro: int) -> int:
+        """Count this step's response tokens over the data-parallel group (exact integers, one all-reduce)."""
+        n = (targets != IGNORE_INDEX).sum().to(torch.int64).reshape(1)
+        if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(n, group=dp_group)
+        dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
+        total = int(n.item())
+        self.scale = dp * n_micro / max(total, 1)
+        return total
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX) * self.scale

@@ -6,7 +6,7 @@ import math
 import os
 
 import torch
-from llmforge.common.atomic import atomic_path, write_text
+from llmforge.common.atomic import save_figure, write_text
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -139,13 +139,3 @@ def plot_run(run_dir: str) -> str | None:
     ax2.set_ylabel("lr")
     ax.legend(loc="upper right")
     return save_figure(fig, os.path.join(run_dir, "loss.png"))
-
-
-def save_figure(fig, path: str, **savefig_kwargs) -> str:
-    """Lay out, write atomically as PNG (a reader never sees half a plot), close; every plot of a run goes here."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", **savefig_kwargs)
-    plt.close(fig)
-    return path

@@ -11,6 +11,7 @@ raise :class:`RunLoadError`, whose message is one printable line.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -79,9 +80,7 @@ def run_config(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise RunLoadError(f"{run_dir} has no config.yaml: not a llmforge run dir")
-    cfg = load_config(RunConfig, path, overrides)
-    cfg.run_dir = run_dir  # the folder may have moved since training
-    return cfg
+    return dataclasses.replace(load_config(RunConfig, path, overrides), run_dir=run_dir)  # the folder may have moved
 
 
 def load_run(run_dir: str, overrides: list[str] | None = None, device: str | torch.device = "cpu",

@@ -1,5 +1,15 @@
-"""SFT data as the trainer reads it: one conversation per sample (no packing), non-target tokens stored as
-``-1 - id`` in the same int64 window so streams and validation helpers stay unchanged (llmforge/sft.py)."""
+"""SFT data as the trainer reads it. A ``data.paths`` entry written by the pipeline in SFT mode
+(``configs/data/sft.yaml``) holds ``shards/`` (one conversation per document), ``loss_mask/`` (uint8, same
+lengths) and ``chat_template.json`` (``data_pipeline/sft.py``).
+
+**No packing**: sample k is one conversation, cut to ``data.seq_len + 1`` tokens on the right or padded after its
+end. Why: the model's attention is plain causal SDPA in every layout (TP, PP stages and the KV-cache decoder all
+rely on it); one conversation per row is exact with causal attention (padding comes after the conversation, so a
+scored token never attends to it) and costs only the pad compute on short rows. The order of conversations is
+``llmforge.data.BlendedStream``'s (seeded per epoch permutation, blending by weight, sample k a pure function of
+(seed, data config, k)), so resume and DP-size changes keep their guarantees. Non-target tokens are stored as
+``-1 - id`` in the same int64 window, so streams and validation helpers stay unchanged; ``llmforge.loss``'s
+``split_batch`` and ``MaskedLoss`` read them."""
 from __future__ import annotations
 
 import json

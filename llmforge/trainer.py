@@ -22,7 +22,7 @@ from llmforge.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_d
 from llmforge.engines.base import Engine, TrainingError
 from llmforge.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.optim import lr_factor
-from llmforge.run_plan import RunPlan, plan_run
+from llmforge.run_plan import RunPlan, plan_run, with_expanded_paths
 from llmforge.common.atomic import copy_file
 
 
@@ -48,7 +48,7 @@ def write_run_files(cfg, plan: RunPlan, engine: Engine) -> None:
     dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     if plan.tok_path:
         copy_file(plan.tok_path, os.path.join(cfg.run_dir, "tokenizer.model"))
-    from llmforge.sft import copy_chat_template
+    from llmforge.common.chat import copy_chat_template
     copy_chat_template(cfg.data.paths, cfg.run_dir)  # SFT data: generate / export_hf use it
     write_fingerprint(cfg, plan)
     engine.write_run_files(cfg.run_dir)
@@ -269,11 +269,10 @@ def run_training(cfg) -> int:
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     cls = engine_class(cfg.engine)
     cls.check_config(cfg)
-    cfg.run_dir = os.path.expanduser(cfg.run_dir)  # `run_dir: ~/runs/x` in a YAML file: no shell expanded it
-    cfg.train.init_from, cfg.train.init_from_hf = map(os.path.expanduser, (cfg.train.init_from, cfg.train.init_from_hf))
-    cfg.data.paths = [os.path.expanduser(p) for p in cfg.data.paths]
+    cfg = with_expanded_paths(cfg)  # a copy: `~` in the YAML file's paths (no shell expanded them)
     check_run_dir_owner(cfg.run_dir)  # the user's own folder: refused before the lock writes into it
     plan = plan_run(cfg, world, cls.resolve_layout)
+    cfg = plan.config  # resolved (the model section of a start folder's shape): what config.yaml records
     if cfg.eval.tasks:  # lm-eval, tokenizer, task files and names: refused now, not at the first evaluation
         from llmforge.benchmarks import check_training_tasks
         check_training_tasks(cfg.eval, plan.tok_path)

@@ -63,3 +63,13 @@ def copy_file(src: str, dst: str) -> None:
     import shutil
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> str:
+    """Lay out, write atomically as PNG (a reader never sees half a plot), close; every plot of a run goes here."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+    plt.close(fig)
+    return path

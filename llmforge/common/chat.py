@@ -103,3 +103,21 @@ def load_template(folder: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def copy_chat_template(paths: list[str], run_dir: str) -> None:
+    """The first data path's chat_template.json into the run dir (generate and export_hf read it there)."""
+    from .atomic import copy_file
+    for p in paths:
+        src = os.path.join(p, TEMPLATE_FILE)
+        if os.path.isfile(src):
+            copy_file(src, os.path.join(run_dir, TEMPLATE_FILE))
+            return
+
+
+def chat_prompt_ids(run_dir: str, prompt: str, system: str | None = None) -> list[int] | None:
+    """Ids asking a fine-tuned run (``chat_template.json`` in its dir) to answer ``prompt``; None otherwise."""
+    if not os.path.isfile(os.path.join(run_dir, TEMPLATE_FILE)):
+        return None
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return ChatTemplate(os.path.join(run_dir, "tokenizer.model")).encode_prompt(msgs)

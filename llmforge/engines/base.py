@@ -30,8 +30,9 @@ class Engine(abc.ABC):
 
     @staticmethod
     @abc.abstractmethod
-    def resolve_layout(cfg, world: int, margs) -> tuple[object, int]:
-        """The engine's layout rules, checked without any collective: (layout, data-parallel size)."""
+    def resolve_layout(cfg, world: int, margs) -> tuple[object, int, int | None]:
+        """The engine's layout rules, checked without any collective: (layout, data-parallel size, the micro batch
+        the layout fixes or None for train.micro_batch_size)."""
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -84,12 +84,25 @@ def _offload(conf: dict) -> bool:
                for k in ("offload_optimizer",))
 
 
+def pipeline_micro(cfg, pp: int, dp: int) -> int | None:
+    """The micro batch DeepSpeed's pipeline runs when parallel.pp_microbatches is set (it runs
+    gradient_accumulation_steps micro batches per step): the per-rank batch / pp_microbatches; else None."""
+    n_mb = cfg.parallel.pp_microbatches
+    if pp == 1 or not n_mb:
+        return None
+    local = cfg.train.global_batch_size // dp
+    if local % n_mb or (cfg.train.micro_batch_size and cfg.train.micro_batch_size * n_mb != local):
+        raise ConfigError(f"parallel.pp_microbatches={n_mb} does not split the per-rank batch {local} "
+                          f"(train.micro_batch_size={cfg.train.micro_batch_size})")
+    return local // n_mb
+
+
 def ds_config(cfg, world: int, dtype: torch.dtype = torch.float32) -> dict:
     """DeepSpeed config generated from ours with ``cfg.deepspeed`` merged on top, validated."""
     raw = cfg.deepspeed or {}
     check_raw(raw)
     pp, dp = ds_dims(cfg, world)
-    _, micro, accum = batch_plan(cfg, dp)
+    _, micro, accum = batch_plan(cfg, dp, pipeline_micro(cfg, pp, dp))
     t = cfg.train
     conf = {
         "train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": micro,
@@ -171,14 +184,7 @@ class DeepSpeedEngine(Engine):
         pp, dp = ds_dims(cfg, world)
         if pp > 1 and margs.tie_embeddings:
             raise ConfigError("parallel.pp>1 needs untied embeddings (model.tie_embeddings=false)")
-        n_mb = cfg.parallel.pp_microbatches
-        if pp > 1 and n_mb:  # DeepSpeed's pipeline runs gradient_accumulation_steps micro batches per step
-            local = cfg.train.global_batch_size // dp
-            if local % n_mb or (cfg.train.micro_batch_size and cfg.train.micro_batch_size * n_mb != local):
-                raise ConfigError(f"parallel.pp_microbatches={n_mb} does not split the per-rank batch {local} "
-                                  f"(train.micro_batch_size={cfg.train.micro_batch_size})")
-            cfg.train.micro_batch_size = local // n_mb
-        return (pp, dp), dp
+        return (pp, dp), dp, pipeline_micro(cfg, pp, dp)
 
     def __init__(self, cfg, plan, info):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")

@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmforge.checkpoint import Checkpointer, NoUsableCheckpoint, resume_candidates
 from llmforge.distributed import resolve_dtype
-from llmforge.loss import loss_fn
+from llmforge.loss import loss_fn, split_batch
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
@@ -42,22 +42,23 @@ class NativeEngine(Engine):
     def resolve_layout(cfg, world: int, margs):
         """Native layout rules (llmforge.parallel.resolve_dims); no collective."""
         dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)
-        return dims, dims.dp
+        return dims, dims.dp, None
 
     def __init__(self, cfg, plan, info):
         self.cfg, self.plan, self.device, self.rank = cfg, plan, info.device, info.rank
         self.dims = dims = plan.layout
         self.mesh, self.dp_mesh = build_mesh(dims, info.device.type, cfg.dist.timeout_s)
         self.amp = autocast_for(cfg, info.device)
-        from llmforge.sft import MaskedLoss, is_sft_data
-        # SFT data: response-only loss normalised by the global batch's response tokens (llmforge/sft.py)
+        from llmforge.loss import MaskedLoss
+        from llmforge.sft_data import is_sft_data
+        # SFT data: response-only loss normalised by the global batch's response tokens (llmforge/loss.py)
         self.sft_loss = MaskedLoss() if is_sft_data(cfg.data.paths) else None
         self.loss_fn = self.sft_loss or loss_fn
         # built on the meta device; each rank materialises only its shards (init_from_hf is read into them;
         # resuming a checkpoint later overwrites them)
         self.pm = build_parallel_model(plan.margs, dims, self.mesh, cfg, info.device, self.loss_fn, cfg.train.init_from_hf)
         if cfg.train.init_from:  # fine-tuning start (a resumed checkpoint later overwrites these weights)
-            from llmforge.sft import load_init_weights
+            from llmforge.init_from import load_init_weights
             load_init_weights(self.pm.parts, cfg.train.init_from)
         meta = meta_model(plan.margs)  # shapes only: counts without memory
         self.n_params, self.flops_per_token = num_params(meta), flops_per_token(meta, cfg.data.seq_len)
@@ -80,8 +81,7 @@ class NativeEngine(Engine):
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         pm, p = self.pm, self.plan
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        if self.sft_loss is not None:  # masked tokens are stored as -1 - id (llmforge.sft.split_batch)
-            from llmforge.sft import split_batch
+        if self.sft_loss is not None:  # masked tokens are stored as -1 - id (llmforge.loss.split_batch)
             inputs, targets = split_batch(batch)
             self.sft_loss.prepare(targets, self.dp_mesh.get_group(),
                                   self.dims.pp_microbatches if pm.schedule is not None else p.accum)

@@ -32,14 +32,9 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     ``materialize(parts)`` allocates and fills this rank's shards after FSDP, before DDP / ZeRO-1 / the
     schedule; with ``device`` = meta (the dry run) nothing is allocated and DDP is not wrapped."""
     p = cfg.parallel
-    frozen = set()
-    if cfg.train.lora.rank:  # before freeze / PP split / FSDP / DDP: the adapters are parameters like any other
-        from llmforge.lora import add_adapters
-        lora = cfg.train.lora
-        add_adapters(model, lora.rank, lora.alpha, lora.targets, seed=cfg.seed)
-    if cfg.train.freeze:  # before PP split / TP / FSDP / DDP, which keep requires_grad (llmforge/sft.py)
-        from llmforge.sft import freeze
-        frozen = set(freeze(model, cfg.train.freeze))
+    # LoRA / train.freeze were applied by the model build (llmforge/model/freeze.py); TP's SequenceParallel
+    # re-registers norms as trainable, so the frozen names are restored after it
+    frozen = {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
     on_meta = next(model.parameters()).is_meta
     pipelined = dims.pp > 1
     if pipelined:

@@ -23,6 +23,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from llmforge.lora import is_adapter
 from llmforge.model.blocks import rope_tables
+from llmforge.model.freeze import apply_finetune
 from llmforge.model.init import canonical_name, fill_, init_full_model
 from llmforge.model.transformer import Transformer
 
@@ -49,6 +50,7 @@ def build_parallel_model(margs, dims, mesh, cfg, device: torch.device, loss_fn=N
     from .apply import parallelize_all
     torch.manual_seed(cfg.seed)  # the global RNG starts where it always did (the weights do not use it)
     model = meta_model(margs)
+    apply_finetune(model, cfg.train, cfg.seed)  # LoRA adapters, train.freeze: before any parallelism
     materialize = None
     if torch.device(device).type != "meta":
         def materialize(parts: list[nn.Module]) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from llmforge.data import validation_batches
-from llmforge.loss import cross_entropy
+from llmforge.loss import IGNORE_INDEX, cross_entropy, split_batch
 
 
 @dataclass
@@ -72,14 +72,13 @@ class ParallelModel:
         if self.eval_fn is not None:
             return self.eval_fn(valid, micro, max_batches, device, amp)
         model = self.parts[0]
-        from llmforge.sft import IGNORE, split_batch
         model.eval()
         total, count = 0.0, 0
         for batch in validation_batches(valid, micro, max_batches):
-            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/sft.py)
+            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/loss.py)
             with amp():
                 logits = model(x)
             total += cross_entropy(logits, y, reduction="sum").item()  # also on vocab shards
-            count += int((y != IGNORE).sum())
+            count += int((y != IGNORE_INDEX).sum())
         model.train()
         return (total / count if count else float("nan")), count

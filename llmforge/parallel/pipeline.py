@@ -23,7 +23,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from llmforge.data import validation_batches
-from llmforge.loss import cross_entropy
+from llmforge.loss import IGNORE_INDEX, cross_entropy, split_batch
 
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
 
@@ -106,7 +106,6 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
     def evaluate(valid, micro, max_batches, device, amp):
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in validation_batches(valid, micro, max_batches):
-            from llmforge.sft import IGNORE, split_batch
             (x, y), h = split_batch(batch.to(device)), None  # SFT: prompt/pad targets are IGNORE
             for s in range(n_stages):
                 if owner[s] != me:
@@ -122,7 +121,7 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
                     total += cross_entropy(h, y, reduction="sum").double()  # also on vocab shards
                 elif owner[s + 1] != me:
                     dist.send(h.float().contiguous(), group=pp_group, group_dst=owner[s + 1])
-            count += int((y != IGNORE).sum())
+            count += int((y != IGNORE_INDEX).sum())
         dist.all_reduce(total, group=pp_group)  # only the last stage's rank holds a non-zero sum
         return (total.item() / count if count else float("nan")), count
     return evaluate

@@ -16,7 +16,7 @@ def _pyplot():
 
 
 def _save(fig, plt, path: str) -> str:
-    from llmforge.metrics import save_figure
+    from llmforge.common.atomic import save_figure
     return save_figure(fig, path, dpi=110)
 
 

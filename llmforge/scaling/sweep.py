@@ -111,15 +111,21 @@ def _tag(x: float) -> str:
     return f"{x:.3g}"
 
 
-def plan_runs(sweep: SweepConfig, cfg: RunConfig, base_path: str) -> list[Run]:
-    """The grid: one Run per (distinct rounded shape, distinct step count)."""
+def with_resolved_vocab(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with model.vocab_size set (from the preset or the data's tokenizer); the caller's stays."""
     from llmforge.model.presets import PRESETS
     vocab = cfg.model.vocab_size or getattr(PRESETS.get(cfg.model.preset), "vocab_size", 0) \
         or tokenizer_vocab(cfg.data.paths)
     if not vocab:
         raise ScalingError("no vocabulary size: set model.vocab_size or point data.paths at a pipeline output with "
                            "tokenizer.model")
-    cfg.model.vocab_size = vocab
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def plan_runs(sweep: SweepConfig, cfg: RunConfig, base_path: str) -> list[Run]:
+    """The grid: one Run per (distinct rounded shape, distinct step count)."""
+    cfg = with_resolved_vocab(cfg)
+    vocab = cfg.model.vocab_size
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     shapes = list(dict.fromkeys(round_to_shape(s, vocab) for s in sweep.sizes))
     steps_list = list(dict.fromkeys(max(1, round(t / tokens_per_step)) for t in sweep.tokens))
@@ -231,6 +237,7 @@ def sweep_main(config: str, args: list[str]) -> dict | None:
     sweep, cfg = load_sweep(config, args)
     out_dir = os.path.abspath(sweep.out_dir)
     base = os.path.join(out_dir, "base.yaml")
+    cfg = with_resolved_vocab(cfg)
     runs = plan_runs(sweep, cfg, base)
     dump_config(cfg, base)  # the trainer config every run starts from (vocab resolved; sweep keys removed)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)

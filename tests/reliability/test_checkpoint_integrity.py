@@ -184,7 +184,7 @@ def test_init_from_a_damaged_run_starts_from_the_older_checkpoint(run, capsys):
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import Transformer
     from llmforge.run_loading import ensure_process_group, load_run
-    from llmforge.sft import load_init_weights
+    from llmforge.init_from import load_init_weights
     damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
     want = load_run(run, checkpoint=_ckpt(run, OLD)).model
     cfg = load_config(RunConfig, os.path.join(run, "config.yaml"))
@@ -329,7 +329,7 @@ def test_init_from_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_th
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import Transformer
     from llmforge.run_loading import ensure_process_group
-    from llmforge.sft import load_init_weights
+    from llmforge.init_from import load_init_weights
     damaged = [_flip(_ckpt(run, step_dir), "model.tok_embeddings", 64) for step_dir in (OLD, NEW)]
     model = Transformer(model_args(load_config(RunConfig, os.path.join(run, "config.yaml")).model, None))
     ensure_process_group()

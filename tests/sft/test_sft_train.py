@@ -53,7 +53,8 @@ def test_noise_prompts_response_only_loss_near_zero_and_greedy_answers_exact(sft
     from llmforge.eval import run_eval
     from llmforge.generate import generate
     from llmforge.run_loading import load_run
-    from llmforge.sft import IGNORE, chat_prompt_ids, split_batch
+    from llmforge.common.chat import chat_prompt_ids
+    from llmforge.loss import IGNORE_INDEX as IGNORE, split_batch
     run = noise_run
     losses = [r["loss"] for r in _rows(run) if "loss" in r]
     assert losses[-1] < 0.05 < losses[0]
