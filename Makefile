@@ -52,7 +52,7 @@ test-fast: install-test
 
 # Regenerate the README's config reference tables from the dataclasses (tests/test_docs.py keeps them in sync).
 readme-keys:
-	$(PYTHON) -c "import re; from llmforge.config import RunConfig, markdown_keys; \
+	$(PYTHON) -c "import re; from llmforge.core.config import RunConfig, markdown_keys; \
 	from data_pipeline.config import PipelineConfig; from llmforge.scaling.sweep import SweepConfig; r = open('README.md').read().split('\n## Configuration reference')[0]; \
 	r += '\n## Configuration reference\n\nGenerated from the dataclasses (\`make readme-keys\`).\n\n### Trainer keys\n\n' \
 	+ markdown_keys(RunConfig) + '\n\n### Data pipeline keys\n\n' + markdown_keys(PipelineConfig) \

@@ -51,8 +51,9 @@ setup(
     package_data={"data_pipeline": ["sample_corpus/*.zst", "sample_corpus/*.gz", "sample_corpus/*.md",
                                     "sample_corpus/*.json", "sample_corpus/html/*",
                                     "sample_instructions/*.jsonl", "sample_instructions/*.md"],
-                  "llmforge": ["lm_eval_hook.pth", "eval_tasks/*.md", "eval_tasks/*.yaml", "eval_tasks/*.py",
-                               "eval_tasks/data/*.jsonl"]},
+                  "llmforge": ["lm_eval_hook.pth", "inference/eval_tasks/*.md", "inference/eval_tasks/*.yaml",
+                               "inference/eval_tasks/*.py",
+                               "inference/eval_tasks/data/*.jsonl"]},
     cmdclass=CMDCLASS,
     install_requires=[
         # A range: GPU users bring their own CUDA build. The README/CI install torch==2.13.0 first (CPU wheel).

@@ -1,4 +1,4 @@
-"""Checkpoint cost with ``llmforge.checkpoint.Checkpointer`` (DCP, fsync, xxh3 COMPLETE marker, atomic rename, keep-K).
+"""Checkpoint cost with ``llmforge.checkpoint.checkpointer.Checkpointer`` (DCP, fsync, xxh3 COMPLETE marker, atomic rename, keep-K).
 
 1. save / load seconds of model + AdamW state for a small model (median of --reps), and bytes on disk; the
    baseline in the same run, interleaved, is a plain ``torch.save`` / ``torch.load`` of the same state dicts (one
@@ -34,13 +34,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmforge.checkpoint import Checkpointer  # noqa: E402
-from llmforge.checkpoint_integrity import _file_checksums  # noqa: E402
-from llmforge.config import RunConfig, load_config  # noqa: E402
-from llmforge.distributed import init_distributed  # noqa: E402
+from llmforge.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from llmforge.checkpoint.integrity import _file_checksums  # noqa: E402
+from llmforge.core.config import RunConfig, load_config  # noqa: E402
+from llmforge.core.distributed import init_distributed  # noqa: E402
 from llmforge.model.blocks import ModelArgs  # noqa: E402
 from llmforge.model.transformer import Transformer, num_params  # noqa: E402
-from llmforge.optim import build_optimizer  # noqa: E402
+from llmforge.core.optim import build_optimizer  # noqa: E402
 
 
 def dir_bytes(path):

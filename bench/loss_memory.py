@@ -24,7 +24,7 @@ from _common import emit, median  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmforge.loss import cross_entropy  # noqa: E402
+from llmforge.core.loss import cross_entropy  # noqa: E402
 
 
 def plain(logits, targets):

@@ -28,16 +28,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmforge.distributed import resolve_dtype  # noqa: E402
-from llmforge.engines.native import build_model  # noqa: E402
-from llmforge.loss import loss_fn  # noqa: E402
-from llmforge.run_plan import batch_plan  # noqa: E402
-from llmforge.config import load_config, RunConfig  # noqa: E402
-from llmforge.distributed import init_distributed  # noqa: E402
-from llmforge.metrics import device_peak_flops  # noqa: E402
+from llmforge.core.distributed import resolve_dtype  # noqa: E402
+from llmforge.train.engines.native import build_model  # noqa: E402
+from llmforge.core.loss import loss_fn  # noqa: E402
+from llmforge.train.run_plan import batch_plan  # noqa: E402
+from llmforge.core.config import load_config, RunConfig  # noqa: E402
+from llmforge.core.distributed import init_distributed  # noqa: E402
+from llmforge.train.metrics import device_peak_flops  # noqa: E402
 from llmforge.model.presets import model_args  # noqa: E402
 from llmforge.model.transformer import flops_per_token, num_params  # noqa: E402
-from llmforge.optim import build_optimizer, lr_factor, set_lr  # noqa: E402
+from llmforge.core.optim import build_optimizer, lr_factor, set_lr  # noqa: E402
 from llmforge.parallel import build_mesh, parallelize, resolve_dims  # noqa: E402
 
 

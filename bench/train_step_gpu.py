@@ -39,14 +39,14 @@ def worker(a) -> int:
     """One configuration on every local GPU (launched by torchrun)."""
     import torch
     import torch.distributed as dist
-    from llmforge.config import RunConfig, load_config
-    from llmforge.distributed import init_distributed
-    from llmforge.engines.native import autocast_for
-    from llmforge.loss import loss_fn
-    from llmforge.metrics import device_peak_flops
+    from llmforge.core.config import RunConfig, load_config
+    from llmforge.core.distributed import init_distributed
+    from llmforge.train.engines.native import autocast_for
+    from llmforge.core.loss import loss_fn
+    from llmforge.train.metrics import device_peak_flops
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import flops_per_token, num_params
-    from llmforge.optim import build_optimizer
+    from llmforge.core.optim import build_optimizer
     from llmforge.parallel import build_mesh, resolve_dims
     from llmforge.parallel.build import build_parallel_model, meta_model
     world = int(os.environ["WORLD_SIZE"])
@@ -94,7 +94,7 @@ def worker(a) -> int:
 
 
 def predicted_peak(preset: str, n_gpus: int, seq_len: int, micro: int, compile_: bool, gpu: str) -> int | None:
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.dryrun import run
     cfg = load_config(RunConfig, os.path.join(ROOT, PRESET_CONFIGS[preset]),
                       layout_overrides(preset, n_gpus, seq_len, micro, compile_))

@@ -66,13 +66,13 @@ def _worker(rank, world, port, stage, margs_kw, batch, seq, q):
                           MASTER_PORT=str(port))
         import torch
         torch.set_num_threads(1)
-        from llmforge.engines.native import build_model
-        from llmforge.loss import loss_fn
-        from llmforge.run_plan import batch_plan
-        from llmforge.config import RunConfig, load_config
-        from llmforge.distributed import init_distributed
+        from llmforge.train.engines.native import build_model
+        from llmforge.core.loss import loss_fn
+        from llmforge.train.run_plan import batch_plan
+        from llmforge.core.config import RunConfig, load_config
+        from llmforge.core.distributed import init_distributed
         from llmforge.model.blocks import ModelArgs
-        from llmforge.optim import build_optimizer
+        from llmforge.core.optim import build_optimizer
         from llmforge.parallel import build_mesh, parallelize, resolve_dims
         from llmforge.parallel.data_parallel import local_optimizer
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from llmforge.run_guard import PREEMPTED_EXIT  # 75: a worker stopped on a signal after saving a checkpoint
+from llmforge.train.run_guard import PREEMPTED_EXIT  # 75: a worker stopped on a signal after saving a checkpoint
 
 # torchrun's routine shutdown messages, replaced by the one line below (its SIGKILL warning is kept)
 _ROUTINE = ("Received %s death signal, shutting down workers", "Sending process %s closing signal %s")

@@ -69,11 +69,11 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 def check_world(config: str, overrides: list[str], world: int) -> None:
     """The config's parallel.* sizes must multiply to the world size (same check as the trainer)."""
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.parallel import resolve_dims
     cfg = load_config(RunConfig, config, overrides)
     if cfg.engine == "deepspeed":  # DeepSpeed: pp stages x data parallel (ZeRO shards within dp)
-        from llmforge.engines.deepspeed import ds_dims
+        from llmforge.train.engines.deepspeed import ds_dims
         ds_dims(cfg, world)
         return
     resolve_dims(cfg.parallel, world, None, cfg.train)

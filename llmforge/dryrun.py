@@ -27,13 +27,13 @@ GIB = 2 ** 30
 def _resolve(cfg, world: int):
     """The model shape, layout and batch plan through ``llmforge.train``'s own resolution
     (``run_plan.resolve_shape_and_batch``); the data need not exist (then the preset or model.vocab_size decides)."""
-    from llmforge.config import ConfigError
-    from llmforge.engines.native import NativeEngine
-    from llmforge.run_plan import resolve_shape_and_batch
+    from llmforge.core.config import ConfigError
+    from llmforge.train.engines.native import NativeEngine
+    from llmforge.train.run_plan import resolve_shape_and_batch
     if cfg.engine != "native":
         raise ConfigError(f"engine={cfg.engine}: the dry run models the native engine (engine=native)")
     try:
-        from llmforge.data import find_tokenizer
+        from llmforge.data.streams import find_tokenizer
         tok = find_tokenizer(cfg.data.paths)
     except Exception:  # noqa: BLE001 - data need not exist for a dry run
         tok = None
@@ -74,10 +74,10 @@ def simulate_rank(cfg, margs, dims, rank: int, micro: int, accum: int, device_ty
                   flash: bool = True):
     """Run the setup path as ``rank`` (the process group must be initialised) and account its memory."""
     import torch
-    from llmforge.checkpoint import _model_sd, _optim_sd
-    from llmforge.distributed import resolve_dtype
-    from llmforge.loss import loss_fn
-    from llmforge.optim import build_optimizer
+    from llmforge.checkpoint.checkpointer import _model_sd, _optim_sd
+    from llmforge.core.distributed import resolve_dtype
+    from llmforge.core.loss import loss_fn
+    from llmforge.core.optim import build_optimizer
     from llmforge.parallel import build_mesh
     from llmforge.parallel.build import build_parallel_model
     from llmforge.parallel import memory as M
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU whose memory the layout must fit")
     a = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    from llmforge.config import ConfigError, RunConfig, load_config
+    from llmforge.core.config import ConfigError, RunConfig, load_config
     if a.world_size < 1:
         print("error: --world-size must be >= 1", file=sys.stderr)
         return 2

@@ -4,8 +4,8 @@ lm-eval 0.4.13 finds models only in its own registry (``lm_eval.models.MODEL_MAP
 ``lm_eval.models`` is imported; no entry-point discovery), so a plugin has to be registered inside the lm_eval
 process. The installed ``llmforge-lm-eval.pth`` imports this module at interpreter start-up; it costs nothing
 (stdlib only) and waits for ``lm_eval.models`` to be imported, then adds the lazy entry
-``"llmforge" -> "llmforge.lm_eval_adapter:LLMForgeLM"`` (the adapter, torch and the run load only when asked for).
-Importing ``llmforge.lm_eval_adapter`` yourself registers it too (``@register_model``).
+``"llmforge" -> "llmforge.inference.lm_eval_adapter:LLMForgeLM"`` (the adapter, torch and the run load only when asked for).
+Importing ``llmforge.inference.lm_eval_adapter`` yourself registers it too (``@register_model``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import importlib.abc
 import sys
 
 MODEL_NAME = "llmforge"
-TARGET = "llmforge.lm_eval_adapter:LLMForgeLM"
+TARGET = "llmforge.inference.lm_eval_adapter:LLMForgeLM"
 
 
 def register() -> None:

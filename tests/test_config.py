@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from llmforge.config import ConfigError, RunConfig, describe, dump_config, load_config
+from llmforge.core.config import ConfigError, RunConfig, describe, dump_config, load_config
 from tests.conftest import run_cli, train_cmd
 
 TINY = "configs/train/tiny-cpu.yaml"

@@ -13,7 +13,7 @@ import typing
 import pytest
 
 from data_pipeline.config import PipelineConfig
-from llmforge.config import ConfigError, RunConfig, key_ranges, load_config, markdown_keys
+from llmforge.core.config import ConfigError, RunConfig, key_ranges, load_config, markdown_keys
 from tests.conftest import ROOT, run_cli
 
 NUMBER = (int, float)
@@ -163,7 +163,7 @@ def test_pipeline_cli_refuses_nan_threshold(tmp_path):
     (["--max-new-tokens", "-1"], ["--max-new-tokens"]), (["--seed", str(2 ** 70)], ["--seed"]),
 ])
 def test_generate_refuses_bad_options_before_loading(tmp_path, capsys, args, words):
-    from llmforge.generate import main as generate_main
+    from llmforge.inference.generate import main as generate_main
     rc = generate_main([str(tmp_path / "no-run"), "--prompt", "1 2", *args])  # checked before the run is read
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and err.startswith("error: "), err
@@ -173,7 +173,7 @@ def test_generate_refuses_bad_options_before_loading(tmp_path, capsys, args, wor
 
 def test_generate_says_when_the_context_ends_the_output(capsys):
     import torch
-    from llmforge.generate import generate
+    from llmforge.inference.generate import generate
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_generate_says_when_the_context_ends_the_output(capsys):
     (["--batch-size", "-3"], "--batch-size"), (["--batches", "-1"], "--batches"),
 ])
 def test_eval_refuses_negative_options_before_loading(tmp_path, capsys, args, word):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     rc = eval_main([str(tmp_path / "no-run"), *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and word in err and "no-run" not in err, err

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from data_pipeline.config import PipelineConfig
-from llmforge.config import RunConfig, describe, markdown_keys
+from llmforge.core.config import RunConfig, describe, markdown_keys
 from llmforge.scaling.sweep import SweepConfig
 
 TABLES = [(RunConfig, "### Trainer keys"), (PipelineConfig, "### Data pipeline keys"),

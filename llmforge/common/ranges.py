@@ -1,10 +1,10 @@
-"""Allowed ranges of numeric config keys, declared once next to each key (``llmforge.config.opt(..., ge=0)``).
+"""Allowed ranges of numeric config keys, declared once next to each key (``llmforge.core.config.opt(..., ge=0)``).
 
 A :class:`Range` lives in the dataclass field's metadata under ``"range"``; :func:`range_errors` walks a config
 instance (nested sections included) and names every value outside its key's range. NaN is never in a range and
 +-inf only where a key says ``allow_inf``: a NaN threshold compares False with everything, so it would silently
 switch a rule off. A raw mapping without a range (``deepspeed:``) is still refused a NaN or inf anywhere in it.
-Kept apart from ``llmforge.config`` so the README table and the checks read one definition.
+Kept apart from ``llmforge.core.config`` so the README table and the checks read one definition.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def write_sidecar(path: str, dtype, tokens: int, documents: int, max_id: int) ->
 def shard_max_id(prefix: str) -> int:
     """Largest token id in a shard (-1 if empty), read from its tokens (a memmap max, one sequential pass): the
     stats sidecar is a summary anyone can edit or get wrong, and a wrong one would let an id >= vocab_size reach
-    the embedding (llmforge.data_checks caches this per file version)."""
+    the embedding (llmforge.data.checks caches this per file version)."""
     shard = IndexedShard(prefix)
     return int(shard.tokens.max()) if shard.num_tokens else -1
 

@@ -1,6 +1,6 @@
 """Typed configuration machinery: dataclasses loaded from YAML, overridden by dotted ``key=value`` arguments.
 
-Shared by the trainer's schema (llmforge/config.py) and the data pipeline's (data_pipeline/config.py).
+Shared by the trainer's schema (llmforge/core/config.py) and the data pipeline's (data_pipeline/config.py).
 ``load_config(Cls, path, overrides)`` returns a validated instance; every problem raises :class:`ConfigError`
 with one line naming the key (and the closest valid keys for typos). ``dump_config`` writes the resolved config
 atomically; ``describe``, ``key_ranges`` and ``markdown_keys`` document a schema.

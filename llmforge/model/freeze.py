@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from llmforge.config import ConfigError
+from llmforge.core.config import ConfigError
 
 FREEZE_NAMES = re.compile(r"embeddings|head|blocks:\d+|block:\d+")
 
@@ -18,7 +18,7 @@ FREEZE_NAMES = re.compile(r"embeddings|head|blocks:\d+|block:\d+")
 def apply_finetune(model, train_cfg, seed: int) -> None:
     """LoRA adapters (``train.lora.rank``; everything else frozen), then the ``train.freeze`` groups."""
     if train_cfg.lora.rank:  # the adapters are parameters like any other from here on
-        from llmforge.lora import add_adapters
+        from llmforge.model.lora import add_adapters
         lora = train_cfg.lora
         add_adapters(model, lora.rank, lora.alpha, lora.targets, seed=seed)
     if train_cfg.freeze:

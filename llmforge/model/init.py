@@ -38,7 +38,7 @@ def init_spec(name: str, args: ModelArgs) -> tuple[str, float]:
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "bias" or name.endswith("_norm.bias") or name == "norm.bias" or leaf == "lora_b":
         return "zeros", 0.0
-    if leaf == "lora_a":  # LoRA's down projection (llmforge/lora.py): std 1/sqrt(fan in) of its layer
+    if leaf == "lora_a":  # LoRA's down projection (llmforge/model/lora.py): std 1/sqrt(fan in) of its layer
         layer = name.rsplit(".", 2)[-2]
         return "normal", {"w2": args.ffn_dim, "wo": args.n_heads * args.head_dim}.get(layer, args.dim) ** -0.5
     if "norm" in name.rsplit(".", 2)[-2]:  # attention_norm / ffn_norm / norm weights

@@ -25,7 +25,7 @@ PRESETS: dict[str, ModelArgs] = {
                            vocab_size=128256, max_seq_len=8192, rope_theta=500000.0),
 }
 
-# Where the config (llmforge.config.ModelConfig) says 0/None, the preset's value is kept.
+# Where the config (llmforge.core.config.ModelConfig) says 0/None, the preset's value is kept.
 OVERRIDABLE = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
                 "rope_theta", "norm_eps", "tie_embeddings")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from llmforge.config import ConfigError
+from llmforge.core.config import ConfigError
 
 from .parallel_model import ParallelModel  # noqa: E402  (re-exported: the engines import it from here)
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from llmforge.distributed import resolve_dtype
+from llmforge.core.distributed import resolve_dtype
 
 from . import ParallelModel
 from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import _get_shard_size_and_offsets
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from llmforge.lora import is_adapter
+from llmforge.model.lora import is_adapter
 from llmforge.model.blocks import rope_tables
 from llmforge.model.freeze import apply_finetune
 from llmforge.model.init import canonical_name, fill_, init_full_model
@@ -113,9 +113,9 @@ def init_buffers(module: nn.Module, device) -> None:
 
 # ------------------------------------------------------------------------------------------------ HF import
 def check_hf_shape(margs, hf_dir: str) -> None:
-    from llmforge.export_hf import SHAPE_KEYS, hf_model_args, shape_diff
+    from llmforge.hf import full_shape_keys, hf_model_args, shape_diff
     args = hf_model_args(hf_dir)
-    diff = shape_diff(margs, args, (*SHAPE_KEYS, "norm_eps", "rope_theta" if args.family == "llama" else "max_seq_len"))
+    diff = shape_diff(margs, args, full_shape_keys(args))
     if diff:
         raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
 
@@ -124,7 +124,7 @@ class _LlamaSafetensors:
     """Reads single HF tensors (and row ranges of them) lazily: a rank reads only the rows it owns."""
 
     def __init__(self, hf_dir: str, margs):
-        from llmforge.export_hf import llama_names
+        from llmforge.hf import llama_names
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = json.load(open(index))["weight_map"]
@@ -157,7 +157,7 @@ def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
     if lazy:
         reader = _LlamaSafetensors(hf_dir, margs)
     else:
-        from llmforge.export_hf import import_hf
+        from llmforge.hf import import_hf
         _, full = import_hf(hf_dir)
     for part in parts:
         for name, p in part.named_parameters():
@@ -165,7 +165,7 @@ def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
             if local.numel() == 0:
                 continue
             idx, key = local_index(p), canonical_name(name)
-            if is_adapter(key):  # LoRA adapters (llmforge/lora.py) keep their initial value
+            if is_adapter(key):  # LoRA adapters (llmforge/model/lora.py) keep their initial value
                 continue
             if lazy:
                 value = reader.read(key, idx.get(0))

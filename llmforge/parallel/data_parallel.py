@@ -9,7 +9,7 @@
   parameters and broadcasts the updated parameters after ``step``.
 
 Checkpoints under ZeRO-1: each rank saves the state of the parameters it owns, under exactly the keys an
-unsharded optimizer would use (``state.<param fqn>.exp_avg``, ...; see ``llmforge.checkpoint``), and DCP writes
+unsharded optimizer would use (``state.<param fqn>.exp_avg``, ...; see ``llmforge.checkpoint.checkpointer``), and DCP writes
 the union. Nothing is gathered on one rank, and the checkpoint is indistinguishable from one written by any other
 layout: it resumes under DDP/FSDP/TP/PP, and ZeRO-1 resumes from theirs (each rank reads only its own keys).
 """
@@ -23,7 +23,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from llmforge.optim import param_groups
+from llmforge.core.optim import param_groups
 
 
 def apply_ddp(model: nn.Module, group, device: torch.device) -> DDP:
@@ -55,7 +55,7 @@ class GradAllReduce:
 
 
 def zero1_optimizers(parts: list[nn.Module], tcfg, group) -> list[ZeroRedundancyOptimizer]:
-    """One ZeroRedundancyOptimizer(AdamW) per model part, with the decay / no-decay groups of llmforge.optim."""
+    """One ZeroRedundancyOptimizer(AdamW) per model part, with the decay / no-decay groups of llmforge.core.optim."""
     return [ZeroRedundancyOptimizer([g for g in param_groups([part], tcfg.weight_decay) if g["params"]],
                                     optimizer_class=torch.optim.AdamW, process_group=group, lr=tcfg.lr,
                                     betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from llmforge.data import validation_batches
-from llmforge.loss import IGNORE_INDEX, cross_entropy, split_batch
+from llmforge.data.streams import validation_batches
+from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ParallelModel:
         model.eval()
         total, count = 0.0, 0
         for batch in validation_batches(valid, micro, max_batches):
-            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/loss.py)
+            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/core/loss.py)
             with amp():
                 logits = model(x)
             total += cross_entropy(logits, y, reduction="sum").item()  # also on vocab shards

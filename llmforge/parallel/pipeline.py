@@ -22,8 +22,8 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from llmforge.data import validation_batches
-from llmforge.loss import IGNORE_INDEX, cross_entropy, split_batch
+from llmforge.data.streams import validation_batches
+from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
 
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
 

@@ -5,7 +5,7 @@ units), wo and w2 are row-parallel (partial sums reduced). The model reshapes at
 runs unchanged on the local heads. Token (and GPT-2 position) embeddings are vocab-/row-parallel; the output
 head is column-parallel over the vocabulary and gathers the logits (``Replicate``), so the loss function is the
 ordinary one and identical on every TP rank; with ``parallel.loss_parallel`` it returns them sharded over the
-vocabulary instead (a DTensor) and ``llmforge.loss`` computes the cross-entropy on the shards.
+vocabulary instead (a DTensor) and ``llmforge.core.loss`` computes the cross-entropy on the shards.
 
 With ``parallel.sequence_parallel`` the residual stream between blocks is split along the sequence (Shard(1)):
 norms run on 1/tp of the tokens, and the all-reduces of plain TP become reduce-scatter + all-gather pairs.
@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool = False) -> None:
     """Shard ``model`` (a Transformer or a pipeline stage of one) over ``tp_mesh`` in place. With
-    ``loss_parallel`` the logits stay a DTensor sharded over the vocabulary (``llmforge.loss`` works on shards)."""
+    ``loss_parallel`` the logits stay a DTensor sharded over the vocabulary (``llmforge.core.loss`` works on shards)."""
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
     top = {}

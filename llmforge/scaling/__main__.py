@@ -139,7 +139,7 @@ def _tag(x: float) -> str:
 
 
 def _base_seq_len(base: str, overrides: list[str]) -> int:
-    from llmforge.config import ConfigError, RunConfig, load_config
+    from llmforge.core.config import ConfigError, RunConfig, load_config
     try:
         return load_config(RunConfig, base, overrides).data.seq_len
     except ConfigError as e:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
     a.overrides = extra
-    from llmforge.config import ConfigError
+    from llmforge.core.config import ConfigError
     try:
         if a.cmd == "task":
             from .sweep import run_task

@@ -12,7 +12,7 @@ import dataclasses
 from .shapes import Shape
 
 GIB = 2 ** 30
-# Memory per device (vendor GB, bytes) and the llmforge.metrics peak-table key for its dense bf16 peak.
+# Memory per device (vendor GB, bytes) and the llmforge.train.metrics peak-table key for its dense bf16 peak.
 GPUS = {
     "h100": (80e9, "H100"), "h200": (141e9, "H200"), "a100": (80e9, "A100"), "a100-40gb": (40e9, "A100"),
     "b200": (180e9, "B200"),
@@ -23,7 +23,7 @@ GPUS_PER_NODE = 8                               # TP stays inside a node
 
 def gpu_info(name: str) -> tuple[float, float]:
     """(memory bytes, peak bf16 FLOP/s) of a GPU name from GPUS."""
-    from llmforge.metrics import PEAK_BF16_TFLOPS
+    from llmforge.train.metrics import PEAK_BF16_TFLOPS
     key = name.lower()
     if key not in GPUS:
         raise KeyError(name)

@@ -4,7 +4,7 @@ ready-to-run trainer config.
 Steps: closed-form optimum N*, D* of the law -> the nearest Llama shape (its exact N) -> D = C / 6N -> global batch
 and learning rate from the compute-optimal hyper-parameter fits of DeepSeek LLM (Bi et al. 2024, arXiv:2401.02954:
 B_opt = 0.2920 C^0.3271 tokens, lr_opt = 0.3118 C^-0.1250) -> the first parallel layout whose per-rank memory
-estimate fits (llmforge.scaling.memory) -> a config written atomically via llmforge.config.
+estimate fits (llmforge.scaling.memory) -> a config written atomically via llmforge.core.config.
 """
 from __future__ import annotations
 
@@ -134,9 +134,9 @@ def config_overrides(plan: dict, run_dir: str) -> list[str]:
 
 
 def write_config(plan: dict, base: str, out_path: str, run_dir: str, extra: list[str]) -> str:
-    """base YAML + the plan's keys + the user's key=value overrides, validated by llmforge.config and written
+    """base YAML + the plan's keys + the user's key=value overrides, validated by llmforge.core.config and written
     atomically; the written file loads with ``load_config(RunConfig, out_path)``."""
-    from llmforge.config import ConfigError, RunConfig, dump_config, load_config
+    from llmforge.core.config import ConfigError, RunConfig, dump_config, load_config
     try:
         cfg = load_config(RunConfig, base, config_overrides(plan, run_dir) + list(extra))
     except ConfigError as e:
@@ -152,7 +152,7 @@ def resolve_vocab(base: str, extra: list[str], vocab: int | None) -> int:
         if vocab < 2:
             raise ScalingError(f"--vocab must be >= 2, got {vocab}")
         return vocab
-    from llmforge.config import ConfigError, RunConfig, load_config
+    from llmforge.core.config import ConfigError, RunConfig, load_config
     from llmforge.model.presets import PRESETS
     try:
         cfg = load_config(RunConfig, base, list(extra))
@@ -165,7 +165,7 @@ def resolve_vocab(base: str, extra: list[str], vocab: int | None) -> int:
 
 
 def tokenizer_vocab(paths: list[str]) -> int | None:
-    from llmforge.data import find_tokenizer
+    from llmforge.data.streams import find_tokenizer
     tok = find_tokenizer(paths)
     if not tok:
         return None

@@ -20,7 +20,7 @@ import time
 
 import yaml
 
-from llmforge.config import ConfigError, RunConfig, _build, _set_dotted, dump_config, opt, parse_overrides
+from llmforge.core.config import ConfigError, RunConfig, _build, _set_dotted, dump_config, opt, parse_overrides
 
 from .law import ScalingError
 from .plan import tokenizer_vocab, write_json

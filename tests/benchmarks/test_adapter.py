@@ -13,9 +13,9 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from llmforge.eval import main as eval_main  # noqa: E402
-from llmforge.lm_eval_adapter import LLMForgeLM  # noqa: E402
-from llmforge.run_loading import load_run  # noqa: E402
+from llmforge.inference.eval import main as eval_main  # noqa: E402
+from llmforge.inference.lm_eval_adapter import LLMForgeLM  # noqa: E402
+from llmforge.inference.run_loading import load_run  # noqa: E402
 from tests.benchmarks.conftest import TEXTS, write_text_task  # noqa: E402
 
 PAIRS = [("The model learns", " from data"), ("Tests check numbers", " against references so nothing drifts"),
@@ -90,7 +90,7 @@ def test_results_do_not_depend_on_the_batch_size(loaded):
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(loaded):
     """Batched (equal-length contexts share a forward) or not, each output is llmforge.generate's greedy
     continuation of that context, cut before the first stop string."""
-    from llmforge.generate import generate
+    from llmforge.inference.generate import generate
     sp = loaded.tokenizer
     contexts = ["The model learns", "Tests check numbers", "The model learns", "Install the package"]
     reqs = _requests("generate_until", [(c, {"until": ["."], "max_gen_toks": 12}) for c in contexts])

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 pytest.importorskip("lm_eval")
-from llmforge.benchmarks import SHIPPED_TASKS_DIR, flat_metrics, run_tasks_on_model  # noqa: E402
-from llmforge.eval import main as eval_main  # noqa: E402
-from llmforge.run_loading import load_run  # noqa: E402
+from llmforge.inference.benchmarks import SHIPPED_TASKS_DIR, flat_metrics, run_tasks_on_model  # noqa: E402
+from llmforge.inference.eval import main as eval_main  # noqa: E402
+from llmforge.inference.run_loading import load_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED = {"sample_valid_bpb": {"bits_per_byte", "byte_perplexity", "word_perplexity"},
@@ -61,7 +61,7 @@ def test_in_training_helpers_keep_rng_and_mode_and_match_the_cli(bench_run, text
 
     import torch
 
-    from llmforge.benchmarks import run_tasks_in_training
+    from llmforge.inference.benchmarks import run_tasks_in_training
     assert eval_main([bench_run, "--tasks", "pub_text", "--include-path", text_tasks]) == 0
     ref = json.load(open(os.path.join(bench_run, "eval_tasks.json")))["metrics"]
     run = load_run(bench_run)

@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from llmforge.lm_eval_adapter import LLMForgeLM  # noqa: E402
+from llmforge.inference.lm_eval_adapter import LLMForgeLM  # noqa: E402
 from tests.benchmarks.conftest import TEXTS  # noqa: E402
 from tests.benchmarks.test_adapter import PAIRS  # noqa: E402
 
@@ -52,13 +52,13 @@ def test_lm_eval_finds_the_llmforge_model_by_name(bench_run, text_tasks):
     the bits per byte `python -m llmforge.eval RUN --tasks` gives."""
     res = subprocess.run([sys.executable, "-c", "from lm_eval.api.registry import get_model; "
                           "print(get_model('llmforge').__module__)"], capture_output=True, text=True, timeout=300)
-    assert res.stdout.strip() == "llmforge.lm_eval_adapter", (
+    assert res.stdout.strip() == "llmforge.inference.lm_eval_adapter", (
         "lm-eval does not know the model 'llmforge': reinstall llmforge (pip install -e .)\n" + res.stderr[-2000:])
 
     from lm_eval import simple_evaluate
 
-    from llmforge.benchmarks import task_manager
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.benchmarks import task_manager
+    from llmforge.inference.eval import main as eval_main
     out = simple_evaluate(model="llmforge", model_args=f"run_dir={bench_run}", batch_size=2, tasks=["pub_text"],
                           task_manager=task_manager([text_tasks], ["pub_text"]), bootstrap_iters=0, log_samples=False)
     assert eval_main([bench_run, "--tasks", "pub_text", "--include-path", text_tasks]) == 0

@@ -8,7 +8,7 @@ import os
 import pytest
 
 pytest.importorskip("lm_eval")
-from llmforge.eval import main as eval_main  # noqa: E402
+from llmforge.inference.eval import main as eval_main  # noqa: E402
 from tests.trainer.conftest import train_run  # noqa: E402
 
 

@@ -16,9 +16,9 @@ import torch.distributed.checkpoint as dcp
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from llmforge.lm_eval_adapter import LLMForgeLM  # noqa: E402
+from llmforge.inference.lm_eval_adapter import LLMForgeLM  # noqa: E402
 from llmforge.model.transformer import Transformer  # noqa: E402
-from llmforge.run_loading import load_run  # noqa: E402
+from llmforge.inference.run_loading import load_run  # noqa: E402
 from tests.benchmarks.conftest import TEXTS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,7 +70,7 @@ def test_sharded_run_scores_like_the_single_process_run(layout, bench_run, bench
     assert torch.equal(torch.tensor(sharded.step), torch.tensor(single.step))
 
     # eval.tasks during that run: the shards gathered on rank 0 scored like the final checkpoint
-    from llmforge.benchmarks import run_tasks_on_model
+    from llmforge.inference.benchmarks import run_tasks_on_model
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     logged = [r for r in rows if "pub_text/bits_per_byte" in r]
     assert [r["step"] for r in logged] == [6]

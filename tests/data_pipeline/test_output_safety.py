@@ -23,7 +23,7 @@ from data_pipeline.__main__ import main
 from data_pipeline.manifest import remove_listed
 from data_pipeline.output_dir import check_apart_from_inputs
 from llmforge.common import shards as shards_mod
-from llmforge.config import ConfigError
+from llmforge.core.config import ConfigError
 from tests.data_pipeline.conftest import tree_hashes
 from tests.data_pipeline.corpus import make_corpus
 

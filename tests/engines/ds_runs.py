@@ -17,9 +17,9 @@ sys.path.insert(0, ROOT)
 
 def main() -> int:
     spec = json.load(open(sys.argv[1]))
-    from llmforge.config import RunConfig, load_config
-    from llmforge.engines.base import TrainingError
-    from llmforge.trainer import run_training
+    from llmforge.core.config import RunConfig, load_config
+    from llmforge.train.engines.base import TrainingError
+    from llmforge.train.trainer import run_training
     failed = 0
     for overrides in spec["runs"]:
         cfg = load_config(RunConfig, os.path.join(ROOT, spec["config"]), spec["common"] + overrides)

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from llmforge.config import ConfigError, RunConfig, load_config
-from llmforge.engines.deepspeed import ds_config
+from llmforge.core.config import ConfigError, RunConfig, load_config
+from llmforge.train.engines.deepspeed import ds_config
 from launch.torchrun import free_port
 from tests.conftest import ROOT, read_metrics, run_cli
 
@@ -189,11 +189,11 @@ def test_zero3_run_is_first_class(ds_launch, tmp_path):
     export's loss in transformers equals llmforge.eval's on the same validation windows."""
     transformers = pytest.importorskip("transformers")
     import torch.nn.functional as F
-    from llmforge.data import build_datasets, validation_batches
-    from llmforge.eval import run_eval
+    from llmforge.data.streams import build_datasets, validation_batches
+    from llmforge.inference.eval import run_eval
     from llmforge.export_hf import main as export_main
-    from llmforge.generate import main as generate_main
-    from llmforge.run_loading import load_run
+    from llmforge.inference.generate import main as generate_main
+    from llmforge.inference.run_loading import load_run
     out, _ = ds_launch
     run = str(out / "z3")
     ev = run_eval(run)
@@ -248,7 +248,7 @@ def test_nan_policy_equals_native(synth_data, tmp_path):
 
 
 def test_init_from_hf_equals_native(synth_data, tmp_path):
-    from llmforge.export_hf import save_hf
+    from llmforge.hf import save_hf
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
     torch.manual_seed(99)

@@ -122,9 +122,9 @@ def test_resume_with_every_tag_damaged_refuses_in_one_line_and_removes_nothing(z
 
 
 def _readers(run, tmp_path, *extra):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     from llmforge.export_hf import main as export_main
-    from llmforge.generate import main as generate_main
+    from llmforge.inference.generate import main as generate_main
     return {"eval": lambda: eval_main([run, *extra]),
             "generate": lambda: generate_main([run, "--prompt", "5 6 7", "--max-new-tokens", "2", *extra]),
             "export_hf": lambda: export_main([run, str(tmp_path / "hf")])}
@@ -141,7 +141,7 @@ def test_readers_skip_a_damaged_tag_for_the_older_one(z2, tmp_path, capsys, read
 
 
 def test_explicit_damaged_checkpoint_and_all_damaged_are_one_line(z2, trained, tmp_path, capsys):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     damaged = _flip(os.path.join(_tag(z2, NEW), STATES))
     assert eval_main([z2, "--checkpoint", _tag(z2, NEW)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -158,7 +158,7 @@ def test_explicit_damaged_checkpoint_and_all_damaged_are_one_line(z2, trained, t
 
 def test_tags_written_before_the_markers_still_load(z2, capsys):
     """A run saved by an earlier version: no COMPLETE in any tag, `latest` names the newest. Loaded unverified."""
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     for tag in (OLD, NEW):
         os.remove(os.path.join(_tag(z2, tag), "COMPLETE"))
     assert eval_main([z2]) == 0, capsys.readouterr().err
@@ -189,7 +189,7 @@ def test_interrupted_saves_are_finished_or_removed_and_never_listed(tmp_path):
     """kill -9 in a save leaves ``.step_N.tmp``: with its marker (killed before the rename) the save is finished,
     without it is removed; an older version's interrupted tag (no marker, newer than `latest`) is not a checkpoint,
     its committed ones (no marker, at or below `latest`) are."""
-    from llmforge.engines.deepspeed_ckpt import _remove_interrupted, _resume_listing
+    from llmforge.train.engines.deepspeed_ckpt import _remove_interrupted, _resume_listing
     root = tmp_path / "checkpoints"
     for name in ("step_00000002", "step_00000004", "step_00000006", ".step_00000008.tmp", ".step_00000010.tmp"):
         (root / name).mkdir(parents=True)

@@ -40,8 +40,8 @@ def test_raw_optimizer_and_scheduler_refused_before_any_collective(synth_data, t
 
 
 def test_compute_grad_norm_false_refused():
-    from llmforge.config import ConfigError, RunConfig, load_config
-    from llmforge.engines.deepspeed import DeepSpeedEngine
+    from llmforge.core.config import ConfigError, RunConfig, load_config
+    from llmforge.train.engines.deepspeed import DeepSpeedEngine
     cfg = load_config(RunConfig, TINY, ["engine=deepspeed", "deepspeed.zero_optimization.compute_grad_norm=false"])
     with pytest.raises(ConfigError, match="compute_grad_norm=false: the non-finite step policy"):
         DeepSpeedEngine.check_config(cfg)
@@ -124,8 +124,8 @@ def test_dp2_resume_refuses_a_planted_shard_of_rank_1_on_every_rank(synth_data, 
 
 def test_raw_gradient_clipping_conflicting_with_train_grad_clip_refused():
     """deepspeed.gradient_clipping is train.grad_clip under another name: a different value would win silently."""
-    from llmforge.config import ConfigError, RunConfig, load_config
-    from llmforge.engines.deepspeed import DeepSpeedEngine
+    from llmforge.core.config import ConfigError, RunConfig, load_config
+    from llmforge.train.engines.deepspeed import DeepSpeedEngine
     cfg = load_config(RunConfig, TINY, ["engine=deepspeed", "train.grad_clip=1.0", "deepspeed.gradient_clipping=0.5"])
     with pytest.raises(ConfigError, match="gradient_clipping=0.5 conflicts with train.grad_clip=1.0"):
         DeepSpeedEngine.check_config(cfg)

@@ -3,9 +3,9 @@ the config dataclasses, each refused key is refused before start with one line n
 (the reference) refuses nothing."""
 import pytest
 
-from llmforge.config import ConfigError, RunConfig, describe, load_config
-from llmforge.engines.deepspeed_policy import KEY_POLICY, check_config, policy_for
-from llmforge.engines.native import NativeEngine
+from llmforge.core.config import ConfigError, RunConfig, describe, load_config
+from llmforge.train.engines.deepspeed_policy import KEY_POLICY, check_config, policy_for
+from llmforge.train.engines.native import NativeEngine
 from tests.conftest import ROOT
 
 TINY = f"{ROOT}/configs/train/tiny-cpu.yaml"

@@ -1,5 +1,5 @@
 """megatron-core reads our shards (IndexedDataset, GPTDataset through BlendedMegatronDatasetBuilder), and
-``data.backend: megatron`` (llmforge.megatron_data) gives a deterministic ``batch(start, count)`` stream."""
+``data.backend: megatron`` (llmforge.data.megatron) gives a deterministic ``batch(start, count)`` stream."""
 import os
 import sys
 import warnings
@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
 from data_pipeline.shards import ShardWriter  # noqa: E402
-from llmforge.config import DataConfig  # noqa: E402
-from llmforge.megatron_data import build_megatron_datasets  # noqa: E402
+from llmforge.core.config import DataConfig  # noqa: E402
+from llmforge.data.megatron import build_megatron_datasets  # noqa: E402
 from tests.conftest import read_metrics, run_cli  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_indexed_dataset_reads_our_shards(shards):
 def test_gpt_dataset_windows_are_our_tokens(shards):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from llmforge.megatron_data import _IdTokenizer
+    from llmforge.data.megatron import _IdTokenizer
     root, docs = shards
     prefix = str(root / "ds1" / "shards" / "train-00000")
     cfg = GPTDatasetConfig(random_seed=7, sequence_length=32, blend=([prefix], None), split="100,0,0",

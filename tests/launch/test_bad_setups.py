@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from launch.hostfile import HostfileError, check_hostfile, expand_nodelist, read_hostfile, write_hostfile
-from llmforge.distributed import LaunchError, env_from_slurm
+from llmforge.core.distributed import LaunchError, env_from_slurm
 from tests.conftest import ROOT
 
 TINY = "configs/train/tiny-cpu.yaml"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from llmforge.run_guard import RUN_MARKER
+from llmforge.train.run_guard import RUN_MARKER
 from tests.parallel.conftest import final_params, losses, max_rel, param_max_diff
 
 CASES = {  # name: ((processes, overrides) saving, (processes, overrides) resuming)

@@ -20,7 +20,7 @@ LAYOUTS = {
 
 
 def _plan(overrides, world):
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.dryrun import _resolve
     cfg = load_config(RunConfig, CONFIG, [*SMALL, *overrides])
     margs, dims, micro, accum = _resolve(cfg, world)
@@ -29,8 +29,8 @@ def _plan(overrides, world):
 
 def _real_rank(rank, world, overrides):
     """One real training step on CPU/gloo; the bytes this rank then holds (counted from the tensors)."""
-    from llmforge.loss import loss_fn
-    from llmforge.optim import build_optimizer
+    from llmforge.core.loss import loss_fn
+    from llmforge.core.optim import build_optimizer
     from llmforge.parallel import build_mesh
     from llmforge.parallel.build import build_parallel_model
     from llmforge.parallel.data_parallel import local_optimizer

@@ -12,7 +12,7 @@ from tests.parallel.test_layouts import assert_matches_reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_equals_plain(monkeypatch, dtype):
-    import llmforge.loss as L
+    import llmforge.core.loss as L
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 7000)  # 7 rows of 1000 per chunk: many chunks, a ragged last one
     logits = (torch.randn(3, 50, 1000, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
     targets = torch.randint(0, 1000, (3, 50), generator=torch.Generator().manual_seed(1))
@@ -43,8 +43,8 @@ def test_gqa_without_kv_copies_equals_repeat_interleave():
 
 def _loss_and_grads(rank, world, overrides):
     from torch.distributed.tensor import DTensor
-    from llmforge.config import RunConfig, load_config
-    from llmforge.loss import loss_fn
+    from llmforge.core.config import RunConfig, load_config
+    from llmforge.core.loss import loss_fn
     from llmforge.model.init import canonical_name
     from llmforge.model.presets import model_args
     from llmforge.parallel import build_mesh, resolve_dims

@@ -21,10 +21,10 @@ def _local_bytes(t) -> int:
 def _measure(rank, world, zero_stage):
     """Bytes this rank holds after one step of a 4-layer model (2.2M params) under ``zero_stage``."""
     import torch.nn.functional as F
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
-    from llmforge.optim import build_optimizer
+    from llmforge.core.optim import build_optimizer
     from llmforge.parallel import build_mesh, parallelize, resolve_dims
     from llmforge.parallel.data_parallel import local_optimizer
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ Z3 = ["parallel.dp_shard=2", "parallel.zero_stage=3"]
 
 
 def _cfg(overrides):
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.model.presets import model_args
     cfg = load_config(RunConfig, CONFIG, ["data.seq_len=64", *overrides])
     return cfg, model_args(cfg.model)
@@ -74,7 +74,7 @@ def test_init_depends_on_seed_not_layout():
 def test_init_from_hf_loads_into_shards(tmp_path, preset):
     """An HF folder's weights land in TP and FSDP shards exactly (Llama: read tensor by tensor, row range by
     row range)."""
-    from llmforge.export_hf import import_hf, save_hf
+    from llmforge.hf import import_hf, save_hf
     from llmforge.parallel.build import build_model
     over = [f"model.preset={preset}", "model.vocab_size=64"]
     cfg, margs = _cfg(over)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmforge.config import ConfigError, RunConfig, load_config
+from llmforge.core.config import ConfigError, RunConfig, load_config
 from llmforge.model.presets import PRESETS
 from llmforge.parallel import resolve_dims
 from llmforge.parallel.pipeline import split_units, stage_ids

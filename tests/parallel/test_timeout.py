@@ -13,7 +13,7 @@ TIMEOUT_S = 4
 
 def _stall_rank1_at_step3(stamp: str, rank: int) -> None:
     """A rank patch (picklable: ranks start from a forkserver)."""
-    from llmforge.engines.native import NativeEngine
+    from llmforge.train.engines.native import NativeEngine
     original, calls = NativeEngine.forward_backward, [0]
 
     def forward_backward(*args, **kwargs):

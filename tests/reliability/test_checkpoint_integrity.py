@@ -50,7 +50,7 @@ def _ckpt(run: str, step_dir: str) -> str:
 def _flip(ckpt: str, prefix: str, n: int, file: str | None = None) -> str:
     """Flip ``n`` bytes in the middle of the first stored tensor whose name starts with ``prefix`` (its region in
     the .distcp file, located through DCP's metadata; in ``file`` if given), sizes unchanged; returns that file."""
-    from llmforge.safe_pickle import load_metadata
+    from llmforge.core.safe_pickle import load_metadata
     md = load_metadata(os.path.join(ckpt, ".metadata"))
     index, info = next((i, s) for i, s in md.storage_data.items()
                        if i.fqn.startswith(prefix) and file in (None, s.relative_path))
@@ -111,9 +111,9 @@ def test_two_ranks_flipped_state_of_rank_1_resumes_from_the_older_checkpoint(tmp
 
 def _readers(run, tmp_path):
     """Each inference CLI on ``run`` in this process: (exit status, stderr lines)."""
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     from llmforge.export_hf import main as export_main
-    from llmforge.generate import main as generate_main
+    from llmforge.inference.generate import main as generate_main
     return {"eval": lambda: eval_main([run]),
             "generate": lambda: generate_main([run, "--prompt", "5 6 7", "--max-new-tokens", "2"]),
             "export_hf": lambda: export_main([run, str(tmp_path / "hf")])}
@@ -131,7 +131,7 @@ def test_flipped_embeddings_readers_use_the_older_checkpoint(run, tmp_path, caps
 
 def test_flipped_embeddings_load_run_equals_the_older_checkpoint(run):
     import torch
-    from llmforge.run_loading import load_run
+    from llmforge.inference.run_loading import load_run
     _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
     warnings = []
     got = load_run(run, log=warnings.append)
@@ -153,7 +153,7 @@ def test_the_only_checkpoint_damaged_readers_refuse_in_one_line(run, tmp_path, c
 
 
 def test_explicit_damaged_checkpoint_is_refused_naming_the_file(run, capsys):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
     assert eval_main([run, "--checkpoint", _ckpt(run, NEW)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -162,8 +162,8 @@ def test_explicit_damaged_checkpoint_is_refused_naming_the_file(run, capsys):
 
 
 def test_damaged_rng_or_trainer_state_is_named(run):
-    from llmforge.checkpoint import Checkpointer, DamagedCheckpoint
-    from llmforge.run_loading import ensure_process_group, load_run
+    from llmforge.checkpoint.checkpointer import Checkpointer, DamagedCheckpoint
+    from llmforge.inference.run_loading import ensure_process_group, load_run
     model = load_run(run).model
     for name in ("rng-rank0.pt", "trainer_state.json"):
         path = os.path.join(_ckpt(run, NEW), name)
@@ -180,11 +180,11 @@ def test_damaged_rng_or_trainer_state_is_named(run):
 
 def test_init_from_a_damaged_run_starts_from_the_older_checkpoint(run, capsys):
     import torch
-    from llmforge.config import RunConfig, load_config
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import Transformer
-    from llmforge.run_loading import ensure_process_group, load_run
-    from llmforge.init_from import load_init_weights
+    from llmforge.inference.run_loading import ensure_process_group, load_run
+    from llmforge.train.init_from import load_init_weights
     damaged = _flip(_ckpt(run, NEW), "model.tok_embeddings", 64)
     want = load_run(run, checkpoint=_ckpt(run, OLD)).model
     cfg = load_config(RunConfig, os.path.join(run, "config.yaml"))
@@ -214,7 +214,7 @@ def test_all_checkpoints_unusable_resume_refuses_and_deletes_nothing(trained, ru
 
 
 def test_old_marker_without_hashes_still_loads_by_size(run):
-    from llmforge.run_loading import load_run
+    from llmforge.inference.run_loading import load_run
     for step_dir in (OLD, NEW):
         marker = os.path.join(_ckpt(run, step_dir), "COMPLETE")
         json.dump({"sizes": json.load(open(marker))["sizes"]}, open(marker, "w"))
@@ -224,8 +224,8 @@ def test_old_marker_without_hashes_still_loads_by_size(run):
 
 
 def test_a_save_interrupted_between_marker_and_rename_is_kept(run):
-    from llmforge.checkpoint import resume_candidates
-    from llmforge.run_loading import ensure_process_group
+    from llmforge.checkpoint.checkpointer import resume_candidates
+    from llmforge.inference.run_loading import ensure_process_group
     hidden = os.path.join(run, "checkpoints", f".{NEW}.tmp")
     os.rename(_ckpt(run, NEW), hidden)
     ensure_process_group()
@@ -235,8 +235,8 @@ def test_a_save_interrupted_between_marker_and_rename_is_kept(run):
 
 def test_rotation_keeps_a_checkpoint_a_reader_holds(run):
     """Eval while training with checkpoint.keep=1: the reader's shared lock keeps rotation off its checkpoint."""
-    from llmforge.checkpoint import Checkpointer, list_checkpoints
-    from llmforge.checkpoint_integrity import reading
+    from llmforge.checkpoint.checkpointer import Checkpointer, list_checkpoints
+    from llmforge.checkpoint.integrity import reading
     root = os.path.join(run, "checkpoints")
     ck = Checkpointer(root, keep=1)
     with reading(_ckpt(run, OLD)) as status:
@@ -250,12 +250,12 @@ def test_rotation_keeps_a_checkpoint_a_reader_holds(run):
 def test_reader_lists_again_when_its_checkpoint_is_rotated_away(run):
     """The race of the issue, made deterministic: a newer checkpoint is saved and the listed one rotated away
     between the reader's listing and its lock; the reader then loads the newer one instead of failing."""
-    from llmforge.checkpoint import Checkpointer, CheckpointVanished, load_newest
-    from llmforge.checkpoint_integrity import remove_unless_read
-    from llmforge.run_loading import ensure_process_group
+    from llmforge.checkpoint.checkpointer import Checkpointer, CheckpointVanished, load_newest
+    from llmforge.checkpoint.integrity import remove_unless_read
+    from llmforge.inference.run_loading import ensure_process_group
     root = os.path.join(run, "checkpoints")
     shutil.rmtree(_ckpt(run, OLD))
-    model = __import__("llmforge.run_loading", fromlist=["load_run"]).load_run(run).model
+    model = __import__("llmforge.inference.run_loading", fromlist=["load_run"]).load_run(run).model
     ensure_process_group()
     ck, tried = Checkpointer(root), []
 
@@ -273,8 +273,8 @@ def test_reader_lists_again_when_its_checkpoint_is_rotated_away(run):
 
 def test_rotation_during_a_load_keeps_the_checkpoint_being_loaded(run, monkeypatch):
     """Checkpointer.load itself holds the reader lock: a rotation in the middle of the load keeps the checkpoint."""
-    from llmforge.checkpoint import Checkpointer, list_checkpoints
-    from llmforge.run_loading import ensure_process_group, load_run
+    from llmforge.checkpoint.checkpointer import Checkpointer, list_checkpoints
+    from llmforge.inference.run_loading import ensure_process_group, load_run
     root = os.path.join(run, "checkpoints")
     model = load_run(run).model
     ensure_process_group()
@@ -293,7 +293,7 @@ def test_rotation_during_a_load_keeps_the_checkpoint_being_loaded(run, monkeypat
 def test_every_checkpoint_damaged_reader_refusal_is_the_only_stderr_line(run, capsys):
     """A refusal is one line on stderr: the skipped checkpoints' warnings are said only when an older one loads
     (the refusal already names each damaged file)."""
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     damaged = [_flip(_ckpt(run, step_dir), "model.tok_embeddings", 64) for step_dir in (OLD, NEW)]
     capsys.readouterr()
     assert eval_main([run]) == 1
@@ -304,9 +304,9 @@ def test_every_checkpoint_damaged_reader_refusal_is_the_only_stderr_line(run, ca
 def test_a_garbled_entry_under_a_rewritten_marker_is_skipped_as_damage(run):
     """The marker cannot catch damage it was rewritten to vouch for; an entry that no longer unpickles is still
     damage (skipped for the older checkpoint with a warning), not DCP's 'CheckpointException ranks:...' (exit 2)."""
-    from llmforge.checkpoint_integrity import write_marker
-    from llmforge.run_loading import ensure_process_group, load_run
-    from llmforge.safe_pickle import load_metadata
+    from llmforge.checkpoint.integrity import write_marker
+    from llmforge.inference.run_loading import ensure_process_group, load_run
+    from llmforge.core.safe_pickle import load_metadata
     ckpt = _ckpt(run, NEW)
     info = next(s for i, s in load_metadata(os.path.join(ckpt, ".metadata")).storage_data.items()
                 if i.fqn == "model.tok_embeddings.weight")
@@ -324,12 +324,12 @@ def test_a_garbled_entry_under_a_rewritten_marker_is_skipped_as_damage(run):
 
 
 def test_init_from_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_the_key(run, capsys):
-    from llmforge.checkpoint import NoUsableCheckpoint
-    from llmforge.config import RunConfig, load_config
+    from llmforge.checkpoint.checkpointer import NoUsableCheckpoint
+    from llmforge.core.config import RunConfig, load_config
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import Transformer
-    from llmforge.run_loading import ensure_process_group
-    from llmforge.init_from import load_init_weights
+    from llmforge.inference.run_loading import ensure_process_group
+    from llmforge.train.init_from import load_init_weights
     damaged = [_flip(_ckpt(run, step_dir), "model.tok_embeddings", 64) for step_dir in (OLD, NEW)]
     model = Transformer(model_args(load_config(RunConfig, os.path.join(run, "config.yaml")).model, None))
     ensure_process_group()
@@ -341,7 +341,7 @@ def test_init_from_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_th
 
 
 def test_a_deleted_metadata_file_is_skipped_naming_it(run):
-    from llmforge.run_loading import load_run
+    from llmforge.inference.run_loading import load_run
     os.remove(os.path.join(_ckpt(run, NEW), ".metadata"))
     warnings = []
     assert load_run(run, log=warnings.append).step == 2
@@ -350,7 +350,7 @@ def test_a_deleted_metadata_file_is_skipped_naming_it(run):
 
 
 def test_no_complete_checkpoint_line_names_why_each_is_incomplete(run, capsys):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     os.remove(os.path.join(_ckpt(run, NEW), "COMPLETE"))
     _truncate(_ckpt(run, OLD))
     capsys.readouterr()
@@ -365,7 +365,7 @@ def test_two_ranks_agree_when_only_rank_1_cannot_load_its_own_file(tmp_path):
     rank refuses and the refusal is printed once; garbled, every rank resumes from the older checkpoint together
     (rank 1 alone used to skip to it while rank 0 trained on, and their collectives parted)."""
     import torch
-    from llmforge.checkpoint_integrity import HASH, _file_checksums
+    from llmforge.checkpoint.integrity import HASH, _file_checksums
     from tests.reliability.test_unpickle import _Payload
     data = write_synthetic_shards(str(tmp_path / "synth"), n_train=40, n_valid=6)
     run = str(tmp_path / "run")

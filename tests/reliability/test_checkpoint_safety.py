@@ -24,11 +24,11 @@ def trained(tmp_path_factory):
     """A run dir as training leaves it (config.yaml, checkpoints/step_00000002), written in this process: the
     tiny model after one optimizer step, saved by the trainer's Checkpointer (world-1 gloo group)."""
     import torch
-    from llmforge.checkpoint import Checkpointer
-    from llmforge.config import RunConfig, dump_config, load_config
+    from llmforge.checkpoint.checkpointer import Checkpointer
+    from llmforge.core.config import RunConfig, dump_config, load_config
     from llmforge.model.presets import model_args
     from llmforge.model.transformer import Transformer
-    from llmforge.run_loading import ensure_process_group
+    from llmforge.inference.run_loading import ensure_process_group
     root = tmp_path_factory.mktemp("ckpt-safety")
     synth = write_synthetic_shards(str(root / "synth"), n_train=40, n_valid=6)
     run = str(root / "run")
@@ -81,14 +81,14 @@ def _craft(run_dir: str, payload) -> str:
 
 def test_real_metadata_passes_the_allow_list(trained):
     from torch.distributed.checkpoint.metadata import Metadata
-    from llmforge.safe_pickle import load_metadata
+    from llmforge.core.safe_pickle import load_metadata
     md = load_metadata(os.path.join(_newest(trained["run"]), ".metadata"))
     assert isinstance(md, Metadata) and any(k.startswith("model.") for k in md.state_dict_metadata)
 
 
 @pytest.mark.parametrize("kind", ["exec", "os.system"])
 def test_crafted_metadata_is_refused_in_process(tmp_path, kind):
-    from llmforge.safe_pickle import UnsafePickleError, load_metadata
+    from llmforge.core.safe_pickle import UnsafePickleError, load_metadata
     mark = str(tmp_path / "pwned")
     path = str(tmp_path / ".metadata")
     with open(path, "wb") as f:
@@ -115,7 +115,7 @@ def test_eval_refuses_a_crafted_checkpoint(trained, tmp_path):
 @pytest.fixture
 def loaded(trained, tmp_path):
     """A copy of the trained run and its model loaded in this process (world-1 gloo group)."""
-    from llmforge.run_loading import load_run
+    from llmforge.inference.run_loading import load_run
     run = str(tmp_path / "run")
     shutil.copytree(trained["run"], run)
     return run, load_run(run).model
@@ -124,8 +124,8 @@ def loaded(trained, tmp_path):
 def test_resume_load_refuses_a_crafted_checkpoint(loaded, tmp_path):
     """The trainer's resume path (Checkpointer.load with the optimizer) never unpickles the crafted file."""
     import torch
-    from llmforge.checkpoint import Checkpointer
-    from llmforge.safe_pickle import UnsafePickleError
+    from llmforge.checkpoint.checkpointer import Checkpointer
+    from llmforge.core.safe_pickle import UnsafePickleError
     run, model = loaded
     mark = str(tmp_path / "pwned")
     _craft(run, _payloads(mark)["os.system"])
@@ -136,7 +136,7 @@ def test_resume_load_refuses_a_crafted_checkpoint(loaded, tmp_path):
 
 
 def test_garbled_rng_file_is_one_line_without_weights_only_advice(loaded):
-    from llmforge.checkpoint import CheckpointError, Checkpointer
+    from llmforge.checkpoint.checkpointer import CheckpointError, Checkpointer
     run, model = loaded
     ckpt = _newest(run)
     rng = os.path.join(ckpt, "rng-rank0.pt")
@@ -152,7 +152,7 @@ def test_garbled_rng_file_is_one_line_without_weights_only_advice(loaded):
 
 
 def test_missing_checkpoint_path_says_not_found(loaded):
-    from llmforge.run_loading import RunLoadError, load_run
+    from llmforge.inference.run_loading import RunLoadError, load_run
     run, _ = loaded
     missing = os.path.join(run, "checkpoints", "step_99999999")
     with pytest.raises(RunLoadError) as e:
@@ -163,7 +163,7 @@ def test_missing_checkpoint_path_says_not_found(loaded):
 def test_disk_full_during_save_is_one_line_and_leaves_no_temp(loaded, monkeypatch):
     import torch
     import torch.distributed.checkpoint.filesystem as fs
-    from llmforge.checkpoint import CheckpointError, Checkpointer, list_checkpoints
+    from llmforge.checkpoint.checkpointer import CheckpointError, Checkpointer, list_checkpoints
     run, model = loaded
     root = os.path.join(run, "checkpoints")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -190,7 +190,7 @@ def test_a_real_full_disk_during_save_is_one_line(loaded, tmp_path):
     import subprocess
 
     import torch
-    from llmforge.checkpoint import CheckpointError, Checkpointer
+    from llmforge.checkpoint.checkpointer import CheckpointError, Checkpointer
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if os.geteuid() != 0 or not sh.which("mount") or subprocess.run(

@@ -1,4 +1,4 @@
-"""The fast checkpoint write path (llmforge/checkpoint_writer.py) keeps every guarantee of the slow one (issue 21,
+"""The fast checkpoint write path (llmforge/checkpoint/writer.py) keeps every guarantee of the slow one (issue 21,
 "checkpoints must be fast as well as safe"): digests taken while writing equal reading the files back, the zip
 CRC32 is skipped only inside the DCP write, an async save holds training only until its copy is staged and its
 snapshot is the state at the save, its errors surface at the next wait in one line, and async training on two
@@ -43,7 +43,7 @@ def _state(model):
 
 
 def _loaded(path):
-    from llmforge.checkpoint import Checkpointer
+    from llmforge.checkpoint.checkpointer import Checkpointer
     fresh, fresh_opt = _model_and_opt(seed=1)
     Checkpointer(os.path.dirname(path)).load(path, [fresh], [fresh_opt], load_rng=False)
     return _state(fresh)
@@ -56,7 +56,7 @@ def _same(a, b):
 
 @pytest.fixture
 def group():
-    from llmforge.run_loading import ensure_process_group
+    from llmforge.inference.run_loading import ensure_process_group
     ensure_process_group()
 
 
@@ -64,8 +64,8 @@ def test_sync_save_hashes_while_writing_without_zip_crc(tmp_path, group, monkeyp
     import torch.distributed.checkpoint.filesystem as fs
     from torch.utils import serialization
 
-    import llmforge.checkpoint_integrity as integrity
-    from llmforge.checkpoint import Checkpointer
+    import llmforge.checkpoint.integrity as integrity
+    from llmforge.checkpoint.checkpointer import Checkpointer
     model, opt = _model_and_opt()
     read_back, crc_during_write = [], []
     real_sums, real_item = integrity._file_checksums, fs._write_item
@@ -88,8 +88,8 @@ def test_sync_save_hashes_while_writing_without_zip_crc(tmp_path, group, monkeyp
 def test_async_save_snapshot_is_the_state_at_save_and_step_waits_for_it(tmp_path, group, monkeypatch):
     """The copy is held back until the test lets it go; the optimizer step taken meanwhile must wait for it,
     and the checkpoint must hold the weights of the moment of the save, not the stepped ones."""
-    import llmforge.checkpoint as checkpoint
-    from llmforge.checkpoint import Checkpointer
+    import llmforge.checkpoint.checkpointer as checkpoint
+    from llmforge.checkpoint.checkpointer import Checkpointer
     model, opt = _model_and_opt()
     at_save = _state(model)
     go_stage, write_held, go_write = threading.Event(), threading.Event(), threading.Event()
@@ -124,7 +124,7 @@ def test_async_save_snapshot_is_the_state_at_save_and_step_waits_for_it(tmp_path
 def test_async_save_error_is_raised_at_wait_in_one_line(tmp_path, group, monkeypatch):
     import torch.distributed.checkpoint.filesystem as fs
 
-    from llmforge.checkpoint import CheckpointError, Checkpointer, list_checkpoints
+    from llmforge.checkpoint.checkpointer import CheckpointError, Checkpointer, list_checkpoints
     model, opt = _model_and_opt()
     root = str(tmp_path / "checkpoints")
     ck = Checkpointer(root, keep=3, async_save=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from llmforge.config import ConfigError, RunConfig, dump_config, load_config
+from llmforge.core.config import ConfigError, RunConfig, dump_config, load_config
 
 
 def _write(path, text):
@@ -61,7 +61,7 @@ def tiny_model():
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny_model, capsys):
-    from llmforge.generate import generate
+    from llmforge.inference.generate import generate
     prompt = [(7 * i) % 50 for i in range(80)]  # 80 tokens, context 32
     new = generate(tiny_model, prompt, 8, temperature=0.0)
     err = capsys.readouterr().err

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from llmforge.config import ConfigError, RunConfig, load_config
-from llmforge.megatron_data import build_run_datasets
+from llmforge.core.config import ConfigError, RunConfig, load_config
+from llmforge.data.megatron import build_run_datasets
 from tests.conftest import ROOT, run_cli, train_cmd, write_synthetic_shards
 
 TINY = os.path.join(ROOT, "configs", "train", "tiny-cpu.yaml")

@@ -1,7 +1,7 @@
 """One rank stops participating (it sleeps forever before a collective): with a small ``dist.timeout_s`` the other
 ranks must fail within about that timeout, with an error naming the rank / collective, instead of hanging.
 
-1. Primitive level: ``llmforge.distributed.init_distributed(timeout_s=T)`` really bounds a gloo all_reduce.
+1. Primitive level: ``llmforge.core.distributed.init_distributed(timeout_s=T)`` really bounds a gloo all_reduce.
 2. The trainer: two ranks of ``python -m llmforge.train`` (launched as torchrun would, RANK/WORLD_SIZE/MASTER_*),
    rank 1 stuck before its first forward/backward (patched in a tiny wrapper script). Rank 0 must exit non-zero
    within the bound; its stderr should be one ``error:`` line naming the timeout, the collective and the rank.
@@ -63,7 +63,7 @@ def _wait_rank0(procs, bound):
 PRIMITIVE = textwrap.dedent("""
     import sys, time
     import torch, torch.distributed as dist
-    from llmforge.distributed import init_distributed
+    from llmforge.core.distributed import init_distributed
     info = init_distributed("cpu", "gloo", int(sys.argv[1]))
     dist.barrier()                       # both ranks are up
     if info.rank == 1:
@@ -97,7 +97,7 @@ def test_collective_timeout_bounds_a_stuck_peer(tmp_path):
 WRAPPER = textwrap.dedent("""
     import os, sys, time
     import llmforge.train as T
-    from llmforge.engines.native import NativeEngine
+    from llmforge.train.engines.native import NativeEngine
     if os.environ["RANK"] == os.environ["LLMFORGE_TEST_STUCK_RANK"]:
         def stuck(*a, **k):
             print(f"rank {os.environ['RANK']}: stuck before the step's collectives", file=sys.stderr, flush=True)

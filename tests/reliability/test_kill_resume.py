@@ -91,7 +91,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, synth_data):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_sigterm_saves_exits_75_and_resumes_bitwise(tmp_path, synth_data, reference, sig):
     """What Slurm / cloud schedulers send before a kill: finish the step, checkpoint, exit 75 (requeue), resume."""
-    from llmforge.run_guard import PREEMPTED_EXIT
+    from llmforge.train.run_guard import PREEMPTED_EXIT
     run_dir = str(tmp_path / "run")
     args = _args(run_dir, synth_data)
     with open(tmp_path / "log", "w") as log:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from llmforge.config import ConfigError
-from llmforge.run_guard import RunLock
+from llmforge.core.config import ConfigError
+from llmforge.train.run_guard import RunLock
 from tests.conftest import ROOT, read_metrics, run_cli, train_cmd
 
 

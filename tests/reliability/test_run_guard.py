@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from llmforge.run_guard import RunLock
+from llmforge.train.run_guard import RunLock
 from tests.conftest import read_metrics, run_cli, train_cmd, write_synthetic_shards
 
 TINY = "configs/train/tiny-cpu.yaml"

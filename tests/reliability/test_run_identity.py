@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from llmforge.export_hf import EXPORT_MARKER, main as export_main, save_hf
-from llmforge.run_guard import LOCK_NAME, RUN_MARKER
+from llmforge.export_hf import main as export_main
+from llmforge.hf import EXPORT_MARKER, save_hf
+from llmforge.train.run_guard import LOCK_NAME, RUN_MARKER
 from llmforge.train import main as train_main
 from tests.trainer.conftest import make_data, train_run
 
@@ -232,8 +233,8 @@ def test_a_sidecar_under_reporting_max_token_id_is_refused_before_step_1(env, tm
 
 
 def test_the_max_id_cache_never_hides_an_edit_in_place(env, tmp_path):
-    from llmforge.config import ConfigError
-    from llmforge.data_checks import check_data_against_model
+    from llmforge.core.config import ConfigError
+    from llmforge.data.checks import check_data_against_model
     data = shutil.copytree(env["data"], str(tmp_path / "data"))
     check_data_against_model([data], 300)  # read and cached
     bin_path = os.path.join(data, "shards", "train-00000.bin")
@@ -248,7 +249,7 @@ def test_the_max_id_cache_never_hides_an_edit_in_place(env, tmp_path):
 
 def test_a_large_bin_is_hashed_by_fixed_windows(tmp_path):
     """Above SAMPLE_WINDOWS windows' worth of bytes only the windows are read: a change inside one shows."""
-    from llmforge.run_guard import SAMPLE_WINDOW, SAMPLE_WINDOWS, _xxh3_file
+    from llmforge.train.run_guard import SAMPLE_WINDOW, SAMPLE_WINDOWS, _xxh3_file
     path = str(tmp_path / "big.bin")
     size = 3 * SAMPLE_WINDOWS * SAMPLE_WINDOW
     open(path, "wb").write(np.random.default_rng(0).bytes(size))

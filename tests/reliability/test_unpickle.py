@@ -39,13 +39,13 @@ def _plant(path: str, marker: str) -> None:
 def _reseal(ckpt: str) -> None:
     """Rewrite a native checkpoint's COMPLETE marker for its current files, as whoever planted a file would: the
     marker's checksums catch damage, not an attacker (the unpickling itself must refuse)."""
-    from llmforge.run_loading import ensure_process_group
+    from llmforge.inference.run_loading import ensure_process_group
     ensure_process_group()
     try:
-        from llmforge.checkpoint_integrity import write_marker
+        from llmforge.checkpoint.integrity import write_marker
     except ImportError:  # a marker of sizes only
         import json
-        from llmforge.checkpoint import _sizes
+        from llmforge.checkpoint.checkpointer import _sizes
         with open(os.path.join(ckpt, "COMPLETE"), "w") as f:
             json.dump({"sizes": _sizes(ckpt)}, f)
         return
@@ -78,7 +78,7 @@ def ds_run(synth_data, tmp_path_factory):
 
 
 def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, synth_data, tmp_path, capsys):
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     run = str(tmp_path / "run")
     shutil.copytree(ds_run, run)
     tag = os.path.join(run, "checkpoints", "step_00000001")
@@ -100,7 +100,7 @@ def test_deepspeed_resume_and_eval_refuse_a_planted_model_states_file(ds_run, sy
 
 
 def test_deepspeed_scan_names_a_planted_optimizer_shard(ds_run, tmp_path):
-    from llmforge.engines.deepspeed_weights import scan_checkpoint
+    from llmforge.checkpoint.deepspeed_weights import scan_checkpoint
     run = str(tmp_path / "run")
     shutil.copytree(ds_run, run)
     tag = os.path.join(run, "checkpoints", "step_00000001")
@@ -127,7 +127,7 @@ def test_native_resume_refuses_a_planted_rng_file(synth_data, tmp_path):
 
 
 def test_init_from_hf_refuses_a_planted_pytorch_model_bin(synth_data, tmp_path):
-    from llmforge.export_hf import save_hf
+    from llmforge.hf import save_hf
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
     args = ModelArgs(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=64,
@@ -149,7 +149,7 @@ def test_dcp_non_tensor_entry_is_unpickled_weights_only(tmp_path):
     """DCP's load_bytes calls torch.load(weights_only=False) for every non-tensor entry (optimizer hyper-parameters
     ...): through SafeFileSystemReader a crafted entry is refused, plain ones still load."""
     import torch.distributed.checkpoint as dcp
-    from llmforge.safe_pickle import SafeFileSystemReader, UnsafePickleError
+    from llmforge.core.safe_pickle import SafeFileSystemReader, UnsafePickleError
     ckpt, marker = str(tmp_path / "ckpt"), str(tmp_path / "pwned")
     dcp.save({"w": torch.ones(3), "lr": 0.5, "betas": (0.9, 0.95), "evil": _Payload(marker)}, checkpoint_id=ckpt,
              no_dist=True)
@@ -185,7 +185,7 @@ def test_native_crafted_newest_checkpoint_is_refused_not_skipped(synth_data, tmp
     """A crafted file in the newest of two checkpoints (marker resealed) is refused in one line naming it, exit 1:
     skipping to the older one would retrain over the tampered checkpoint and rotate the evidence away. The same
     for a crafted DCP entry: resume and eval name it in one line (was DCP's 'CheckpointException ranks:...')."""
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     run, marker = str(tmp_path / "run"), str(tmp_path / "pwned")
     assert _train(synth_data, run, "train.steps=2", "checkpoint.interval=1").returncode == 0
     new = os.path.join(run, "checkpoints", "step_00000002")

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from llmforge.config import RunConfig, load_config
+from llmforge.core.config import RunConfig, load_config
 from llmforge.model.blocks import ModelArgs
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.scaling.law import BESIROGLU_2024, ScalingError

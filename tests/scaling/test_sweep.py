@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmforge.config import RunConfig, load_config
+from llmforge.core.config import RunConfig, load_config
 from llmforge.scaling.law import ScalingError, ScalingLaw
 from llmforge.scaling.sweep import load_sweep, plan_runs, sweep_main
 from tests.conftest import ROOT, run_cli

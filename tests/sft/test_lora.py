@@ -42,8 +42,8 @@ def _benchmark(run_dir: str) -> float:
 
 
 def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(pre_run, lora_eval, lora_ref, tmp_path):
-    from llmforge.lora import add_adapters, merge
-    from llmforge.run_loading import load_run
+    from llmforge.model.lora import add_adapters, merge
+    from llmforge.inference.run_loading import load_run
     run, (loss, _) = lora_ref
     before, after = final_params(pre_run), final_params(run)
     adapters = [k for k in after if k.endswith((".lora_a", ".lora_b"))]
@@ -59,7 +59,7 @@ def test_only_adapters_train_and_the_merged_model_is_the_adapted_one(pre_run, lo
     add_adapters(adapted, 4, 8.0)
     adapted.load_state_dict(after)
     tokens = torch.randint(0, merged.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    from llmforge.benchmarks import run_tasks_on_model, unsharded_copy  # what in-training benchmarks score
+    from llmforge.inference.benchmarks import run_tasks_on_model, unsharded_copy  # what in-training benchmarks score
     scored = run_tasks_on_model(merged, load_run(run).tokenizer, ["lora_text"], lora_eval[1].split("=[")[1][:-1])
     assert _benchmark(run) == pytest.approx(scored["lora_text/bits_per_byte"], rel=1e-6)
     gathered = unsharded_copy([adapted], adapted.args, str(tmp_path / "gather"))

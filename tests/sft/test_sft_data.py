@@ -134,8 +134,8 @@ def test_truncation_right_cuts_long_rows_and_rejects_rows_left_without_response(
 
 
 def test_mixing_sft_and_pretraining_paths_is_refused(sft_env):
-    from llmforge.config import ConfigError
-    from llmforge.sft_data import is_sft_data
+    from llmforge.core.config import ConfigError
+    from llmforge.data.sft import is_sft_data
     assert is_sft_data([sft_env["data"]]) and not is_sft_data([sft_env["pre_data"]])
     with pytest.raises(ConfigError, match="mixes SFT data"):
         is_sft_data([sft_env["data"], sft_env["pre_data"]])

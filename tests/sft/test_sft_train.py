@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(autouse=True)
 def _no_process_group_left():
     """load_run/export in this process open a world-1 group; forked trainer ranks must not inherit it."""
-    from llmforge.distributed import destroy
+    from llmforge.core.distributed import destroy
     destroy()
     yield
     destroy()
@@ -50,11 +50,11 @@ def noise_run(sft_env, pre_run, tmp_path_factory):
 def test_noise_prompts_response_only_loss_near_zero_and_greedy_answers_exact(sft_env, noise_run):
     """Prompts are random words; the response is the prompt reversed. Scoring only the response, the loss goes to
     ~0 (the prompt tokens themselves are unpredictable: counting them would keep it high)."""
-    from llmforge.eval import run_eval
-    from llmforge.generate import generate
-    from llmforge.run_loading import load_run
+    from llmforge.inference.eval import run_eval
+    from llmforge.inference.generate import generate
+    from llmforge.inference.run_loading import load_run
     from llmforge.common.chat import chat_prompt_ids
-    from llmforge.loss import IGNORE_INDEX as IGNORE, split_batch
+    from llmforge.core.loss import IGNORE_INDEX as IGNORE, split_batch
     run = noise_run
     losses = [r["loss"] for r in _rows(run) if "loss" in r]
     assert losses[-1] < 0.05 < losses[0]
@@ -64,7 +64,7 @@ def test_noise_prompts_response_only_loss_near_zero_and_greedy_answers_exact(sft
         ids = chat_prompt_ids(run, row["prompt"])
         assert tok.decode(generate(model, ids, 16, temperature=0.0, eos_id=tok.eos_id())) == row["response"]
     # the same model scored on every token of the training conversations: the random prompts dominate
-    from llmforge.sft_data import build_any_datasets as build_datasets
+    from llmforge.data.sft import build_any_datasets as build_datasets
     stream, valid = build_datasets(loaded.cfg.data, loaded.cfg.seed)
     batch = stream.batch(0, 16)
     x, y = split_batch(batch)
@@ -84,7 +84,7 @@ def test_init_from_run_dir_and_hf_folder_start_from_the_same_weights(sft_env, pr
     from llmforge.export_hf import export_run
     hf = str(tmp_path / "hf")
     export_run(pre_run, hf)
-    from llmforge.distributed import destroy
+    from llmforge.core.distributed import destroy
     destroy()
     start = final_params(pre_run)
     for name, src in (("from-run", pre_run), ("from-hf", hf)):
@@ -116,7 +116,7 @@ def test_bad_init_from_and_freeze_are_one_line_errors(sft_env, pre_run, tmp_path
 def test_generate_cli_and_hf_export_apply_the_chat_template(sft_env, noise_run, tmp_path, capsys):
     from data_pipeline.sft import ChatTemplate
     from llmforge.export_hf import main as export_main
-    from llmforge.generate import main as generate_main
+    from llmforge.inference.generate import main as generate_main
     row = _held_in(sft_env)[0]
     assert generate_main([noise_run, "--prompt", row["prompt"], "--greedy", "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out.strip() == row["response"]

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 import yaml
 
 from data_pipeline.shards import IndexedShard
-from llmforge.generate import generate, main as generate_main
+from llmforge.inference.generate import generate, main as generate_main
 from llmforge.model.presets import PRESETS
 from llmforge.model.transformer import Transformer
-from llmforge.run_loading import load_run
+from llmforge.inference.run_loading import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +31,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _weights_by_hand(run_dir: str, args) -> Transformer:
-    """Load model weights with plain DCP (not llmforge.run_loading) from the newest checkpoint."""
+    """Load model weights with plain DCP (not llmforge.inference.run_loading) from the newest checkpoint."""
     ckpt = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))[-1]
     model = Transformer(args)
     if not dist.is_initialized():
@@ -122,7 +122,7 @@ def test_errors_are_one_line_without_traceback(llama_run, tmp_path, capsys):
     os.makedirs(no_ckpt / "checkpoints" / "step_00000003")  # an interrupted save: no COMPLETE marker
     for f in ("config.yaml", "tokenizer.model"):
         shutil.copy(os.path.join(llama_run, f), no_ckpt / f)
-    from llmforge.eval import main as eval_main
+    from llmforge.inference.eval import main as eval_main
     from llmforge.export_hf import main as export_main
     for main, extra in ((eval_main, []), (generate_main, ["--prompt", "x"]), (export_main, [str(tmp_path / "hf")])):
         assert main([str(no_ckpt), *extra]) == 2

@@ -10,10 +10,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llmforge.export_hf import import_hf, load_hf_into, main as export_main, save_hf  # noqa: E402
+from llmforge.export_hf import main as export_main
+from llmforge.hf import import_hf, load_hf_into, save_hf  # noqa: E402
 from llmforge.model.presets import PRESETS  # noqa: E402
 from llmforge.model.transformer import Transformer  # noqa: E402
-from llmforge.run_loading import load_run  # noqa: E402
+from llmforge.inference.run_loading import load_run  # noqa: E402
 
 TOL = 1e-4
 

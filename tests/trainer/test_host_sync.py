@@ -48,7 +48,7 @@ def test_unlogged_steps_do_not_sync_and_skips_stay_exact(synth_data, tmp_path, m
 
 
 def test_a_run_of_skips_between_logs_still_stops(synth_data, tmp_path, monkeypatch):
-    from llmforge.engines.base import TrainingError
+    from llmforge.train.engines.base import TrainingError
     with pytest.raises(TrainingError, match="3 consecutive steps with non-finite loss"):
         import os as _os
         _os.environ["LLMFORGE_DEBUG"] = "1"

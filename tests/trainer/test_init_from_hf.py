@@ -4,7 +4,7 @@ import os
 import torch
 
 from llmforge.export_hf import main as export_main
-from llmforge.run_loading import load_run
+from llmforge.inference.run_loading import load_run
 from tests.trainer.conftest import train_run
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from llmforge.metrics import PEAK_BF16_TFLOPS, device_peak_flops, mfu, plot_run, truncate_metrics
+from llmforge.train.metrics import PEAK_BF16_TFLOPS, device_peak_flops, mfu, plot_run, truncate_metrics
 
 
 def test_mfu_formula_and_impossible_values_raise():

@@ -5,7 +5,7 @@ import glob
 import pytest
 import torch
 
-from llmforge.config import RunConfig, load_config
+from llmforge.core.config import RunConfig, load_config
 from llmforge.model.blocks import apply_rope, rope_tables
 from llmforge.model.presets import PRESETS, model_args
 from llmforge.model.transformer import Transformer, flops_per_token, num_params

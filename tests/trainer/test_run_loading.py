@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from llmforge.checkpoint import Checkpointer
+from llmforge.checkpoint.checkpointer import Checkpointer
 from llmforge.model.transformer import Transformer
-from llmforge.run_loading import load_run
+from llmforge.inference.run_loading import load_run
 
 
 def _save_sharded(rank: int, world: int, args, run_dir: str, init_file: str) -> None:

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from llmforge.config import RunConfig, load_config
-from llmforge.data import build_datasets
-from llmforge.optim import lr_factor
+from llmforge.core.config import RunConfig, load_config
+from llmforge.data.streams import build_datasets
+from llmforge.core.optim import lr_factor
 from tests.conftest import read_metrics, run_cli, train_cmd, write_synthetic_shards
 
 TINY = "configs/train/tiny-cpu.yaml"

@@ -1,0 +1,193 @@
+"""The trainer's typed configuration: the ``RunConfig`` schema (model, data, train, parallel, checkpoint, eval,
+logging, dist sections) and its cross-key checks. The machinery that loads any schema from YAML and dotted
+overrides (``load_config``, ``ConfigError``, ``opt``, ``dump_config``, ...) lives in llmforge/common/typed_config.py
+and is re-exported here, so ``from llmforge.core.config import load_config, ConfigError`` keeps working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional
+
+from llmforge.common.typed_config import (  # noqa: F401  (re-exported)
+    ConfigError, _build, _set_dotted, check_ranges, describe, dump_config, key_ranges, load_config, markdown_keys,
+    opt, parse_overrides, to_dict)
+
+
+# --------------------------------------------------------------------------------------------- trainer schema
+@dataclasses.dataclass
+class ModelConfig:
+    preset: str = opt("tiny", "model preset from llmforge.model.presets (tiny, gpt2-124m, llama-1b, llama-8b, llama-70b); "
+                              "fields set below override it")
+    family: str = opt("", "llama | gpt2 (empty: from the preset)")
+    dim: int = opt(0, "hidden size (0: from the preset)", ge=0)
+    n_layers: int = opt(0, "number of transformer blocks (0: from the preset)", ge=0)
+    n_heads: int = opt(0, "attention heads (0: from the preset)", ge=0)
+    n_kv_heads: int = opt(0, "key/value heads for grouped-query attention (0: from the preset)", ge=0)
+    ffn_dim: int = opt(0, "MLP hidden size (0: from the preset)", ge=0)
+    vocab_size: int = opt(0, "vocabulary size (0: from the preset, or from the data's tokenizer if the preset says 0)",
+                          ge=0)
+    max_seq_len: int = opt(0, "longest sequence (positions) the model supports (0: from the preset)", ge=0)
+    rope_theta: float = opt(0.0, "RoPE base (0: from the preset)", ge=0)
+    norm_eps: float = opt(0.0, "RMSNorm/LayerNorm epsilon (0: from the preset)", ge=0)
+    tie_embeddings: Optional[bool] = opt(None, "share input embedding and output projection (null: from the preset)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    paths: list[str] = opt([], "pipeline output dirs (using their shards/train-* and shards/valid-*) or shard prefixes")
+    weights: Optional[list[float]] = opt(None, "blend weights, one per path (null: proportional to tokens)", gt=0)
+    seq_len: int = opt(256, "tokens per training sequence", ge=2)
+    valid_fraction: float = opt(0.02, "fraction of windows held out for validation when a path has no valid shards",
+                                ge=0, lt=1)
+    backend: str = opt("native", "native | megatron (megatron-core BlendedMegatronDatasetBuilder)")
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    rank: int = opt(0, "LoRA adapters of this rank on the blocks' target linears; everything else is frozen "
+                       "(0: off). Merged into the weights by eval, generate and export_hf (llmforge/model/lora.py)", ge=0)
+    alpha: float = opt(16.0, "LoRA scale: the update is (alpha / rank) B A", gt=0)
+    targets: list[str] = opt(["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+                             "linear layers of each block that get adapters (attention wq wk wv wo, MLP w1 w2 w3)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = opt(100, "optimizer steps to run", ge=0)
+    global_batch_size: int = opt(8, "sequences per optimizer step, summed over all data-parallel ranks", ge=1)
+    micro_batch_size: int = opt(0, "sequences per rank per forward/backward (0: global / dp, no accumulation)", ge=0)
+    grad_accum_steps: int = opt(0, "0: derived = global_batch_size / (micro_batch_size * dp); else must equal that",
+                                ge=0)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr", ge=0, le=1)
+    warmup_steps: int = opt(10, "linear warmup steps", ge=0)
+    schedule: str = opt("cosine", "cosine | wsd | constant")
+    decay_fraction: float = opt(0.2, "WSD: fraction of steps spent in the final decay", ge=0, le=1)
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)", ge=0)
+    dtype: str = opt("auto", "fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU); master weights stay fp32")
+    log_interval: int = opt(1, "write a metrics.jsonl row every N steps", ge=1)
+    eval_interval: int = opt(0, "validation loss every N steps (0: only at the end)", ge=0)
+    eval_batches: int = opt(2, "validation size per evaluation, in global batches: eval_batches x global_batch_size "
+                                  "windows, scored in micro batches (the same windows in any layout and engine)", ge=1)
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)", ge=1)
+    fused_optimizer: Optional[bool] = opt(None, "fused AdamW (null: on CUDA). Fused skips a non-finite step on the "
+                                                "device, so steps that are not logged never wait for the host")
+    init_from_hf: str = opt("", "start from a Hugging Face model folder (weights imported into our model)")
+    init_from: str = opt("", "fine-tuning: start from an llmforge run dir (its newest complete checkpoint, any layout) "
+                             "or a Hugging Face folder; the model shape comes from it (llmforge/train/init_from.py)")
+    allow_tokenizer_change: bool = opt(False, "let train.init_from / init_from_hf start from a model whose tokenizer "
+                                              "differs from the data's (ids then mean other text; a warning)")
+    freeze: list[str] = opt([], "parameter groups kept fixed: embeddings | head (final norm + output) | blocks:K "
+                                "(the first K blocks) | block:I")
+    lora: LoRAConfig = opt(LoRAConfig(), "low-rank adapters (LoRA)")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    dp_replicate: int = opt(-1, "ranks holding full replicas (-1: whatever the world size leaves)", ge=1, also=(-1,))
+    dp_shard: int = opt(1, "ranks sharding parameters with FSDP2 (zero_stage 2/3)", ge=1)
+    tp: int = opt(1, "tensor-parallel degree (with sequence parallel)", ge=1)
+    pp: int = opt(1, "pipeline-parallel stages", ge=1)
+    zero_stage: int = opt(0, "0 DDP AllReduce | 1 +sharded optimizer | 2 FSDP2 keep params | 3 FSDP2 reshard",
+                          ge=0, le=3)
+    pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")
+    pp_microbatches: int = opt(0, "pipeline microbatches per step (0: local batch / micro_batch_size)", ge=0)
+    sequence_parallel: bool = opt(True, "shard norms/dropout activations along the sequence under TP")
+    loss_parallel: bool = opt(True, "under TP keep the logits sharded over the vocabulary; the loss runs on shards")
+    compile: bool = opt(False, "torch.compile each transformer block")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = opt(0, "save every N steps (0: only at the end)", ge=0)
+    keep: int = opt(2, "keep the newest K complete checkpoints", ge=1)
+    async_save: bool = opt(False, "save in a background thread: training waits only until the state is staged "
+                                  "(the next optimizer step waits for the copy); the next save and the end wait for "
+                                  "the write (llmforge/checkpoint/writer.py)")
+    resume: bool = opt(True, "resume from the newest complete checkpoint in run_dir/checkpoints")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    tasks: list[str] = opt([], "lm-eval benchmark tasks run during training (llmforge.inference.benchmarks), e.g. "
+                               "[sample_valid_bpb, sample_next_line_mc]; logged as task/metric")
+    include_paths: list[str] = opt([], "extra folders of lm-eval task YAML files (the shipped llmforge/inference/eval_tasks "
+                                       "are always searched)")
+    interval: int = opt(0, "run eval.tasks every N steps (0: every train.eval_interval steps) and at the end", ge=0)
+    limit: int = opt(0, "examples per task (0: all)", ge=0)
+    num_fewshot: int = opt(-1, "few-shot examples per prompt (-1: each task's own default)", ge=0, also=(-1,))
+    batch_size: int = opt(16, "requests per forward pass of the lm-eval adapter", ge=1)
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: str = opt("disabled", "disabled | offline | online (never online unless asked)")
+    wandb_project: str = opt("llmforge", "wandb project name")
+    plot: bool = opt(True, "write loss.png (loss and lr curves) at the end")
+
+
+@dataclasses.dataclass
+class DistConfig:
+    device: str = opt("auto", "auto | cpu | cuda")
+    backend: str = opt("auto", "auto | gloo | nccl")
+    timeout_s: int = opt(600, "collective timeout; a stuck rank fails with an error instead of hanging", ge=1)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, checkpoints/ and plots go")
+    seed: int = opt(1234, "seed for init, data order and sampling", ge=0, le=2**32 - 1)
+    engine: str = opt("native", "native (PyTorch FSDP2/DTensor/pipelining) | deepspeed")
+    recompute: str = opt("none", "activation recomputation: none | full | selective")
+    recompute_every: int = opt(1, "recompute every k-th block (full mode)", ge=1)
+    model: ModelConfig = opt(ModelConfig(), "model shape")
+    data: DataConfig = opt(DataConfig(), "training data")
+    train: TrainConfig = opt(TrainConfig(), "optimisation and loop")
+    parallel: ParallelConfig = opt(ParallelConfig(), "parallel layout")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpointing")
+    logging: LoggingConfig = opt(LoggingConfig(), "metrics sinks")
+    eval: EvalConfig = opt(EvalConfig(), "downstream benchmarks during training (lm-evaluation-harness)")
+    dist: DistConfig = opt(DistConfig(), "device and process group")
+    deepspeed: dict = opt({}, "raw DeepSpeed config merged over the generated one (engine: deepspeed)")
+
+    def resolved_dict(self) -> dict:
+        """What ``dump_config`` writes: relative ``data.paths`` made absolute (against the working directory of
+        the command that wrote it), so the run's config.yaml works from any folder (eval, generate, resume)."""
+        out = to_dict(self)
+        out["data"]["paths"] = [os.path.abspath(os.path.expanduser(p)) for p in self.data.paths]
+        return out
+
+    def validate(self) -> None:
+        """Checks that need no world size; layout checks against the world live in llmforge.parallel."""
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+        check_ranges(self)  # every numeric key's declared range (opt(..., ge=...)): also for configs built in code
+        need(self.engine in ("native", "deepspeed"), "engine", f"{self.engine!r} is not native or deepspeed")
+        need(self.recompute in ("none", "full", "selective"), "recompute", f"{self.recompute!r} is not none/full/selective")
+        t, p = self.train, self.parallel
+        need(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", f"{t.schedule!r} is not cosine/wsd/constant")
+        need(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto/fp32/bf16")
+        need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
+        if self.data.weights is not None:
+            need(len(self.data.weights) == len(self.data.paths), "data.weights", "needs one weight per data.paths entry")
+        # DeepSpeed's ZeRO stages all partition over every data-parallel rank: dp_shard is just their count there
+        need(p.dp_shard == 1 or p.zero_stage in (2, 3) or self.engine == "deepspeed", "parallel.dp_shard",
+             f"dp_shard={p.dp_shard} shards parameters: use parallel.zero_stage=2 or 3 (or dp_replicate for DDP)")
+        need(self.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", "must be disabled/offline/online")
+        need(self.dist.device in ("auto", "cpu", "cuda"), "dist.device", "must be auto, cpu or cuda")
+        need(self.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "must be auto, gloo or nccl")
+        bad = sorted(set(t.lora.targets) - {"wq", "wk", "wv", "wo", "w1", "w2", "w3"})
+        need(not bad and (t.lora.targets or not t.lora.rank), "train.lora.targets",
+             f"{bad or 'empty'}: choose from wq, wk, wv, wo, w1, w2, w3")
+        need(not t.lora.rank or p.tp == 1, "train.lora.rank", "LoRA adapters are not tensor-parallel: use "
+             "parallel.tp=1 (data parallel, ZeRO and pipeline stages all work)")
+        for name in t.freeze:
+            need(re.fullmatch(r"embeddings|head|blocks:\d+|block:\d+", name) is not None, "train.freeze",
+                 f"unknown group {name!r}; valid: embeddings, head, blocks:K (the first K), block:I")

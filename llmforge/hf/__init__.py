@@ -1,0 +1,6 @@
+"""Hugging Face interop, one adapter for our model families (``adapter``: names, shapes, configs), reading a
+folder into our names (``load``) and writing one (``save``, ``chat`` for the chat template). The run-level
+export (``python -m llmforge.export_hf``) is the entry module above this layer."""
+from .adapter import SHAPE_KEYS, args_from_hf_config, from_hf, hf_config, llama_names, shape_diff, to_hf  # noqa: F401
+from .load import full_shape_keys, hf_model_args, import_hf, load_hf_into  # noqa: F401
+from .save import DTYPES, EXPORT_MARKER, check_export_dir, save_hf  # noqa: F401

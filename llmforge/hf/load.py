@@ -1,0 +1,60 @@
+"""Reading a Hugging Face folder (an export of ours, or a Llama / GPT-2 folder from the Hub, already downloaded)
+into our parameter names: the shape from config.json, the weights from safetensors (sharded or not) or a
+``pytorch_model.bin`` read tensors-only (a crafted pickle is refused in one line)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from llmforge.model.blocks import ModelArgs
+
+from .adapter import SHAPE_KEYS, args_from_hf_config, from_hf, shape_diff
+
+
+def full_shape_keys(args: ModelArgs) -> tuple[str, ...]:
+    """What an HF start must match beyond the shape: norm eps, and rope theta (Llama) or positions (GPT-2)."""
+    return (*SHAPE_KEYS, "norm_eps", "rope_theta" if args.family == "llama" else "max_seq_len")
+
+
+def hf_model_args(hf_dir: str) -> ModelArgs:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+    with open(path) as f:
+        return args_from_hf_config(json.load(f))
+
+
+def _read_weights(hf_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded checkpoint
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(os.path.join(hf_dir, f)).items()}
+    if os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+        return load_file(os.path.join(hf_dir, "model.safetensors"))
+    if os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
+        from llmforge.core.safe_pickle import safe_torch_load  # tensors only: a crafted .bin is refused in one line
+        return safe_torch_load(os.path.join(hf_dir, "pytorch_model.bin"))
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin")
+
+
+def import_hf(hf_dir: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(ModelArgs, state dict in our names, fp32) from a Llama/GPT-2 Hugging Face folder."""
+    args = hf_model_args(hf_dir)
+    try:
+        sd = from_hf(args, _read_weights(hf_dir))
+    except KeyError as e:
+        raise ValueError(f"{hf_dir}: weight {e} missing for a {args.family} model of {args.n_layers} layers") from None
+    return args, {k: v.float() for k, v in sd.items()}
+
+
+def load_hf_into(model, hf_dir: str) -> ModelArgs:
+    """Copy an HF folder's weights into our (unparallelised) model; its shape must match the folder's config."""
+    args, sd = import_hf(hf_dir)
+    diff = shape_diff(model.args, args, full_shape_keys(args))
+    if diff:
+        raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
+    model.load_state_dict(sd, strict=True)
+    return args
