@@ -26,6 +26,7 @@ from tqdm import tqdm
 from llmforge.common.slurm import TASK_SCRIPT, array_sbatch_args, submit, wait_for_jobs
 
 from .atomic_io import note_write, read_json, write_bytes, write_json
+from .work_dirs import marker_path, slurm_log, slurm_log_dir, slurm_script, timing_path
 
 
 class PipelineError(Exception):
@@ -62,10 +63,6 @@ class Stage:
     warmup: Callable | None = None  # warmup(ctx): load shared models once in the parent, before forking
 
 
-def marker_path(work: str, stage: str, rank: int) -> str:
-    return os.path.join(work, "markers", stage, f"{rank:05d}.json")
-
-
 def is_done(work: str, stage: str, rank: int) -> bool:
     return os.path.exists(marker_path(work, stage, rank))
 
@@ -84,7 +81,7 @@ def run_task(ctx, stage: Stage, rank: int) -> float:
     stats = stage.fn(ctx, rank)
     seconds = time.perf_counter() - t0
     # Timings live apart from markers so that markers (and stats.json) stay byte-reproducible.
-    write_json(os.path.join(ctx.work, "timings", f"{stage.name}-{rank:05d}.json"), {"seconds": round(seconds, 3)})
+    write_json(timing_path(ctx.work, stage.name, rank), {"seconds": round(seconds, 3)})
     write_json(marker_path(ctx.work, stage.name, rank), stats)
     return seconds
 
@@ -179,15 +176,15 @@ class SlurmExecutor:
         self.cfg, self.config_path = cfg, os.path.abspath(config_path)
 
     def sbatch_args(self, ctx, stage: Stage, ranks: list[int], depend: str | None) -> list[str]:
-        logs = os.path.join(ctx.work, "slurm", "logs")
-        args = array_sbatch_args(f"data-{stage.name}", ranks, f"{logs}/{stage.name}-%a.out", self.cfg.slurm, depend)
-        script = os.path.join(ctx.work, "slurm", "task.sh")
+        args = array_sbatch_args(f"data-{stage.name}", ranks, slurm_log(ctx.work, stage.name, "%a"), self.cfg.slurm,
+                                 depend)
+        script = slurm_script(ctx.work)
         return args + [script, self.cfg.slurm.python or sys.executable, "-m", "data_pipeline", "task",
                        self.config_path, "--stage", stage.name]
 
     def run(self, ctx, stages: list[Stage]) -> dict[str, float]:
-        os.makedirs(os.path.join(ctx.work, "slurm", "logs"), exist_ok=True)
-        script = os.path.join(ctx.work, "slurm", "task.sh")
+        os.makedirs(slurm_log_dir(ctx.work), exist_ok=True)
+        script = slurm_script(ctx.work)
         write_bytes(script, TASK_SCRIPT.encode())
         os.chmod(script, 0o755)
         jobs, depend, t0 = [], None, time.perf_counter()
@@ -196,7 +193,7 @@ class SlurmExecutor:
             if not pending:
                 continue
             for r in pending:  # Slurm writes these logs: listed here, so a start-over removes them (manifest.py)
-                note_write(os.path.join(ctx.work, "slurm", "logs", f"{stage.name}-{r}.out"))
+                note_write(slurm_log(ctx.work, stage.name, r))
             depend = submit(self.sbatch_args(ctx, stage, pending, depend), PipelineError,
                             f"sbatch for stage {stage.name}")
             jobs.append((stage, depend))
@@ -208,7 +205,7 @@ class SlurmExecutor:
         for stage in stages:
             missing = [r for r in range(stage.n_tasks) if not is_done(ctx.work, stage.name, r)]
             if missing:
-                logs = os.path.join(ctx.work, "slurm", "logs", f"{stage.name}-{missing[0]}.out")
+                logs = slurm_log(ctx.work, stage.name, missing[0])
                 tail = open(logs, errors="replace").read().strip().splitlines()[-1:] if os.path.exists(logs) else []
                 raise SlurmJobError(f"slurm stage {stage.name} tasks {missing} did not finish; see {logs}"
                                     + (f": {tail[0]}" if tail else ""))

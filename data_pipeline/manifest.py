@@ -30,9 +30,8 @@ import socket
 from llmforge.common import atomic
 
 from .atomic_io import read_json, write_json
+from .work_dirs import MANIFEST, MANIFEST_LOG as LOG_DIR, WORK, fingerprint_file, work_dir
 
-MANIFEST = os.path.join("work", "manifest.json")
-LOG_DIR = os.path.join("work", "manifest")
 _TEMP = re.compile(r"\.tmp\d+")  # a temp name (atomic.tmp_name, shard_task's folders): never a final path
 _NEVER = (".llmforge-data", ".llmforge-data.lock")  # ownership marker and lock: output_dir.py handles them
 
@@ -129,10 +128,10 @@ def adopt_unlisted(out: str, names) -> None:
     """A folder a pipeline from before the manifest wrote (``work/fingerprint.json`` but no manifest): list what
     its layout held (``names`` and ``work/``, as that version removed them), so that a start-over removes its old
     outputs and no stale shard is left beside new ones."""
-    if listed(out) is not None or not os.path.isfile(os.path.join(out, "work", "fingerprint.json")):
+    if listed(out) is not None or not os.path.isfile(fingerprint_file(work_dir(out))):
         return
     found = []
-    for name in (*names, "work"):
+    for name in (*names, WORK):
         top = os.path.join(out, name)
         walk = [] if os.path.islink(top) else os.walk(top)
         found += [os.path.relpath(os.path.join(d, f), out) for d, _, files in walk for f in files]
@@ -181,7 +180,7 @@ def remove_listed(out: str, protect=(), under=()) -> bool:
             os.remove(log)
         if os.path.isfile(os.path.join(out, MANIFEST)):
             os.remove(os.path.join(out, MANIFEST))
-        work = os.path.join(out, "work")
+        work = work_dir(out)
         for d, _, _ in [] if os.path.islink(work) else os.walk(work):  # also folders a failed task left empty
             folders.add(os.path.relpath(d, out))
     for rel in sorted(folders, key=lambda r: r.count(os.sep), reverse=True):

@@ -5,7 +5,7 @@ line (ConfigError, exit 2) what would lose or mix data:
   always (an input would be replaced by a file that contains it);
 - inputs made with different tokenizers: the same ids would mean other text. A shard's tokenizer is the
   ``tokenizer.model`` of its pipeline output (two folders up, or beside it), compared by vocabulary (pieces in
-  id order, llmforge.data.checks.tokenizer_identity); without one, the ``tokenizer.vocab_size`` its output's
+  id order, llmforge.common.tokenizers.tokenizer_identity); without one, the ``tokenizer.vocab_size`` its output's
   ``stats.json`` records. Shards with neither (loose copies, other tools' shards) are checked by their data: an
   input holding a token id beyond a known tokenizer's vocabulary is refused. OUT placed in a pipeline output (say
   ``A/shards/``) is checked the same way against the tokenizer found there, which training would pair it with.
@@ -34,7 +34,7 @@ def tokenizer_of(prefix: str) -> tuple[str, int, str | None] | None:
     model = find_tokenizer([prefix])
     if model:
         import sentencepiece as spm
-        from llmforge.data.checks import tokenizer_identity
+        from llmforge.common.tokenizers import tokenizer_identity
         try:
             size = spm.SentencePieceProcessor(model_file=model).vocab_size()
         except Exception as e:  # noqa: BLE001 - sentencepiece raises its own types for a file that is not a model

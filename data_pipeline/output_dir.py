@@ -29,10 +29,10 @@ from .atomic_io import read_json, write_json
 from .executor import PipelineError
 from .manifest import remove_listed
 from .readers import _is_hf_disk
+from .work_dirs import WORK, fingerprint_file, hash_cache_file, work_dir
 
 OWNER_FILE = ".llmforge-data"
 LOCK_FILE = ".llmforge-data.lock"  # empty; flock'ed while a run uses the folder (the kernel drops it on any exit)
-HASH_CACHE = "input_hashes.json"
 LOCK_GRACE_S = 3.0  # how long a busy lock is retried before the run is refused
 _HELD: dict[str, int] = {}  # output folder -> fd holding its lock in this process
 
@@ -67,7 +67,7 @@ def claim(out: str) -> bool:
         created = not os.path.exists(out)
         if not created:
             names = sorted(n for n in os.listdir(out) if n != LOCK_FILE)  # a lock alone: a claim cut short
-            ours = os.path.isfile(os.path.join(out, "work", "fingerprint.json"))  # written before the marker existed
+            ours = os.path.isfile(fingerprint_file(work_dir(out)))  # written before the marker existed
             if names and not ours:
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 raise OutputDirError(f"output_dir {out} is not empty and was not written by the pipeline (it holds "
@@ -196,7 +196,7 @@ def remove_owned(out: str, names, created: bool, protect=()) -> None:
     """Remove the pipeline's own outputs (the files its manifest lists, none in ``protect``; a folder from before
     the manifest: ``names`` and ``work/``), then the marker and the folder if a run created it and nothing else is
     left in it; the user's files stay."""
-    for name in () if remove_listed(out, protect) else tuple(names) + ("work",):
+    for name in () if remove_listed(out, protect) else tuple(names) + (WORK,):
         p = os.path.join(out, name)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)
@@ -239,14 +239,14 @@ def file_digest(path: str, cache: dict) -> str:
 
 def load_hash_cache(work: str) -> dict:
     try:
-        cache = read_json(os.path.join(work, HASH_CACHE))
+        cache = read_json(hash_cache_file(work))
         return cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
 def save_hash_cache(work: str, cache: dict) -> None:
-    write_json(os.path.join(work, HASH_CACHE), cache)
+    write_json(hash_cache_file(work), cache)
 
 
 def input_digests(units, tokenizer_path: str, cache: dict) -> list:

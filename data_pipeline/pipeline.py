@@ -1,4 +1,5 @@
-"""The pipeline: stage list, run context, final resharding and stats, and ``run()`` used by the CLI.
+"""The pipeline: the run context, the stage list, the output folder's start / start-over and ``run()`` used by the
+CLI (the final resharding and stats: finalize.py; every path under work/: work_dirs.py).
 
 Stages (tasks): prepare (T) -> buckets (P key ranges, dedup/stages.py) -> clusters (1) -> tokenizer (1) -> tokenize (T)
 -> shard (1) -> finalize (1). T = ``tasks`` (0: automatic, task_plan.auto_tasks: at least ``workers``
@@ -12,25 +13,25 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 
 from llmforge.common.typed_config import dump_config, to_dict
 
 from . import stats as stats_mod
-from .atomic_io import read_json, write_bytes, write_json
+from .atomic_io import read_json, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
-from .manifest import adopt_unlisted, fold, install_dir, listed, remove_listed, start_recording, stop_recording
+from .manifest import adopt_unlisted, fold, listed, remove_listed, start_recording, stop_recording
 from .output_dir import (check_apart_from_inputs, claim, input_digests, load_hash_cache, os_error, remove_owned,
                          save_hash_cache, unlock)
 from .prepare import dedup_columns, prepare_task, prepare_warmup
-from .readers import expand_paths
+from .readers import Reader, expand_paths
+from .sft_rows import SFTReader
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
-from .shards import IndexedShard, ShardWriter
-from .tokenizer import check_model_path, task_shard_prefix, tokenize_task, train_tokenizer_task
+from .finalize import finalize_task, shard_task
+from .tokenizer import check_model_path, tokenize_task, train_tokenizer_task
+from .work_dirs import BULKY, WORK, config_file, fingerprint_file, work_dir
 
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json")
-BULKY_WORK = ("prepared", "signatures", "dedup", "tokens")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
 RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files",
                 "tokenizer.encode_cache_words")  # keys that change how a run goes, never what it writes
@@ -42,7 +43,7 @@ class Context:
     def __init__(self, cfg):
         self.cfg = cfg
         self.out = cfg.output_dir
-        self.work = os.path.join(cfg.output_dir, "work")
+        self.work = work_dir(cfg.output_dir)
         self.units = expand_paths(cfg.input)
         self.n_tasks = cfg.tasks or self._auto_tasks()
         self.pieces = plan_tasks(self.units, self.n_tasks)  # contiguous in input order: outputs ignore n_tasks
@@ -55,7 +56,7 @@ class Context:
         count its work/ was made with (the markers are per task), when everything else is as it was."""
         n = auto_tasks(self.units, self.cfg.input.task_mb, self.cfg.workers)
         try:
-            before = read_json(os.path.join(self.work, "fingerprint.json"))
+            before = read_json(fingerprint_file(self.work))
         except (OSError, ValueError):
             return n
         if isinstance(before, dict) and isinstance(before.get("tasks"), int) and before["tasks"] != n:
@@ -63,6 +64,12 @@ class Context:
             if fingerprint(self, load_hash_cache(self.work)) == before.get("fingerprint"):
                 return before["tasks"]
         return n
+
+    def reader(self, counts):
+        """The reader of this run's input: chat rows when ``sft.enabled`` (sft_rows.SFTReader), else documents."""
+        if self.cfg.sft.enabled:
+            return SFTReader(self.cfg, counts)
+        return Reader(self.cfg.input, counts)
 
     def units_of(self, rank: int):
         """Pieces ``(kind, path, rel, lo, hi)`` of task ``rank`` (task_plan.py)."""
@@ -87,49 +94,6 @@ def build_stages(ctx) -> list[Stage]:
     return stages
 
 
-def shard_task(ctx, _rank: int) -> dict:
-    """Concatenate the per-task shards, in task order, into ``shards/{train,valid}-NNNNN`` of about
-    ``shards.target_mb`` each. Built in a temp folder and renamed into place as a whole."""
-    tmp = os.path.join(ctx.out, f"shards.tmp{os.getpid()}")
-    tmp_ids = os.path.join(ctx.out, f"doc_ids.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp_ids, exist_ok=True)
-    target = ctx.cfg.shards.target_mb * 1e6
-    out = {}
-    for split in ("train", "valid"):
-        names, k, writer, ids = [], 0, None, []
-        for t in range(ctx.n_tasks):
-            src = IndexedShard(task_shard_prefix(ctx.work, split, t))
-            src_ids = open(task_shard_prefix(ctx.work, split, t) + ".ids", encoding="utf-8").read().splitlines()
-            for i in range(len(src)):
-                if writer is None:
-                    name = f"{split}-{k:05d}"
-                    writer, ids = ShardWriter(os.path.join(tmp, name), src.dtype), []
-                    names.append(name)
-                writer.add_document(src.doc(i))
-                ids.append(src_ids[i])
-                if writer.tokens * writer.dtype.itemsize >= target:
-                    writer.close()
-                    write_bytes(os.path.join(tmp_ids, names[-1] + ".txt"), "".join(x + "\n" for x in ids).encode())
-                    writer, k = None, k + 1
-            del src
-        if writer is not None:
-            writer.close()
-            write_bytes(os.path.join(tmp_ids, names[-1] + ".txt"), "".join(x + "\n" for x in ids).encode())
-        out[split] = names
-    for final, src in (("shards", tmp), ("doc_ids", tmp_ids)):
-        os.makedirs(src, exist_ok=True)
-        install_dir(src, os.path.join(ctx.out, final))  # a user's file in shards/ stays
-    return {"shards": out}
-
-
-def finalize_task(ctx, _rank: int) -> dict:
-    stats = stats_mod.collect(ctx, build_stages(ctx))
-    write_json(os.path.join(ctx.out, "stats.json"), stats)
-    dump_config(ctx.cfg, os.path.join(ctx.out, "config.yaml"))
-    return {"ok": True}
-
-
 def fingerprint(ctx, hash_cache: dict | None = None) -> str:
     """Hash of everything that determines the outputs: config (minus runtime keys), the input files' content and
     the tokenizer.model_path file's content (content hashes, cached: output_dir.py)."""
@@ -150,7 +114,7 @@ def prepare_output_dir(ctx) -> bool:
     remove it). An output_dir that contains an input or lies inside one is refused before anything is written."""
     check_apart_from_inputs(ctx.out, ctx.cfg.input.paths, [u[1] for u in ctx.units if u[0] != "hf_hub"])
     created = claim(ctx.out)
-    fp_path = os.path.join(ctx.work, "fingerprint.json")
+    fp_path = fingerprint_file(ctx.work)
     adopt_unlisted(ctx.out, FINAL_OUTPUTS)
     cache = load_hash_cache(ctx.work)
     fp = fingerprint(ctx, cache)
@@ -167,7 +131,7 @@ def prepare_output_dir(ctx) -> bool:
         start_recording(ctx.out)
         write_json(fp_path, {"fingerprint": fp, "tasks": ctx.n_tasks})  # tasks: kept by a resume (Context)
         save_hash_cache(ctx.work, cache)
-        dump_config(ctx.cfg, os.path.join(ctx.work, "config.yaml"))  # what Slurm tasks load
+        dump_config(ctx.cfg, config_file(ctx.work))  # what Slurm tasks load
     except OSError as e:
         raise os_error(ctx.out, e) from None
     return created
@@ -192,7 +156,7 @@ def run(cfg, config_path: str | None = None) -> dict:
             s.warmup = stats_mod.check_documents_left
     try:
         if cfg.executor == "slurm":
-            walls = SlurmExecutor(cfg, os.path.join(ctx.work, "config.yaml")).run(ctx, stages)
+            walls = SlurmExecutor(cfg, config_file(ctx.work)).run(ctx, stages)
             if not cfg.slurm.wait:
                 return {}
         elif cfg.executor == "ray":
@@ -221,7 +185,7 @@ def run(cfg, config_path: str | None = None) -> dict:
 def remove_bulky_work(ctx) -> None:
     """Drop intermediate data (the files of it the manifest lists) but keep markers and fingerprint: a rerun
     stays a no-op."""
-    remove_listed(ctx.out, protected(ctx), under=[os.path.join("work", name) for name in BULKY_WORK])
+    remove_listed(ctx.out, protected(ctx), under=[os.path.join(WORK, name) for name in BULKY])
 
 
 def run_single_task(cfg, stage_name: str, rank: int) -> None:

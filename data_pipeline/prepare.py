@@ -3,7 +3,6 @@ configured order -> kept documents to ``work/prepared/<rank>.jsonl.zst`` plus th
 keys and the exact-content hash), sorted per column, to ``work/signatures/<rank>.{keys,order}.npy``."""
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 
@@ -13,7 +12,7 @@ from .atomic_io import JsonlZstWriter, save_npy, write_json
 from .dedup.exact import content_hash
 from .dedup.minhash import MinHasher
 from .filters import get_step
-from .readers import Reader
+from .work_dirs import prepared_path, rejects_path, signature_paths, timing_path
 
 
 def active_steps(cfg) -> list[tuple[str, object, object]]:
@@ -23,15 +22,6 @@ def active_steps(cfg) -> list[tuple[str, object, object]]:
 def dedup_columns(cfg) -> int:
     """Key columns per document: one per MinHash band, plus one for the exact hash."""
     return cfg.dedup.minhash.bands * cfg.dedup.minhash.enabled + int(cfg.dedup.exact.enabled)
-
-
-def prepared_path(work: str, rank: int) -> str:
-    return os.path.join(work, "prepared", f"{rank:05d}.jsonl.zst")
-
-
-def signature_paths(work: str, rank: int) -> tuple[str, str]:
-    base = os.path.join(work, "signatures", f"{rank:05d}")
-    return base + ".keys.npy", base + ".order.npy"
 
 
 def _new_step_stats() -> dict:
@@ -52,12 +42,8 @@ def prepare_task(ctx, rank: int) -> dict:
     m = cfg.dedup.minhash
     hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed) if m.enabled else None
     keys: list[list[int]] = []
-    rejects = JsonlZstWriter(os.path.join(ctx.work, "rejects", f"{rank:05d}.jsonl.zst")) if cfg.write_rejects else None
-    if cfg.sft.enabled:  # chat rows instead of a text field (data_pipeline/sft.py)
-        from .sft_rows import SFTReader
-        reader = SFTReader(cfg, read)
-    else:
-        reader = Reader(cfg.input, read)
+    rejects = JsonlZstWriter(rejects_path(ctx.work, f"{rank:05d}")) if cfg.write_rejects else None
+    reader = ctx.reader(read)  # the run context chooses: documents, or chat rows when sft.enabled
     kept_bytes = 0
     secs = Counter()  # seconds per step: written beside the marker, never into it (markers stay reproducible)
     clock = time.perf_counter
@@ -104,7 +90,7 @@ def prepare_task(ctx, rank: int) -> dict:
     if rejects:
         rejects.close()
     _save_signatures(ctx.work, rank, keys, dedup_columns(cfg))
-    write_json(os.path.join(ctx.work, "timings", f"prepare-steps-{rank:05d}.json"),
+    write_json(timing_path(ctx.work, "prepare-steps", rank),
                {k: round(v, 3) for k, v in secs.items()})
     for st in step_stats.values():
         st["removed"] = dict(sorted(st["removed"].items()))

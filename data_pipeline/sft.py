@@ -43,12 +43,9 @@ from .sft_rows import encode_row
 
 from llmforge.common.chat import (JINJA, MASK_DIR, ROLES, TEMPLATE_FILE, TEMPLATE_NAME, ChatTemplate,  # noqa: F401
                                   ChatTemplateError, header, load_template, render)
+from .work_dirs import mask_prefix
 
 # ------------------------------------------------------------------------------------------------ stages
-def mask_prefix(work: str, split: str, rank: int) -> str:
-    return os.path.join(work, "tokens", "loss_mask", f"{split}-{rank:05d}")
-
-
 def tokenizer_task(ctx, rank: int) -> dict:
     """Copy the given tokenizer (SFT never trains one) and write chat_template.json beside it."""
     from .tokenizer import model_path, train_tokenizer_task

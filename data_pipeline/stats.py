@@ -7,6 +7,7 @@ from collections import Counter
 
 from .atomic_io import read_json
 from .executor import stage_results
+from .work_dirs import timing_path
 
 
 def _merge_steps(per_task: list[dict]) -> list[dict]:
@@ -23,8 +24,8 @@ def _merge_steps(per_task: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def collect(ctx, stages) -> dict:
-    names = {s.name for s in stages}
+def collect(ctx) -> dict:
+    """stats.json: what was read, what each step and dedup removed, the tokenizer, the output shards."""
     prep = ctx.prepare_stats
     read = Counter()
     for t in prep:
@@ -36,7 +37,7 @@ def collect(ctx, stages) -> dict:
     kept_bytes = sum(t["kept_bytes"] for t in prep)
     tok = stage_results(ctx.work, "tokenize", ctx.n_tasks)
     out = {s: {k: sum(t[s][k] for t in tok) for k in ("docs", "tokens", "bytes")} for s in ("train", "valid")}
-    dedup = stage_results(ctx.work, "clusters", 1)[0] if "clusters" in names else {}
+    dedup = stage_results(ctx.work, "clusters", 1)[0] if ctx.n_dedup_cols else {}
     if dedup:
         dedup["docs_in"], dedup["bytes_in"] = kept_docs, kept_bytes
         dedup["docs_out"] = out["train"]["docs"] + out["valid"]["docs"]
@@ -67,7 +68,7 @@ def step_seconds(ctx) -> dict[str, float]:
     """Seconds per prepare step summed over the tasks this run or earlier runs timed."""
     out = Counter()
     for r in range(ctx.n_tasks):
-        p = os.path.join(ctx.work, "timings", f"prepare-steps-{r:05d}.json")
+        p = timing_path(ctx.work, "prepare-steps", r)
         if os.path.exists(p):
             out.update(read_json(p))
     return {k: round(v, 2) for k, v in out.items()}
@@ -78,7 +79,7 @@ def task_seconds(ctx, stages) -> dict[str, float]:
     for s in stages:
         total = 0.0
         for r in range(s.n_tasks):
-            p = os.path.join(ctx.work, "timings", f"{s.name}-{r:05d}.json")
+            p = timing_path(ctx.work, s.name, r)
             total += read_json(p)["seconds"] if os.path.exists(p) else 0.0
         out[s.name] = round(total, 3)
     return out

@@ -20,8 +20,8 @@ from .config import ConfigError
 from .dedup.stages import load_removed
 from .encode_cache import CachedEncoder, not_cacheable
 from .executor import PipelineError
-from .prepare import prepared_path
 from .shards import ShardWriter, token_dtype
+from .work_dirs import prepared_path, task_shard_prefix
 
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 TRAIN_THREADS = 2  # recorded in the .model: fixed so the bytes never depend on the machine
@@ -110,10 +110,6 @@ def train_tokenizer_task(ctx, _rank: int) -> dict:
     return {"trained": True, "model_type": tcfg.model_type, "vocab_size": sp.vocab_size(),
             "special_ids": dict(SPECIAL_IDS), "sample_rate": round(rate, 6), "sample_docs": counts["docs"],
             "sample_bytes": counts["bytes"], "word_cache": not_cacheable(sp) or "usable"}
-
-
-def task_shard_prefix(work: str, split: str, rank: int) -> str:
-    return os.path.join(work, "tokens", f"{split}-{rank:05d}")
 
 
 BATCH_CHARS = 1 << 16  # a batch also ends at this many characters: bounded memory whatever the documents

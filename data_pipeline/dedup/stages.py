@@ -19,19 +19,12 @@ import numpy as np
 
 from ..atomic_io import JsonlZstWriter, atomic_path, read_jsonl, save_npy
 from ..executor import stage_results
-from ..prepare import prepared_path, signature_paths
+from ..work_dirs import prepared_path, signature_paths
 from .minhash import bucket_edges, jaccard_hashed, pair_hash, shingle_hashes
 from .unionfind import components, forest
+from ..work_dirs import clusters_path, part_path, rejects_path, remove_path
 
 EMPTY = np.zeros(0, np.uint64)
-
-
-def part_path(work: str, p: int) -> str:
-    return os.path.join(work, "dedup", f"part-{p:05d}.npz")
-
-
-def remove_path(work: str, rank: int) -> str:
-    return os.path.join(work, "dedup", f"remove-{rank:05d}.npy")
 
 
 def load_removed(work: str, rank: int) -> set[int]:
@@ -197,7 +190,7 @@ def _write_clusters(ctx, offsets, ex_head, ex_member, near_removed, near_keep, r
     cfg, work = ctx.cfg, ctx.work
     ids = read_fields(ctx, np.concatenate([ex_head, ex_member, near_removed, near_keep]), offsets, "id")
     if cfg.dedup.write_clusters:
-        with JsonlZstWriter(os.path.join(work, "dedup", "clusters.jsonl.zst")) as w:
+        with JsonlZstWriter(clusters_path(work)) as w:
             for kind, keep, member in (("exact", ex_head, ex_member), ("minhash", near_keep, near_removed)):
                 order = np.lexsort((member, keep))
                 keep, member = keep[order].tolist(), member[order].tolist()
@@ -209,6 +202,6 @@ def _write_clusters(ctx, offsets, ex_head, ex_member, near_removed, near_keep, r
                     w.write({"kind": kind, "keep": ids[keep[i]], "remove": [ids[x] for x in member[i:j]]})
                     i = j
     if cfg.write_rejects:
-        with JsonlZstWriter(os.path.join(work, "rejects", "dedup.jsonl.zst")) as w:
+        with JsonlZstWriter(rejects_path(work, "dedup")) as w:
             for g, exact in zip(removed.tolist(), is_exact.tolist()):
                 w.write({"id": ids[g], "rule": "dedup.exact" if exact else "dedup.minhash"})

@@ -27,7 +27,7 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
 
 
 def get_step(name: str):
-    from ..clean import clean_step
+    from .clean import clean_step
     from .c4 import c4_step
     from .fineweb import fineweb_step
     from .gopher import gopher_quality_step, gopher_repetition_step

@@ -6,5 +6,6 @@
 - ``chat``: the chat template shared by the SFT data stage, training, generation and the HF export.
 - ``typed_config``: dataclass configs from YAML + dotted overrides (both halves' schemas use it).
 - ``ranges``: the documented range of every numeric config key, checked at validation.
+- ``tokenizers``: a tokenizer's vocabulary in id order and its hash (what its ids mean).
 - ``slurm``: sbatch job arrays (job script, arguments, polling) for the data executor and the scaling sweep.
 """

@@ -9,11 +9,11 @@ so a bad blend fails with one line instead of an IndexError deep in the embeddin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 from llmforge.common.shards import STATS_EXT, shard_max_id
+from llmforge.common.tokenizers import tokenizer_identity, tokenizer_pieces
 from llmforge.core.config import ConfigError
 
 
@@ -21,29 +21,6 @@ def tokenizer_of(path: str) -> str | None:
     """The tokenizer.model of one data.paths entry (a pipeline output dir, or a shard prefix/glob in one)."""
     from llmforge.data.streams import find_tokenizer
     return find_tokenizer([path])
-
-
-def tokenizer_pieces(path: str) -> list:
-    """The vocabulary in id order: a sentencepiece ``tokenizer.model``, or a Hugging Face ``tokenizer.json`` (its
-    model's vocabulary plus added tokens; an id without a piece is None). A tokenizer.json converted from a
-    sentencepiece model keeps its pieces (``▁`` word starts, ``<0x0A>`` bytes), so the two compare directly."""
-    if path.endswith(".json"):
-        from tokenizers import Tokenizer
-        vocab = Tokenizer.from_file(path).get_vocab(with_added_tokens=True)  # piece -> id
-        pieces = [None] * (max(vocab.values(), default=-1) + 1)
-        for piece, i in vocab.items():
-            pieces[i] = piece
-        return pieces
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=path)
-    return [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-
-
-def tokenizer_identity(model_file: str) -> str:
-    """A hash of the vocabulary (pieces in id order): what token ids mean. Two files with equal pieces encode
-    ids identically even if their bytes differ (sentencepiece records e.g. its training prefix)."""
-    pieces = "\n".join(tokenizer_pieces(model_file))
-    return hashlib.sha256(pieces.encode("utf-8")).hexdigest()
 
 
 def model_tokenizer(folder: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from data_pipeline.clean import clean_text
+from data_pipeline.filters.clean import clean_text
 from data_pipeline.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, LangConfig, LengthConfig
 from data_pipeline.filters.c4 import c4_step
 from data_pipeline.filters.fineweb import fineweb_step

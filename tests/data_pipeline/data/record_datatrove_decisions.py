@@ -34,7 +34,7 @@ def corpus_docs() -> list[dict]:
     from collections import Counter
 
     from data_pipeline import config
-    from data_pipeline.clean import clean_step
+    from data_pipeline.filters.clean import clean_step
     from data_pipeline.readers import Reader, expand_paths
     cwd = os.getcwd()
     os.chdir(ROOT)  # sample.yaml's input paths are relative to the repository root
