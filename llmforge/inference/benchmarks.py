@@ -186,6 +186,10 @@ def unsharded_copy(model_parts, margs, tmp_dir: str, device="cpu"):
     from llmforge.inference.run_loading import empty_model
     from llmforge.core.safe_pickle import SafeFileSystemReader
     lora = adapter_spec(model_parts)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # a pipeline rank without blocks learns it here
+        specs = [None] * dist.get_world_size()
+        dist.all_gather_object(specs, lora)
+        lora = next((s for s in specs if s is not None), None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -73,21 +73,15 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets=TARGETS, see
 
 
 def adapter_spec(model_parts) -> dict | None:
-    """``{rank, alpha, targets}`` of the adapters in these (possibly parallelised) parts, or None. Collective when
-    a process group is up: a pipeline rank whose stages hold no block learns it from the others."""
-    import torch.distributed as dist
+    """``{rank, alpha, targets}`` of the adapters in these model parts, or None (a pipeline rank whose stages
+    hold no block sees none: llmforge.inference.benchmarks asks the other ranks)."""
     targets, spec = set(), None
     for part in model_parts:
         for name, sub in part.named_modules():
             if isinstance(sub, LoRALinear):
                 spec = {"rank": sub.lora_rank, "alpha": sub.lora_alpha}
                 targets.add(name.rsplit(".", 1)[-1])
-    spec = None if spec is None else {**spec, "targets": sorted(targets)}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        specs = [None] * dist.get_world_size()
-        dist.all_gather_object(specs, spec)
-        spec = next((s for s in specs if s is not None), None)
-    return spec
+    return None if spec is None else {**spec, "targets": sorted(targets)}
 
 
 @torch.no_grad()

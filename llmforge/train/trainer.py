@@ -1,13 +1,13 @@
 """The one training loop, for every engine and layout.
 
-``Trainer`` owns what is not engine-specific: the learning-rate schedule, the cadence of logging, evaluation and
-checkpoints, the non-finite-step policy (skip the update, stop after ``train.max_bad_steps`` in a row), metrics,
-resume bookkeeping and the reliability harness's fault hooks. The engine (``llmforge.train.engines``) owns forward/
+``Trainer`` owns what is not engine-specific: the learning-rate schedule, the logging cadence, the non-finite-step
+policy (skip the update, stop after ``train.max_bad_steps`` in a row), metrics,
+resume bookkeeping and the reliability harness's fault hooks; validation, benchmarks and checkpoints are
+components that decide their own cadence (llmforge.train.components). The engine (``llmforge.train.engines``) owns forward/
 backward, clipping, the optimizer step, validation and the checkpoint format.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +19,8 @@ from llmforge.core.config import ConfigError, dump_config, to_dict
 from llmforge.core.distributed import init_distributed
 from llmforge.train.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, check_run_dir_owner, die_with_parent,
                                 write_fingerprint)
-from llmforge.train.engines.base import Engine, TrainingError
+from llmforge.train.components import Benchmarks, Checkpoints, Validation
+from llmforge.train.engines.base import Engine, TrainState, TrainingError
 from llmforge.train.metrics import MetricsLogger, StepMetrics, plot_run
 from llmforge.core.optim import lr_factor
 from llmforge.train.run_plan import RunPlan, plan_run, with_expanded_paths
@@ -92,6 +93,12 @@ class Trainer:
         self.bad_t = torch.zeros((), dtype=torch.int64, device=device)      # consecutive skipped steps
         self.bad_peak_t = torch.zeros((), dtype=torch.int64, device=device)  # their longest run since the last check
         self.feed = BatchFeed(plan.train_stream, plan.local_bs, engine.dp_rank, device)
+        t = cfg.train
+        self.checkpoints = Checkpoints(engine, cfg.checkpoint.interval, t.steps, self.state)
+        self.components = [
+            Validation(engine, plan.valid, plan.eval_batches, t.eval_interval, t.steps, lambda r: self.metrics.log(r)),
+            Benchmarks(cfg.eval.tasks, cfg.eval.interval or t.eval_interval, t.steps, self.benchmark),
+            self.checkpoints]
 
     def stop_requested(self) -> int:
         """The signal number when any rank got SIGTERM/SIGUSR1. Ranks agree (all-reduce) on the steps that read
@@ -143,12 +150,7 @@ class Trainer:
                                 f"{t.max_bad_steps}); lower train.lr or check the data")
 
     # ------------------------------------------------------------------ cadence
-    def evaluate_and_log(self, final: bool = False) -> None:
-        vl, n = self.engine.evaluate(self.plan.valid, self.plan.eval_batches)
-        row = {"step": self.step, "val_loss": vl, "val_perplexity": math.exp(min(vl, 50))}
-        self.metrics.log(dict(row, val_tokens=n) if final else row)
-
-    def benchmark(self) -> None:
+    def benchmark(self, step: int) -> None:
         """eval.tasks (lm-evaluation-harness) on the model gathered the way checkpoints are; task/metric values go to
         metrics.jsonl and wandb. Collective: every rank calls it, rank 0 scores (llmforge.inference.benchmarks)."""
         from llmforge.inference.benchmarks import run_tasks_in_training
@@ -157,10 +159,9 @@ class Trainer:
             self.tokenizer = spm.SentencePieceProcessor(model_file=self.plan.tok_path)
         row = run_tasks_in_training(self.engine.model_parts(), self.plan.margs, self.tokenizer, self.cfg.eval,
                                     self.cfg.run_dir, self.device)
-        self.metrics.log({"step": self.step, **row})
+        self.metrics.log({"step": step, **row})
 
     def after_step(self, out: dict, dt: float) -> None:
-        cfg, t = self.cfg, self.cfg.train
         if self.is_log_step(self.step):
             norm = out["norm"]
             grad_norm = float(norm.item()) if norm is not None else self.engine.grad_norm()
@@ -168,27 +169,20 @@ class Trainer:
                                                    self.samples, dt, skipped=not out["applied"]))
         if self.step in self.kill_steps:
             os.kill(os.getpid(), 9)
-        middle = self.step < t.steps
-        if t.eval_interval and self.step % t.eval_interval == 0 and middle and self.plan.valid:
-            self.evaluate_and_log()
-        every = cfg.eval.interval or t.eval_interval
-        if cfg.eval.tasks and every and self.step % every == 0 and middle:
-            self.benchmark()
-        if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and middle:
-            self.engine.save(self.step, self.state())
+        for component in self.components:  # each decides whether this step is one of its own
+            component.after_step(self.step)
 
     def preempted(self, signum: int) -> int:
         """Save at this step boundary and exit PREEMPTED_EXIT; rerunning resumes bit-identically."""
-        self.engine.save(self.step, self.state())
-        self.engine.wait()
+        self.checkpoints.save_now()
         self.metrics.close()
         self.log(f"stopped by {signal_name(signum)} after step {self.step}: checkpoint saved in "
                  f"{os.path.abspath(self.cfg.run_dir)}/checkpoints; rerun the same command to resume "
                  f"(exit status {PREEMPTED_EXIT})")
         return PREEMPTED_EXIT
 
-    def state(self) -> dict:
-        return {"step": self.step, "samples": self.samples}
+    def state(self) -> TrainState:
+        return TrainState(self.step, self.samples)
 
     # ------------------------------------------------------------------ the run
     def resume(self) -> bool:
@@ -198,8 +192,8 @@ class Trainer:
         state = self.engine.load_latest(self.log)
         if state is None:
             return False
-        self.step, self.samples = int(state["step"]), int(state["samples"])
-        self.log(f"resumed from {state['path']} (step {self.step}, {self.samples} samples consumed)")
+        self.step, self.samples = state.step, state.samples
+        self.log(f"resumed from {state.path} (step {self.step}, {self.samples} samples consumed)")
         if self.step >= self.cfg.train.steps:
             self.log(f"run already finished at step {self.step} (train.steps={self.cfg.train.steps}): "
                      f"{os.path.abspath(self.cfg.run_dir)}")
@@ -222,12 +216,8 @@ class Trainer:
             if signum and self.step < cfg.train.steps:
                 return self.preempted(signum)
             t_last = time.perf_counter()  # eval and checkpoint time is not step time
-        if self.plan.valid:  # before the final save: once that checkpoint exists, metrics.jsonl is complete
-            self.evaluate_and_log(final=True)
-        if cfg.eval.tasks:
-            self.benchmark()
-        self.engine.save(self.step, self.state())
-        self.engine.wait()
+        for component in self.components:  # validation and benchmarks first: the final checkpoint comes last
+            component.at_end(self.step)
         self.metrics.close()
         if self.rank == 0:
             png = plot_run(cfg.run_dir) if cfg.logging.plot else None

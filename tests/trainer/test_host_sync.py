@@ -19,7 +19,7 @@ def _run(run_dir, data, monkeypatch, fault, *extra):
     def counted(fn):
         def wrapper(self, *a):
             frame = __import__("sys")._getframe(1)
-            if frame.f_code.co_filename.endswith(os.path.join("llmforge", "trainer.py")):
+            if frame.f_code.co_filename.endswith(os.path.join("llmforge", "train", "trainer.py")):
                 calls.append(frame.f_code.co_name)
             return fn(self, *a)
         return wrapper

@@ -8,12 +8,30 @@ and ``deepspeed`` implement it; nothing else in the loop differs between them.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (too many NaN steps, no checkpoint loads, ...): printed as one line."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What the loop needs to continue a run exactly, saved with every checkpoint: optimizer steps done and
+    samples consumed (the data position). ``path``: the checkpoint a loaded state came from."""
+    step: int
+    samples: int
+    path: str | None = None
+
+    def to_checkpoint(self) -> dict:
+        """The form stored in a checkpoint (DCP's trainer state, DeepSpeed's client_state)."""
+        return {"step": self.step, "samples": self.samples}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, path: str) -> "TrainState":
+        return cls(int(saved["step"]), int(saved["samples"]), path)
 
 
 class Engine(abc.ABC):
@@ -74,12 +92,12 @@ class Engine(abc.ABC):
         """Mean token cross-entropy over ``max_batches`` validation micro batches, and the token count."""
 
     @abc.abstractmethod
-    def save(self, step: int, state: dict) -> None:
-        """Write a checkpoint of step ``step`` carrying the trainer's ``state``; atomic."""
+    def save(self, state: TrainState) -> None:
+        """Write a checkpoint of step ``state.step`` carrying ``state``; atomic."""
 
     @abc.abstractmethod
-    def load_latest(self, log) -> dict | None:
-        """Resume from the newest loadable checkpoint: return the trainer state saved with it, or None."""
+    def load_latest(self, log) -> TrainState | None:
+        """Resume from the newest loadable checkpoint: return the state saved with it, or None."""
 
     def model_parts(self) -> list:
         """This rank's model as parallelised parts (pipeline stages, FSDP/TP-sharded), for components that gather

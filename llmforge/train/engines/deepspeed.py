@@ -41,7 +41,7 @@ from llmforge.core.loss import loss_fn
 from llmforge.core.optim import param_groups
 from llmforge.train.run_plan import batch_plan
 
-from .base import Engine
+from .base import Engine, TrainState
 from .deepspeed_pipe import pipe_eval, pipeline_module
 from .deepspeed_policy import PREFIX, check_raw
 from .deepspeed_ckpt import resume, save
@@ -318,9 +318,9 @@ class DeepSpeedEngine(Engine):
         pm = ParallelModel([self.engine], eval_fn=pipe_eval(self.engine) if self.pp > 1 else None)
         return pm.evaluate(valid, self.plan.micro, max_batches, self.device, contextlib.nullcontext)
 
-    def save(self, step: int, state: dict) -> None:
-        save(self.engine, self.root, step, state, self.cfg.checkpoint.keep, self.rank)
+    def save(self, state: TrainState) -> None:
+        save(self.engine, self.root, state.step, state.to_checkpoint(), self.cfg.checkpoint.keep, self.rank)
 
-    def load_latest(self, log) -> dict | None:
+    def load_latest(self, log) -> TrainState | None:
         step, samples, path = resume(self.engine, self.root, self.rank, log)
-        return None if path is None else {"step": step, "samples": samples, "path": path}
+        return None if path is None else TrainState(step, samples, path)

@@ -18,7 +18,7 @@ from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
 from llmforge.core.safe_pickle import UnsafePickleError
 
-from .base import Engine
+from .base import Engine, TrainState
 
 
 def build_model(args, seed: int) -> Transformer:
@@ -122,10 +122,10 @@ class NativeEngine(Engine):
     def evaluate(self, valid, max_batches: int) -> tuple[float, int]:
         return self.pm.evaluate(valid, self.plan.micro, max_batches, self.device, self.amp)
 
-    def save(self, step: int, state: dict) -> None:
-        self.ckpt.save(step, self.pm.parts, self.optimizers, state)
+    def save(self, state: TrainState) -> None:
+        self.ckpt.save(state.step, self.pm.parts, self.optimizers, state.to_checkpoint())
 
-    def load_latest(self, log) -> dict | None:
+    def load_latest(self, log) -> TrainState | None:
         candidates, reasons = resume_candidates(self.ckpt.root, log), []
         for path in candidates:  # newest first; one that fails to load is reported and the next older one tried
             state, failed = None, None
@@ -148,7 +148,7 @@ class NativeEngine(Engine):
                 log(f"warning: cannot load checkpoint {path}: {why}")
                 reasons.append(why if path in why else f"{path}: {why}")  # the error line names each file
                 continue
-            return dict(state, path=path)
+            return TrainState.from_checkpoint(state, path)
         if candidates:
             raise NoUsableCheckpoint(f"cannot resume: no checkpoint in {self.ckpt.root} loads "  # exit 1, nothing removed
                                      f"({'; '.join(reasons)}); move them away to start over")
