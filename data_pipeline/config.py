@@ -267,10 +267,12 @@ class PipelineConfig:
 
 
 def load(path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
+    import dataclasses
     import os
     cfg = load_config(PipelineConfig, path, overrides)
-    # `output_dir: ~/x` in a YAML file: no shell expanded it (it was a folder named ~ in the cwd, an input not found)
-    cfg.output_dir = os.path.expanduser(cfg.output_dir)
-    cfg.input.paths = [os.path.expanduser(p) for p in cfg.input.paths]
-    cfg.tokenizer.model_path = os.path.expanduser(cfg.tokenizer.model_path)
-    return cfg
+    # `output_dir: ~/x` in a YAML file: no shell expanded it (it was a folder named ~ in the cwd, an input not found);
+    # a copy with the paths expanded, the validated object is left as it is
+    ex = os.path.expanduser
+    return dataclasses.replace(cfg, output_dir=ex(cfg.output_dir),
+                               input=dataclasses.replace(cfg.input, paths=[ex(p) for p in cfg.input.paths]),
+                               tokenizer=dataclasses.replace(cfg.tokenizer, model_path=ex(cfg.tokenizer.model_path)))

@@ -29,7 +29,8 @@ def _resolve(cfg, world: int):
     (``run_plan.resolve_shape_and_batch``); the data need not exist (then the preset or model.vocab_size decides)."""
     from llmforge.core.config import ConfigError
     from llmforge.train.engines.native import NativeEngine
-    from llmforge.train.run_plan import resolve_shape_and_batch
+    from llmforge.train.run_plan import resolve_shape_and_batch, with_expanded_paths
+    cfg = with_expanded_paths(cfg)  # as llmforge.train reads the paths
     if cfg.engine != "native":
         raise ConfigError(f"engine={cfg.engine}: the dry run models the native engine (engine=native)")
     try:

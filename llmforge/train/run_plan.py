@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from llmforge.core.config import ConfigError
+from llmforge.core.config import ConfigError, RunConfig
 from llmforge.data.streams import find_tokenizer
 from llmforge.model.blocks import ModelArgs
 from llmforge.model.presets import OVERRIDABLE, model_args
@@ -67,7 +67,7 @@ def resolve_model_args(cfg, tok_path: str | None) -> ModelArgs:
     return margs
 
 
-def resolved_config(cfg, margs: ModelArgs):
+def resolved_config(cfg: RunConfig, margs: ModelArgs) -> RunConfig:
     """The run's config as config.yaml records it: a new object (the validated one is never changed) whose
     ``model`` section rebuilds ``margs`` when the shape came from a start folder (init_from / init_from_hf)."""
     if not (cfg.train.init_from or cfg.train.init_from_hf):
@@ -75,7 +75,7 @@ def resolved_config(cfg, margs: ModelArgs):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE}))
 
 
-def with_expanded_paths(cfg):
+def with_expanded_paths(cfg: RunConfig) -> RunConfig:
     """A copy with ``~`` expanded in run_dir, data.paths and the start folders (`run_dir: ~/runs/x` in a YAML file:
     no shell expanded it)."""
     ex = os.path.expanduser
@@ -105,7 +105,7 @@ class SampleStream(Protocol):
 
 @dataclass
 class RunPlan:
-    config: object             # the resolved RunConfig (resolved_config): what config.yaml records
+    config: RunConfig          # resolved (resolved_config): what the run goes on with and config.yaml records
     tok_path: str | None
     margs: ModelArgs
     layout: object             # the engine's resolved layout (ParallelDims for native, DeepSpeed's for deepspeed)

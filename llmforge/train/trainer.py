@@ -1,10 +1,10 @@
 """The one training loop, for every engine and layout.
 
 ``Trainer`` owns what is not engine-specific: the learning-rate schedule, the logging cadence, the non-finite-step
-policy (skip the update, stop after ``train.max_bad_steps`` in a row), metrics,
-resume bookkeeping and the reliability harness's fault hooks; validation, benchmarks and checkpoints are
-components that decide their own cadence (llmforge.train.components). The engine (``llmforge.train.engines``) owns forward/
-backward, clipping, the optimizer step, validation and the checkpoint format.
+policy (skip the update, stop after ``train.max_bad_steps`` in a row), metrics, resume bookkeeping and the
+reliability harness's fault hooks; validation, benchmarks and checkpoints are components that decide their own
+cadence (llmforge.train.components). The engine (``llmforge.train.engines``) owns forward/backward, clipping, the
+optimizer step, validation and the checkpoint format.
 """
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from llmforge.common.atomic import copy_file
 from llmforge.core.config import ConfigError, dump_config, to_dict
 from llmforge.core.distributed import init_distributed
-from llmforge.train.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, check_run_dir_owner, die_with_parent,
-                                write_fingerprint)
+from llmforge.core.optim import lr_factor
 from llmforge.train.components import Benchmarks, Checkpoints, Validation
 from llmforge.train.engines.base import Engine, TrainState, TrainingError
 from llmforge.train.metrics import MetricsLogger, StepMetrics, plot_run
-from llmforge.core.optim import lr_factor
+from llmforge.train.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, check_run_dir_owner,
+                                      die_with_parent, write_fingerprint)
 from llmforge.train.run_plan import RunPlan, plan_run, with_expanded_paths
-from llmforge.common.atomic import copy_file
 
 
 def fault_steps(kind: str) -> set[int]:
