@@ -2,5 +2,6 @@
 folder into our names (``load``) and writing one (``save``, ``chat`` for the chat template). The run-level
 export (``python -m llmforge.export_hf``) is the entry module above this layer."""
 from .adapter import SHAPE_KEYS, args_from_hf_config, from_hf, hf_config, llama_names, shape_diff, to_hf  # noqa: F401
-from .load import full_shape_keys, hf_model_args, import_hf, load_hf_into  # noqa: F401
+from .load import (LlamaSafetensorsReader, check_hf_shape, full_shape_keys, hf_model_args, import_hf,  # noqa: F401
+                   load_hf_into)
 from .save import DTYPES, EXPORT_MARKER, check_export_dir, save_hf  # noqa: F401

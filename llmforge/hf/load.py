@@ -10,7 +10,7 @@ import torch
 
 from llmforge.model.blocks import ModelArgs
 
-from .adapter import SHAPE_KEYS, args_from_hf_config, from_hf, shape_diff
+from .adapter import SHAPE_KEYS, args_from_hf_config, from_hf, llama_names, shape_diff
 
 
 def full_shape_keys(args: ModelArgs) -> tuple[str, ...]:
@@ -52,9 +52,43 @@ def import_hf(hf_dir: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 def load_hf_into(model, hf_dir: str) -> ModelArgs:
     """Copy an HF folder's weights into our (unparallelised) model; its shape must match the folder's config."""
+    check_hf_shape(model.args, hf_dir)
     args, sd = import_hf(hf_dir)
-    diff = shape_diff(model.args, args, full_shape_keys(args))
-    if diff:
-        raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
     model.load_state_dict(sd, strict=True)
     return args
+
+
+def check_hf_shape(margs: ModelArgs, hf_dir: str) -> None:
+    """A ValueError naming every key where the model and the HF folder's config.json differ."""
+    args = hf_model_args(hf_dir)
+    diff = shape_diff(margs, args, full_shape_keys(args))
+    if diff:
+        raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
+
+
+class LlamaSafetensorsReader:
+    """Reads single HF tensors (and row ranges of them) lazily, by our parameter names: a rank building its
+    shards (llmforge.parallel.build) reads only the rows it owns."""
+
+    def __init__(self, hf_dir: str, margs: ModelArgs):
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            from safetensors import safe_open
+            with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        self.dir, self.weight_map, self.names = hf_dir, weight_map, llama_names(margs)
+
+    def read(self, name: str, rows: torch.Tensor | None) -> torch.Tensor:
+        from safetensors import safe_open
+        hf = self.names[name]
+        if hf not in self.weight_map:
+            raise ValueError(f"{self.dir}: weight {hf!r} missing")
+        with safe_open(os.path.join(self.dir, self.weight_map[hf]), "pt") as f:
+            sl = f.get_slice(hf)
+            if rows is None:
+                return sl[:]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            return sl[lo:hi][rows - lo]

@@ -12,7 +12,6 @@ process group to count what each rank would hold.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,6 +20,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import _get_shard_size_and_offsets
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from llmforge.hf import LlamaSafetensorsReader, check_hf_shape, import_hf
 from llmforge.model.lora import is_adapter
 from llmforge.model.blocks import rope_tables
 from llmforge.model.freeze import apply_finetune
@@ -112,52 +112,16 @@ def init_buffers(module: nn.Module, device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ HF import
-def check_hf_shape(margs, hf_dir: str) -> None:
-    from llmforge.hf import full_shape_keys, hf_model_args, shape_diff
-    args = hf_model_args(hf_dir)
-    diff = shape_diff(margs, args, full_shape_keys(args))
-    if diff:
-        raise ValueError(f"train.init_from_hf={hf_dir} does not match the model ({'; '.join(diff)})")
-
-
-class _LlamaSafetensors:
-    """Reads single HF tensors (and row ranges of them) lazily: a rank reads only the rows it owns."""
-
-    def __init__(self, hf_dir: str, margs):
-        from llmforge.hf import llama_names
-        index = os.path.join(hf_dir, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            weight_map = json.load(open(index))["weight_map"]
-        else:
-            from safetensors import safe_open
-            with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        self.dir, self.weight_map, self.names = hf_dir, weight_map, llama_names(margs)
-
-    def read(self, name: str, rows: torch.Tensor | None) -> torch.Tensor:
-        from safetensors import safe_open
-        hf = self.names[name]
-        if hf not in self.weight_map:
-            raise ValueError(f"{self.dir}: weight {hf!r} missing")
-        with safe_open(os.path.join(self.dir, self.weight_map[hf]), "pt") as f:
-            sl = f.get_slice(hf)
-            if rows is None:
-                return sl[:]
-            lo, hi = int(rows.min()), int(rows.max()) + 1
-            return sl[lo:hi][rows - lo]
-
-
 @torch.no_grad()
 def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
     """Copy an HF folder's weights into the local shards. Llama safetensors are read tensor by tensor and row
     range by row range (no rank holds the model); other formats (GPT-2, .bin) are small and read whole."""
-    check_hf_shape(margs, hf_dir)
+    check_hf_shape(margs, hf_dir)  # ValueError naming the differing keys
     lazy = margs.family == "llama" and (os.path.isfile(os.path.join(hf_dir, "model.safetensors")) or
                                         os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json")))
     if lazy:
-        reader = _LlamaSafetensors(hf_dir, margs)
+        reader = LlamaSafetensorsReader(hf_dir, margs)
     else:
-        from llmforge.hf import import_hf
         _, full = import_hf(hf_dir)
     for part in parts:
         for name, p in part.named_parameters():
