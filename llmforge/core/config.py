@@ -54,6 +54,19 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass
+class MuonConfig:
+    momentum: float = opt(0.95, "Muon: momentum of the matrices' updates", ge=0, lt=1)
+    nesterov: bool = opt(True, "Muon: Nesterov momentum")
+    ns_steps: int = opt(5, "Muon: Newton-Schulz iterations per update", ge=1)
+    ns_coefficients: list[float] = opt([3.4445, -4.7750, 2.0315], "Muon: the quintic's (a, b, c)", ge=-10, le=10)
+    update_scale: str = opt("rms", "rms (Moonlight: 0.2 sqrt(max(rows, cols)), AdamW's lr and weight decay carry "
+                                   "over) | spectral (sqrt(max(1, rows / cols))) | none")
+    rms_scale: float = opt(0.2, "Muon: the RMS the rms rule matches (Moonlight's 0.2)", gt=0)
+    lr: float = opt(0.0, "Muon's peak learning rate for the matrices (0: train.lr); the schedule applies", ge=0)
+    weight_decay: Optional[float] = opt(None, "Muon's decoupled weight decay (null: train.weight_decay)", ge=0)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     steps: int = opt(100, "optimizer steps to run", ge=0)
     global_batch_size: int = opt(8, "sequences per optimizer step, summed over all data-parallel ranks", ge=1)
@@ -65,6 +78,9 @@ class TrainConfig:
     warmup_steps: int = opt(10, "linear warmup steps", ge=0)
     schedule: str = opt("cosine", "cosine | wsd | constant")
     decay_fraction: float = opt(0.2, "WSD: fraction of steps spent in the final decay", ge=0, le=1)
+    optimizer: str = opt("adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest: "
+                                  "llmforge/core/muon.py)")
+    muon: MuonConfig = opt(MuonConfig(), "Muon (train.optimizer=muon)")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)", ge=0)
     beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
@@ -174,6 +190,15 @@ class RunConfig:
         t, p = self.train, self.parallel
         need(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", f"{t.schedule!r} is not cosine/wsd/constant")
         need(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto/fp32/bf16")
+        need(t.optimizer in ("adamw", "muon"), "train.optimizer", f"{t.optimizer!r} is not adamw or muon")
+        changed = [f"train.muon.{k}" for k, v in to_dict(t.muon).items() if v != to_dict(MuonConfig())[k]]
+        need(t.optimizer == "muon" or not changed, changed[0] if changed else "train.muon",
+             f"set, but train.optimizer={t.optimizer}: add train.optimizer=muon (or drop the train.muon keys)")
+        need(t.muon.update_scale in ("rms", "spectral", "none"), "train.muon.update_scale",
+             f"{t.muon.update_scale!r} is not rms, spectral or none")
+        need(len(t.muon.ns_coefficients) == 3, "train.muon.ns_coefficients", "needs three numbers (a, b, c)")
+        need(t.optimizer != "muon" or p.zero_stage != 1, "train.optimizer",
+             "muon with parallel.zero_stage=1 (ZeroRedundancyOptimizer) is not supported: use zero_stage 0, 2 or 3")
         need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
         if self.data.weights is not None:
             need(len(self.data.weights) == len(self.data.paths), "data.weights", "needs one weight per data.paths entry")

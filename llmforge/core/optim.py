@@ -1,4 +1,4 @@
-"""AdamW with decay/no-decay groups and the LR schedules (warmup + cosine, WSD, constant). Gradient clipping is
+"""AdamW with decay/no-decay groups (or Muon + AdamW: muon.py) and the LR schedules (warmup + cosine, WSD, constant). Gradient clipping is
 the engine's (ParallelModel.clip_grad_norm over every shard and stage; DeepSpeed's gradient_clipping)."""
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[dict
 
 
 def build_optimizer(model_parts: list[nn.Module], tcfg, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW over decay / no-decay groups, or Muon + AdamW (llmforge/core/muon.py)."""
+    if tcfg.optimizer == "muon":
+        from .muon import build_muon
+        return build_muon(model_parts, tcfg, param_groups(model_parts, tcfg.weight_decay))
     kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
     if tcfg.fused_optimizer or (tcfg.fused_optimizer is None and device.type == "cuda"):
         kwargs["fused"] = True
@@ -49,5 +53,6 @@ def lr_factor(step: int, tcfg) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled rate into every group (Muon's matrices scale it by their own ``lr_scale``)."""
     for g in optimizer.param_groups:
         g["lr"] = lr

@@ -19,6 +19,7 @@ REFUSED_EXAMPLES = {
     "train.freeze": ["train.freeze=[embeddings]"],
     "train.lora.rank": ["train.lora.rank=4"],
     "eval.tasks": ["eval.tasks=[sample_valid_bpb]"],
+    "train.optimizer": ["train.optimizer=muon"],
 }
 
 

@@ -85,6 +85,10 @@ KEY_POLICY: dict[str, tuple] = {
     "train.lora.rank": ("refused", lambda c: c.train.lora.rank > 0, "LoRA adapters are native-only for now; use "
                         "engine=native"),
     "train.lora.alpha": ("honoured", "only read with train.lora.rank>0, which is refused"),
+    "train.optimizer": ("refused", lambda c: c.train.optimizer != "adamw", "Muon is native-only for now (the "
+                        "DeepSpeed engine steps AdamW); set train.optimizer=adamw or use engine=native"),
+    **{f"train.muon.{k}": ("honoured", "only read with train.optimizer=muon, which is refused") for k in
+       ("momentum", "nesterov", "ns_steps", "ns_coefficients", "update_scale", "rms_scale", "lr", "weight_decay")},
     "train.lora.targets": ("honoured", "only read with train.lora.rank>0, which is refused"),
     "parallel.compile": ("honoured", "torch.compile of each block before deepspeed.initialize"),
     "checkpoint.interval": ("honoured", SHARED), "checkpoint.keep": ("honoured", "old step_N tags removed"),

@@ -13,6 +13,7 @@ from llmforge.checkpoint.checkpointer import Checkpointer, NoUsableCheckpoint, r
 from llmforge.core.distributed import resolve_dtype
 from llmforge.core.loss import loss_fn, split_batch
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
+from llmforge.core.muon import describe_split
 from llmforge.core.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
@@ -71,7 +72,8 @@ class NativeEngine(Engine):
         d, p = self.dims, self.plan
         return (f"layout pp{d.pp} x dp_replicate{d.dp_replicate} x dp_shard{d.dp_shard} x tp{d.tp} (zero_stage "
                 f"{self.cfg.parallel.zero_stage})" + (f" | {self.cfg.parallel.pp_schedule}, {d.pp_microbatches} "
-                f"microbatches" if d.pp > 1 else "") + f" | micro {p.micro} per rank, {p.accum} accumulation steps")
+                f"microbatches" if d.pp > 1 else "") + f" | micro {p.micro} per rank, {p.accum} accumulation steps"
+                + (f" | {describe_split(self.pm.parts)}" if self.cfg.train.optimizer == "muon" else ""))
 
     def set_lr(self, lr: float) -> float:
         for opt in self.optimizers:
