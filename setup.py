@@ -82,7 +82,9 @@ setup(
         "ray": ["ray>=2.52,<3"],  # data pipeline executor=ray (CPU wheel; pulls no torch)
         "eval": ["lm-eval==0.4.13", "accelerate"],  # benchmarks: python -m llmforge.eval RUN --tasks ..., lm_eval CLI
         # lm-eval's `hf` model needs accelerate beside transformers (its [hf] extra minus peft, unused here)
-        "dev": ["pytest", "pytest-timeout", "transformers", "lm-eval==0.4.13", "accelerate", "ray>=2.52,<3"],
+        "float8": ["torchao==0.18.0"],  # train.float8 (float8 linears; emulated on CPU for tests)
+        "dev": ["pytest", "pytest-timeout", "transformers", "lm-eval==0.4.13", "accelerate", "ray>=2.52,<3",
+                "torchao==0.18.0"],
     },
     entry_points={
         "console_scripts": [

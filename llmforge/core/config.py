@@ -81,6 +81,11 @@ class TrainConfig:
     optimizer: str = opt("adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest: "
                                   "llmforge/core/muon.py)")
     muon: MuonConfig = opt(MuonConfig(), "Muon (train.optimizer=muon)")
+    float8: bool = opt(False, "float8 matmuls in the blocks' linear layers (torchao; llmforge/parallel/float8.py): "
+                              "needs a GPU with compute capability 8.9+")
+    float8_recipe: str = opt("tensorwise", "float8 scaling: tensorwise | rowwise")
+    float8_emulate: bool = opt(False, "with train.float8: torchao's emulation instead of float8 kernels (runs on CPU; "
+                                      "for tests)")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)", ge=0)
     beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
@@ -191,6 +196,13 @@ class RunConfig:
         need(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", f"{t.schedule!r} is not cosine/wsd/constant")
         need(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"{t.dtype!r} is not auto/fp32/bf16")
         need(t.optimizer in ("adamw", "muon"), "train.optimizer", f"{t.optimizer!r} is not adamw or muon")
+        need(t.float8_recipe in ("tensorwise", "rowwise"), "train.float8_recipe",
+             f"{t.float8_recipe!r} is not tensorwise or rowwise")
+        need(not (t.float8 and p.tp > 1), "train.float8", "with parallel.tp>1 is not supported yet (float8 TP "
+             "styles are not wired): use data parallel, FSDP or pipeline stages")
+        for key in ("float8_emulate", "float8_recipe"):
+            need(t.float8 or getattr(t, key) == getattr(TrainConfig(), key), f"train.{key}",
+                 "set, but train.float8=false: add train.float8=true (or drop the key)")
         changed = [f"train.muon.{k}" for k, v in to_dict(t.muon).items() if v != to_dict(MuonConfig())[k]]
         need(t.optimizer == "muon" or not changed, changed[0] if changed else "train.muon",
              f"set, but train.optimizer={t.optimizer}: add train.optimizer=muon (or drop the train.muon keys)")

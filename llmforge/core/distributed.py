@@ -46,6 +46,11 @@ def env_from_slurm(environ=os.environ) -> dict[str, str]:
     return out
 
 
+def device_type(device: str = "auto") -> str:
+    """"cuda" or "cpu": what ``pick_device`` will choose, without touching any device."""
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

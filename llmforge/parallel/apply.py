@@ -35,6 +35,9 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     # LoRA / train.freeze were applied by the model build (llmforge/model/freeze.py); TP's SequenceParallel
     # re-registers norms as trainable, so the frozen names are restored after it
     frozen = {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+    if cfg.train.float8:  # before the PP split, recompute, compile and FSDP (llmforge/parallel/float8.py)
+        from .float8 import apply_float8
+        apply_float8(model, cfg.train.float8_recipe, cfg.train.float8_emulate, p.zero_stage in (2, 3))
     on_meta = next(model.parameters()).is_meta
     pipelined = dims.pp > 1
     if pipelined:

@@ -20,6 +20,7 @@ REFUSED_EXAMPLES = {
     "train.lora.rank": ["train.lora.rank=4"],
     "eval.tasks": ["eval.tasks=[sample_valid_bpb]"],
     "train.optimizer": ["train.optimizer=muon"],
+    "train.float8": ["train.float8=true", "train.float8_emulate=true"],
 }
 
 

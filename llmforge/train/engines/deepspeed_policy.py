@@ -87,6 +87,10 @@ KEY_POLICY: dict[str, tuple] = {
     "train.lora.alpha": ("honoured", "only read with train.lora.rank>0, which is refused"),
     "train.optimizer": ("refused", lambda c: c.train.optimizer != "adamw", "Muon is native-only for now (the "
                         "DeepSpeed engine steps AdamW); set train.optimizer=adamw or use engine=native"),
+    "train.float8": ("refused", lambda c: c.train.float8, "float8 training is native-only for now; use "
+                     "engine=native"),
+    "train.float8_recipe": ("honoured", "only read with train.float8, which is refused"),
+    "train.float8_emulate": ("honoured", "only read with train.float8, which is refused"),
     **{f"train.muon.{k}": ("honoured", "only read with train.optimizer=muon, which is refused") for k in
        ("momentum", "nesterov", "ns_steps", "ns_coefficients", "update_scale", "rms_scale", "lr", "weight_decay")},
     "train.lora.targets": ("honoured", "only read with train.lora.rank>0, which is refused"),

@@ -10,13 +10,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from llmforge.checkpoint.checkpointer import Checkpointer, NoUsableCheckpoint, resume_candidates
-from llmforge.core.distributed import resolve_dtype
+from llmforge.core.distributed import device_type, resolve_dtype
 from llmforge.core.loss import loss_fn, split_batch
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.core.muon import describe_split
 from llmforge.core.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
+from llmforge.parallel.float8 import check_float8_device, check_float8_targets, describe_float8
 from llmforge.core.safe_pickle import UnsafePickleError
 
 from .base import Engine, TrainState
@@ -39,10 +40,15 @@ def autocast_for(cfg, device: torch.device):
 class NativeEngine(Engine):
     name = "native"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_float8_device(cfg, device_type(cfg.dist.device))  # the dry run models a GPU: not there
+
     @staticmethod
     def resolve_layout(cfg, world: int, margs):
         """Native layout rules (llmforge.parallel.resolve_dims); no collective."""
         dims = resolve_dims(cfg.parallel, world, margs, cfg.train, cfg.recompute, cfg.data.seq_len)
+        check_float8_targets(cfg, margs)  # float8 with nothing to convert (also in the dry run)
         return dims, dims.dp, None
 
     def __init__(self, cfg, plan, info):
@@ -73,7 +79,8 @@ class NativeEngine(Engine):
         return (f"layout pp{d.pp} x dp_replicate{d.dp_replicate} x dp_shard{d.dp_shard} x tp{d.tp} (zero_stage "
                 f"{self.cfg.parallel.zero_stage})" + (f" | {self.cfg.parallel.pp_schedule}, {d.pp_microbatches} "
                 f"microbatches" if d.pp > 1 else "") + f" | micro {p.micro} per rank, {p.accum} accumulation steps"
-                + (f" | {describe_split(self.pm.parts)}" if self.cfg.train.optimizer == "muon" else ""))
+                + (f" | {describe_split(self.pm.parts)}" if self.cfg.train.optimizer == "muon" else "")
+                + (f" | {describe_float8(self.pm.parts)}" if self.cfg.train.float8 else ""))
 
     def set_lr(self, lr: float) -> float:
         for opt in self.optimizers:
