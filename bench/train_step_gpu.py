@@ -8,7 +8,7 @@ with the chunked loss, gradient clipping; random token batches (no data files ne
 the timed steps after warm-up.
 
   python bench/train_step_gpu.py [--presets gpt2-124m,llama-1b,llama-8b] [--seq-len 2048] [--micro 1]
-                                 [--steps 20] [--warmup 5] [--compile off,on]
+                                 [--steps 20] [--warmup 5] [--compile off,on] [--float8 off,on]
 Without CUDA GPUs it stops with one line and exit status 2.
 """
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
+    ap.add_argument("--float8", default="off,on", help="off, on or off,on: train.float8 (torchao) rows")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -129,27 +130,28 @@ def main() -> int:
         return 2
     n = torch.cuda.device_count()
     rows = []
-    for preset in a.presets.split(","):
-        for comp in a.compile.split(","):
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                out = f.name
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   os.path.abspath(__file__), "--worker", "--preset", preset, "--compile", comp, "--out", out,
-                   "--seq-len", str(a.seq_len), "--micro", str(a.micro), "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), *a.overrides]
-            rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).returncode
-            if rc != 0 or not os.path.getsize(out):
-                rows.append({"preset": preset, "compile": comp == "on", "error": f"exit status {rc}"})
-                continue
-            row = json.load(open(out))
-            os.unlink(out)
-            try:
-                row["dryrun_peak_bytes"] = predicted_peak(preset, n, a.seq_len, a.micro, comp == "on", gpu_key())
-                row["measured_vs_dryrun_peak"] = round(row["peak_memory_bytes"] / row["dryrun_peak_bytes"], 3)
-            except Exception as e:  # noqa: BLE001 - the measurement stands without the prediction
-                row["dryrun_error"] = str(e)[:200]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for preset, comp, f8 in [(p, c, f) for p in a.presets.split(",") for c in a.compile.split(",")
+                             for f in a.float8.split(",")]:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               os.path.abspath(__file__), "--worker", "--preset", preset, "--compile", comp, "--out", out,
+               "--seq-len", str(a.seq_len), "--micro", str(a.micro), "--steps", str(a.steps),
+               "--warmup", str(a.warmup), *a.overrides, *(["train.float8=true"] if f8 == "on" else [])]
+        rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).returncode
+        if rc != 0 or not os.path.getsize(out):
+            rows.append({"preset": preset, "compile": comp == "on", "float8": f8 == "on",
+                         "error": f"exit status {rc}"})
+            continue
+        row = {**json.load(open(out)), "float8": f8 == "on"}
+        os.unlink(out)
+        try:
+            row["dryrun_peak_bytes"] = predicted_peak(preset, n, a.seq_len, a.micro, comp == "on", gpu_key())
+            row["measured_vs_dryrun_peak"] = round(row["peak_memory_bytes"] / row["dryrun_peak_bytes"], 3)
+        except Exception as e:  # noqa: BLE001 - the measurement stands without the prediction
+            row["dryrun_error"] = str(e)[:200]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     emit("train_step_gpu", {"device": device_name(), "gpus": n, "configs": rows})
     return 0
 

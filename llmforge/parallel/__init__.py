@@ -1,6 +1,7 @@
 """Parallelism applied from outside the model: ``resolve_dims`` validates the layout against the world size
 before any collective, ``build_mesh`` makes the DeviceMesh, ``parallelize`` applies, in this order,
-PP split → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3, HSDP) or DDP (ZeRO-0/1).
+(float8 conversion →) PP split → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3, HSDP) or DDP
+(ZeRO-0/1).
 """
 from __future__ import annotations
 

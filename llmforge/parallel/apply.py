@@ -1,4 +1,4 @@
-"""The full composition, in one order: PP split → TP/SP → activation recomputation → compile → FSDP2 or DDP.
+"""The full composition, in one order: (float8 →) PP split → TP/SP → activation recomputation → compile → FSDP2 or DDP.
 
 What the engine gets back is a ``ParallelModel`` (parallel_model.py): the local model parts, the pipeline
 schedule when pp > 1, and the typed hooks this layout needs (FSDP accumulation sync, gradient all-reduce for
