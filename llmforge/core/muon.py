@@ -23,6 +23,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .params import trainable_parameters
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -58,10 +60,8 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 def muon_names(model_parts) -> tuple[list[str], list[str]]:
     """(names that take Muon, names that take AdamW) among the trainable parameters."""
     muon, adamw = [], []
-    for part in model_parts:
-        for name, p in part.named_parameters():
-            if p.requires_grad:
-                (muon if is_muon_param(name, p) else adamw).append(name)
+    for name, p in trainable_parameters(model_parts):
+        (muon if is_muon_param(name, p) else adamw).append(name)
     return muon, adamw
 
 
@@ -126,18 +126,12 @@ def build_muon(model_parts, tcfg, adamw_groups: list[dict]) -> Muon:
     """Muon over the blocks' matrices, AdamW over the rest in ``adamw_groups`` (optim.param_groups: decay /
     no-decay) minus those matrices."""
     m = tcfg.muon
-    muon, rest, seen = [], [], set()
-    for part in model_parts:
-        for name, p in part.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (muon if is_muon_param(name, p) else rest).append(p)
+    muon = [p for name, p in trainable_parameters(model_parts) if is_muon_param(name, p)]
     wd = tcfg.weight_decay if m.weight_decay is None else m.weight_decay
     groups = [{"params": muon, "use_muon": True, "weight_decay": wd, "lr_scale": (m.lr or tcfg.lr) / tcfg.lr}]
-    rest_ids = {id(p) for p in rest}
+    taken = {id(p) for p in muon}
     for g in adamw_groups:
-        groups.append({**g, "params": [p for p in g["params"] if id(p) in rest_ids]})
+        groups.append({**g, "params": [p for p in g["params"] if id(p) not in taken]})
     return Muon([g for g in groups if g["params"]], lr=tcfg.lr, momentum=m.momentum, nesterov=m.nesterov,
                 ns_steps=m.ns_steps, ns_coefficients=m.ns_coefficients, scale=m.update_scale,
                 rms_scale=m.rms_scale, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)

@@ -7,19 +7,14 @@ import math
 import torch
 import torch.nn as nn
 
+from .params import trainable_parameters
+
 
 def param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[dict]:
     """Decay matrices; never decay norms, biases or embeddings (GPT-2/Llama practice)."""
-    decay, no_decay, seen = [], [], set()
-    for part in model_parts:
-        for name, p in part.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p.ndim < 2 or "embeddings" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
+    decay, no_decay = [], []
+    for name, p in trainable_parameters(model_parts):
+        (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
