@@ -329,7 +329,7 @@ def load_newest(ckpt_root: str, load, log=print, attempts: int = 10, listing=Non
     warning naming the file; when every complete one is damaged, NoUsableCheckpoint. One that a running training
     rotated away between listing and locking means listing again. Collective (``load`` verifies on every rank):
     rank 0's listing is the one every rank walks. ``listing``: another layout's listing in _reader_listing's form
-    (DeepSpeed's tags, engines/deepspeed_weights.py)."""
+    (DeepSpeed's tags, checkpoint/deepspeed_weights.py)."""
     for _ in range(attempts):
         listed = [(listing or _reader_listing)(ckpt_root) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(listed, src=0)

@@ -2,7 +2,7 @@
 
 Shared by ``llmforge.eval``, ``llmforge.generate`` and ``llmforge.export_hf``. The checkpoint is read with DCP
 into one unsharded model in this process, so a checkpoint saved by any layout (DDP, FSDP2, TP, PP) loads: DCP
-reshards by parameter name; a DeepSpeed run's tag is consolidated by engines/deepspeed_weights.py. LoRA adapters
+reshards by parameter name; a DeepSpeed run's tag is consolidated by checkpoint/deepspeed_weights.py. LoRA adapters
 (``train.lora``) are loaded and merged into the weights. Every file (DCP's or DeepSpeed's) is checked against the
 checkpoint's COMPLETE marker (sizes and content hashes) under a shared lock first: a damaged
 checkpoint is skipped for the next older one with a warning naming the file (an explicit ``checkpoint`` is refused
@@ -160,7 +160,7 @@ def _model_for(cfg, run_dir: str):
 
 
 def _load_deepspeed_run(cfg, run_dir: str, device, checkpoint: str | None, log) -> LoadedRun:
-    """The newest DeepSpeed tag that verifies against its COMPLETE marker (engines/deepspeed_weights.py), as for
+    """The newest DeepSpeed tag that verifies against its COMPLETE marker (checkpoint/deepspeed_weights.py), as for
     DCP checkpoints: a damaged one is skipped with a warning naming the file, an explicit one refused naming it."""
     from llmforge.checkpoint.deepspeed_weights import DeepSpeedLoadError, load_into
     model, tokenizer = _model_for(cfg, run_dir)

@@ -18,7 +18,7 @@ Checkpoints (engines/deepspeed_ckpt.py): ``run_dir/checkpoints/step_N`` written 
 hidden folder, vouched for by a COMPLETE marker (each file's size and content hash, hashed by the rank that wrote
 it) and renamed into place; auto-resume loads the newest tag that verifies (model, optimizer, step, samples
 consumed), skipping a damaged one with a warning naming the file; every file is unpickled weights-only
-(engines/deepspeed_weights.py), a crafted one is refused in one line before anything loads.
+(checkpoint/deepspeed_weights.py), a crafted one is refused in one line before anything loads.
 ``llmforge.eval``/``generate``/``export_hf`` verify the same way and consolidate with DeepSpeed's own
 ``zero_to_fp32`` utilities (llmforge.inference.run_loading). Launch: ``deepspeed --num_gpus N --module
 llmforge.train CONFIG engine=deepspeed`` (the launcher's ``--local_rank=N`` is accepted), torchrun or srun.

@@ -8,7 +8,7 @@ rank has finished, writes ``COMPLETE`` atomically (each file's size and xxh3-64 
 unless a reader holds them. The folder stays what DeepSpeed writes and reads (``load_checkpoint(root, tag)``,
 ``zero_to_fp32``); ``COMPLETE`` is one more file beside its own.
 
-Resume: the newest tag that verifies (engines/deepspeed_weights.py ``checked``: a crafted file refuses the resume,
+Resume: the newest tag that verifies (checkpoint/deepspeed_weights.py ``checked``: a crafted file refuses the resume,
 a damaged or unreadable one is skipped for the previous tag with a warning naming the file). When the run dir
 holds tags and none is usable the resume is refused in one line naming them, and nothing is removed. Tags written
 before the markers (no COMPLETE, at or below ``latest``) still load, unverified.

@@ -42,7 +42,7 @@ REPLACED = {
 KEY_POLICY: dict[str, tuple] = {
     # sections read only by code both engines share (model build, data stream, metrics, process group)
     "model.*": ("honoured", "the same Transformer is built from the preset and overrides"),
-    "data.*": ("honoured", "the same deterministic sample stream (run_plan / megatron_data)"),
+    "data.*": ("honoured", "the same deterministic sample stream (run_plan / llmforge.data.megatron)"),
     "logging.*": ("honoured", SHARED), "dist.*": ("honoured", "llmforge.core.distributed + deepspeed.init_distributed"),
     "run_dir": ("honoured", SHARED), "seed": ("honoured", "same initial weights and data order as native"),
     "engine": ("honoured", "selects this engine"),
