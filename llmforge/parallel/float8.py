@@ -64,6 +64,15 @@ def check_float8_targets(cfg, margs) -> None:
                           f"({block_linear_shapes(margs)}): nothing to convert")
 
 
+def float8_flops_per_token(cfg, margs) -> float:
+    """Training FLOPs per token of the linears train.float8 converts (6 x their weights; LoRA targets stay)."""
+    if not cfg.train.float8:
+        return 0.0
+    lora = set(cfg.train.lora.targets) if cfg.train.lora.rank else set()
+    per_layer = sum(i * o for kind, (i, o) in block_linear_shapes(margs).items() if _fits((i, o)) and kind not in lora)
+    return 6.0 * margs.n_layers * per_layer
+
+
 def _is_target(module: nn.Module, fqn: str) -> bool:
     return (isinstance(module, nn.Linear) and fqn.startswith("layers.") and not hasattr(module, "lora_a")
             and _fits((module.in_features, module.out_features)))

@@ -16,15 +16,33 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of this device, or None when unknown (then no MFU is reported)."""
+# Dense float8 peak (e4m3, no sparsity): twice bf16 on the GPUs with float8 tensor cores.
+PEAK_FP8_TFLOPS = {k: 2 * v for k, v in PEAK_BF16_TFLOPS.items() if k.startswith(("H", "GH", "B", "L", "MI300"))}
+
+
+def _lookup(table: dict, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+    for key in sorted(table, key=len, reverse=True):
         if key in name:
-            return PEAK_BF16_TFLOPS[key] * 1e12
+            return table[key] * 1e12
     return None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of this device, or None when unknown (then no MFU is reported)."""
+    return _lookup(PEAK_BF16_TFLOPS, device)
+
+
+def blended_peak(bf16_peak: float | None, fp8_peak: float | None, fp8_fraction: float) -> float | None:
+    """The peak a step could reach when ``fp8_fraction`` of its FLOPs run in float8 (train.float8's linears) and
+    the rest in bf16: the time-weighted (harmonic) blend of the two peaks."""
+    if not bf16_peak or not fp8_fraction:
+        return bf16_peak
+    if not fp8_peak:
+        return None
+    return 1.0 / ((1.0 - fp8_fraction) / bf16_peak + fp8_fraction / fp8_peak)
 
 
 def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
@@ -49,9 +67,12 @@ def peak_memory_gib(device: torch.device) -> float | None:
 class StepMetrics:
     """Builds the metrics.jsonl row of a training step (the same keys for every engine)."""
 
-    def __init__(self, global_batch: int, seq_len: int, n_devices: int, flops_per_token: float, device):
+    def __init__(self, global_batch: int, seq_len: int, n_devices: int, flops_per_token: float, device,
+                 fp8_flops_per_token: float = 0.0):
         self.tokens_per_step, self.seq_len, self.n_devices = global_batch * seq_len, seq_len, n_devices
-        self.fpt, self.device, self.peak = flops_per_token, device, device_peak_flops(device)
+        self.fpt, self.device = flops_per_token, device
+        fraction = fp8_flops_per_token / flops_per_token if flops_per_token else 0.0
+        self.peak = blended_peak(device_peak_flops(device), _lookup(PEAK_FP8_TFLOPS, device), fraction)
 
     def row(self, step: int, loss: float, lr: float, grad_norm: float, samples: int, dt: float, skipped: bool) -> dict:
         tps = self.tokens_per_step / dt

@@ -84,7 +84,7 @@ class Trainer:
         self.log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
         self.step, self.samples, self.bad = 0, 0, 0
         self.step_metrics = StepMetrics(cfg.train.global_batch_size, cfg.data.seq_len, world,
-                                        engine.flops_per_token, device)
+                                        engine.flops_per_token, device, engine.fp8_flops_per_token)
         self.nan_steps, self.kill_steps = fault_steps("nan"), fault_steps("kill")
         self.metrics: MetricsLogger | None = None
         self.stop: StopSignal | None = None

@@ -68,3 +68,23 @@ def test_bad_float8_settings_are_one_line(synth_data, tmp_path, capsys, extra, k
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: {key}"), err
     assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+
+
+def test_mfu_peak_blends_bf16_and_float8_by_the_converted_flops():
+    """MFU with train.float8 measures against the peak the step could reach: the converted linears' FLOPs at the
+    float8 peak, the rest at bf16's (harmonic blend); the converted FLOPs are 6 x their weights."""
+    from llmforge.core.config import RunConfig, load_config
+    from llmforge.model.presets import model_args
+    from llmforge.parallel.float8 import float8_flops_per_token
+    from llmforge.train.metrics import PEAK_BF16_TFLOPS, PEAK_FP8_TFLOPS, blended_peak
+    assert PEAK_FP8_TFLOPS["H100"] == 2 * PEAK_BF16_TFLOPS["H100"] and "A100" not in PEAK_FP8_TFLOPS
+    assert blended_peak(1.0, 2.0, 0.0) == 1.0 and blended_peak(1.0, 2.0, 1.0) == 2.0
+    assert blended_peak(1.0, 2.0, 0.5) == pytest.approx(4 / 3)
+    assert blended_peak(1.0, None, 0.5) is None and blended_peak(None, 2.0, 0.5) is None
+    cfg = load_config(RunConfig, TINY, [*F8])
+    margs = model_args(cfg.model, 64)  # tiny: dim 64, 2 layers, kv 2 x 16, ffn 176
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 176
+    assert float8_flops_per_token(cfg, margs) == 6 * 2 * per_layer
+    lora = load_config(RunConfig, TINY, [*F8, "train.lora.rank=4", "train.lora.targets=[wq,wv]"])
+    assert float8_flops_per_token(lora, margs) == 6 * 2 * (per_layer - 64 * 64 - 64 * 32)
+    assert float8_flops_per_token(load_config(RunConfig, TINY, []), margs) == 0.0

@@ -41,6 +41,7 @@ class Engine(abc.ABC):
     dp_rank: int = 0            # index of this rank's slice of the global batch
     n_params: int = 0
     flops_per_token: float = 0.0
+    fp8_flops_per_token: float = 0.0  # the part of flops_per_token in float8 linears (MFU against a blended peak)
 
     @classmethod
     def check_config(cls, cfg) -> None:

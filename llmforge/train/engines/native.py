@@ -17,7 +17,8 @@ from llmforge.core.muon import describe_split
 from llmforge.core.optim import build_optimizer, set_lr
 from llmforge.parallel import build_mesh, resolve_dims
 from llmforge.parallel.build import build_parallel_model, meta_model
-from llmforge.parallel.float8 import check_float8_device, check_float8_targets, describe_float8
+from llmforge.parallel.float8 import (check_float8_device, check_float8_targets, describe_float8,
+                                      float8_flops_per_token)
 from llmforge.core.safe_pickle import UnsafePickleError
 
 from .base import Engine, TrainState
@@ -69,6 +70,7 @@ class NativeEngine(Engine):
             load_init_weights(self.pm.parts, cfg.train.init_from)
         meta = meta_model(plan.margs)  # shapes only: counts without memory
         self.n_params, self.flops_per_token = num_params(meta), flops_per_token(meta, cfg.data.seq_len)
+        self.fp8_flops_per_token = float8_flops_per_token(cfg, plan.margs)
         self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
         self.dp_rank = self.dp_mesh.get_local_rank()
         self.ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
