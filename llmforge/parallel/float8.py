@@ -51,7 +51,7 @@ def check_float8_device(cfg, device_type: str) -> None:
             raise ConfigError(f"train.float8: this GPU (compute capability {cap[0]}.{cap[1]}) has no float8 "
                               "tensor cores (8.9+: Ada, Hopper, Blackwell); drop train.float8")
     try:
-        import torchao.float8  # noqa: F401
+        _torchao_float8()
     except ImportError:
         raise ConfigError("train.float8 needs torchao: pip install torchao") from None
 
@@ -73,6 +73,16 @@ def float8_flops_per_token(cfg, margs) -> float:
     return 6.0 * margs.n_layers * per_layer
 
 
+def _torchao_float8():
+    """torchao's float8 API. Without CUDA its CUDA kernels cannot load and torchao logs a warning per file at
+    import; emulation does not use them, so that warning is silenced there (on a GPU it stays)."""
+    import logging
+    if not torch.cuda.is_available():
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    return Float8LinearConfig, convert_to_float8_training
+
+
 def _is_target(module: nn.Module, fqn: str) -> bool:
     return (isinstance(module, nn.Linear) and fqn.startswith("layers.") and not hasattr(module, "lora_a")
             and _fits((module.in_features, module.out_features)))
@@ -80,7 +90,7 @@ def _is_target(module: nn.Module, fqn: str) -> bool:
 
 def apply_float8(model: nn.Module, recipe: str, emulate: bool, fsdp: bool) -> list[str]:
     """Convert the target linears in place; returns their names."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    Float8LinearConfig, convert_to_float8_training = _torchao_float8()
     config = Float8LinearConfig.from_recipe_name(recipe)
     all_gather = fsdp and recipe == "tensorwise" and not emulate  # float8 all-gather: NCCL (gloo has no float8)
     config = dataclasses.replace(config, emulate=emulate, enable_fsdp_float8_all_gather=all_gather)
