@@ -20,7 +20,7 @@ import tempfile
 
 from _common import ROOT, emit, median
 
-GRIDS = {"adamw": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], "muon": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]}
+GRIDS = {"adamw": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], "muon": [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]}
 
 
 def prepare_data(out: str) -> str:
