@@ -32,6 +32,9 @@ class ModelConfig:
     rope_theta: float = opt(0.0, "RoPE base (0: from the preset)", ge=0)
     norm_eps: float = opt(0.0, "RMSNorm/LayerNorm epsilon (0: from the preset)", ge=0)
     tie_embeddings: Optional[bool] = opt(None, "share input embedding and output projection (null: from the preset)")
+    qk_norm: Optional[bool] = opt(None, "RMSNorm of each query and key head before RoPE, as Qwen3 (llama family; "
+                                        "null: from the preset)")
+    head_dim: int = opt(0, "width of each attention head (0: from the preset, or dim / n_heads)", ge=0)
 
 
 @dataclasses.dataclass

@@ -1,16 +1,23 @@
-"""One Hugging Face adapter per model family (``llama``, ``gpt2``: names, state dicts and config.json both ways),
-chosen by ``ModelArgs.family`` or config.json's ``model_type``, and the one shape check every import uses. A new
-family is one module with the same five names (MODEL_TYPE, to_hf, from_hf, config, args_from_config)."""
+"""One Hugging Face adapter per model family (``llama``, ``qwen3``, ``gpt2``: names, state dicts and config.json
+both ways), chosen by the model shape (``adapter_of``) or config.json's ``model_type``, and the one shape check
+every import uses. A new family is one module with the same five names (MODEL_TYPE, to_hf, from_hf, config,
+args_from_config)."""
 from __future__ import annotations
 
 import torch
 
 from llmforge.model.blocks import ModelArgs
 
-from . import gpt2, llama
+from . import gpt2, llama, qwen3
 
-ADAPTERS = {m.MODEL_TYPE: m for m in (llama, gpt2)}
-SHAPE_KEYS = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings")
+ADAPTERS = {m.MODEL_TYPE: m for m in (llama, qwen3, gpt2)}
+SHAPE_KEYS = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings",
+              "qk_norm", "head_dim")
+
+
+def adapter_of(args: ModelArgs):
+    """The adapter of a model shape: Qwen3 for a Llama with q/k norms, else the family's."""
+    return qwen3 if args.qk_norm else ADAPTERS[args.family]
 
 
 def shape_diff(want: ModelArgs, got: ModelArgs, keys=SHAPE_KEYS) -> list[str]:
@@ -19,23 +26,23 @@ def shape_diff(want: ModelArgs, got: ModelArgs, keys=SHAPE_KEYS) -> list[str]:
 
 
 def llama_names(args: ModelArgs) -> dict[str, str]:
-    """Our Llama parameter names -> HF's (the lazy reader of llmforge.hf.load reads tensors by them)."""
+    """Our Llama / Qwen3 parameter names -> HF's (the lazy reader of llmforge.hf.load reads tensors by them)."""
     return llama.names(args)
 
 
 def to_hf(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names (a tied output weight is omitted, as HF stores it)."""
-    return {k: v.detach().contiguous() for k, v in ADAPTERS[args.family].to_hf(args, sd).items()}
+    return {k: v.detach().contiguous() for k, v in adapter_of(args).to_hf(args, sd).items()}
 
 
 def from_hf(args: ModelArgs, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF state dict -> our names (the inverse of ``to_hf``)."""
-    return {k: v.contiguous() for k, v in ADAPTERS[args.family].from_hf(args, hf).items()}
+    return {k: v.contiguous() for k, v in adapter_of(args).from_hf(args, hf).items()}
 
 
 def hf_config(args: ModelArgs, special: dict, dtype: str = "float32") -> dict:
     """config.json of the export (``special``: bos/eos/pad token ids)."""
-    return ADAPTERS[args.family].config(args, special, dtype)
+    return adapter_of(args).config(args, special, dtype)
 
 
 def args_from_hf_config(c: dict) -> ModelArgs:

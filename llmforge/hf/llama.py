@@ -13,12 +13,16 @@ LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
          "ffn_norm": "post_attention_layernorm"}
 
 
+QK_NORM = {"attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm"}  # Qwen3
+
+
 def names(args: ModelArgs) -> dict[str, str]:
     """Our parameter names -> HF's (the tied output weight maps to the embedding, as HF ties it)."""
     out = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"}
+    layer = {**LAYER, **(QK_NORM if args.qk_norm else {})}
     for i in range(args.n_layers):
-        for ours, hf in LAYER.items():
+        for ours, hf in layer.items():
             out[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
     return out
 
@@ -53,9 +57,9 @@ def args_from_config(c: dict) -> ModelArgs:
         if c.get(key, want) != want:
             raise ValueError(f"config.json: {key}={c[key]!r} is not supported (llmforge Llama uses {want!r})")
     heads = c["num_attention_heads"]
-    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-        raise ValueError(f"config.json: head_dim={c['head_dim']} != hidden_size / num_attention_heads")
-    return ModelArgs(family="llama", dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return ModelArgs(family="llama", attn_head_dim=0 if head_dim * heads == c["hidden_size"] else head_dim,
+                     dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
                      n_kv_heads=c.get("num_key_value_heads") or heads, ffn_dim=c["intermediate_size"],
                      vocab_size=c["vocab_size"], max_seq_len=c.get("max_position_embeddings", 2048),
                      rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),

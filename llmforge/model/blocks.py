@@ -27,10 +27,16 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qk_norm: bool = False          # Qwen3: RMSNorm of each query and key head before RoPE (llama family)
+    attn_head_dim: int = 0         # per-head width (0: dim // n_heads); Qwen3 uses 128 with 64 heads on 4096
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
+
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:  # model.head_dim (0: dim // n_heads)
+        self.attn_head_dim = value
 
     @property
     def bias(self) -> bool:
@@ -85,6 +91,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.bias)
         self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=args.bias)
+        if args.qk_norm:  # per head, weights shared by the heads (Qwen3)
+            self.q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
 
     def forward(self, x, cos=None, sin=None, cache: KVCache | None = None, start_pos: int = 0):
         bsz, seqlen, _ = x.shape
@@ -92,6 +101,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seqlen, -1, hd)
         k = self.wk(x).view(bsz, seqlen, -1, hd)
         v = self.wv(x).view(bsz, seqlen, -1, hd)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -153,3 +164,6 @@ def init_block(block: TransformerBlock, n_layers: int) -> None:
     init_linear(block.feed_forward.w2, out_std)
     for norm in (block.attention_norm, block.ffn_norm):
         norm.reset_parameters()
+    if block.attention.args.qk_norm:
+        block.attention.q_norm.reset_parameters()
+        block.attention.k_norm.reset_parameters()

@@ -27,7 +27,7 @@ PRESETS: dict[str, ModelArgs] = {
 
 # Where the config (llmforge.core.config.ModelConfig) says 0/None, the preset's value is kept.
 OVERRIDABLE = ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
-                "rope_theta", "norm_eps", "tie_embeddings")
+                "rope_theta", "norm_eps", "tie_embeddings", "qk_norm", "head_dim")
 
 
 def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
@@ -37,7 +37,7 @@ def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     args = dataclasses.replace(PRESETS[model_cfg.preset])
     for key in OVERRIDABLE:
         value = getattr(model_cfg, key)
-        unset = value is None if key == "tie_embeddings" else value in (0, 0.0, "")  # False is a real choice
+        unset = value is None if key in ("tie_embeddings", "qk_norm") else value in (0, 0.0, "")  # False: a choice
         if not unset:
             setattr(args, key, value)
     if args.vocab_size <= 0:

@@ -17,8 +17,10 @@ class Transformer(nn.Module):
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError("model vocab_size must be > 0 (set model.vocab_size or train on tokenized data)")
-        if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+        if (args.dim % args.n_heads and not args.attn_head_dim) or args.n_heads % args.n_kv_heads:
             raise ValueError(f"dim {args.dim} / n_heads {args.n_heads} / n_kv_heads {args.n_kv_heads} do not divide")
+        if args.qk_norm and args.family == "gpt2":
+            raise ValueError("model.qk_norm is a Llama-family option (Qwen3); gpt2 has no per-head norms")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim) if args.family == "gpt2" else None
@@ -90,9 +92,10 @@ def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
     """Training FLOPs per token: 6 x non-embedding params plus the attention score/value term
-    12 * layers * dim * seq_len (PaLM appendix B; what torchtitan uses). The output projection is a matmul and
-    always counts, also when it shares its weight with the (counted-once) input embedding."""
+    12 * layers * n_heads * head_dim * seq_len (PaLM appendix B, where n_heads * head_dim is usually dim; what
+    torchtitan uses). The output projection is a matmul and always counts, also when it shares its weight with
+    the (counted-once) input embedding."""
     args = model.args
     n_embed = num_params(model) - num_params(model, exclude_embeddings=True)
     matmul_params = num_params(model) - n_embed + (args.vocab_size * args.dim if args.tie_embeddings else 0)
-    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
+    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len

@@ -82,6 +82,9 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
                             ("ffn_dim", a.ffn_dim)):
             _check(value % tp == 0, f"parallel.tp={tp} does not divide model {name}={value}")
         _check(pp <= a.n_layers, f"parallel.pp={pp} exceeds model n_layers={a.n_layers}")
+        # a q/k norm weight is shared by all heads: under TP each rank would see only its heads' gradient
+        _check(not (a.qk_norm and tp > 1), "model.qk_norm with parallel.tp>1 is not supported yet (the per-head "
+               "norms' gradients are not reduced over the tensor-parallel group): use data parallel, FSDP or PP")
         # multi-stage schedules may give the embedding or the output head a stage of its own
         _check(pp * spr <= a.n_layers + 2,
                f"parallel.pp={pp} with {pcfg.pp_schedule} needs {pp * spr} stages but the model has only "

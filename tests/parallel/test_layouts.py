@@ -93,6 +93,8 @@ VARIANTS = {  # id: (model overrides shared with the reference, processes, layou
     "gpt2_tied_zero3_tp2": (["model.preset=tiny-gpt2"], 4, [*TP2, *Z3]),
     "gpt2_untied_pp2_tp2_sp": (["model.family=gpt2"], 4, [*PP2, *TP2]),  # position embeddings on stage 0 under SP
     "odd_vocab_65_tp2": (["model.vocab_size=65"], 2, TP2),                # uneven vocabulary shards
+    "qwen3_qk_norm_zero3_dp2": (["model.qk_norm=true", "model.head_dim=32"], 2, Z3),  # per-head norms, wide heads
+    "qwen3_qk_norm_pp2": (["model.qk_norm=true", "model.head_dim=32"], 2, PP2),
 }
 
 
