@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 from llmforge.checkpoint.checkpointer import list_checkpoints, load_newest
 from llmforge.checkpoint.integrity import CheckpointError, DamagedCheckpoint, reading, verify
+from llmforge.core.params import canonical_name
 from llmforge.core.safe_pickle import UnsafePickleError, safe_torch_load, weights_only_loads
 
-WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # recompute / compile wrappers add these to names
 
 
 class DeepSpeedLoadError(RuntimeError):
@@ -141,12 +141,8 @@ def checked(path: str):
 
 
 def _clean(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for w in WRAPPERS:
-            k = k.replace(w, "")
-        out[k.removeprefix("module.")] = v
-    return out
+    """Our plain parameter names (the recompute / compile wrappers' prefixes removed)."""
+    return {canonical_name(k): v for k, v in sd.items()}
 
 
 def _pipeline_state(path: str, n_layers: int) -> dict:

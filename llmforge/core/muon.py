@@ -23,7 +23,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .params import trainable_parameters
+from .params import name_kinds, trainable_parameters
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -139,10 +139,5 @@ def build_muon(model_parts, tcfg, adamw_groups: list[dict]) -> Muon:
 
 def describe_split(model_parts) -> str:
     """One start-up line: which parameter kinds (layer index dropped) take Muon and which AdamW, with counts."""
-    import re
     muon, adamw = muon_names(model_parts)
-
-    def kinds(names):
-        plain = (re.sub(r"_checkpoint_wrapped_module\.|_orig_mod\.|^module\.", "", n) for n in names)
-        return ", ".join(sorted({re.sub(r"(^|\.)layers\.\d+\.", r"\1", n).removesuffix(".weight") for n in plain}))
-    return f"muon: {len(muon)} matrices ({kinds(muon)}); adamw: {len(adamw)} tensors ({kinds(adamw)})"
+    return f"muon: {len(muon)} matrices ({name_kinds(muon)}); adamw: {len(adamw)} tensors ({name_kinds(adamw)})"

@@ -19,17 +19,11 @@ import math
 
 import torch
 
+from llmforge.core.params import canonical_name
+
 from .blocks import ModelArgs
 
 BLOCK_ELEMENTS = 1 << 22  # values per RNG block (16 MiB of fp32): bounds the transient memory of one draw
-_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """The parameter's name in the plain model (activation-checkpoint / compile / DDP wrappers removed)."""
-    for w in _WRAPPERS:
-        name = name.replace(w, "")
-    return name.removeprefix("module.")
 
 
 def init_spec(name: str, args: ModelArgs) -> tuple[str, float]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from llmforge.core.config import ConfigError
+from llmforge.core.params import canonical_name, name_kinds
 
 RECIPES = ("tensorwise", "rowwise")
 
@@ -101,14 +102,11 @@ def apply_float8(model: nn.Module, recipe: str, emulate: bool, fsdp: bool) -> li
 
 def converted(model_parts) -> list[str]:
     """Names of the Float8Linear modules in these parts (wrapper prefixes dropped)."""
-    import re
-    return [re.sub(r"_checkpoint_wrapped_module\.|_orig_mod\.|^module\.", "", name)
-            for part in model_parts for name, m in part.named_modules() if type(m).__name__ == "Float8Linear"]
+    return [canonical_name(name) for part in model_parts for name, m in part.named_modules()
+            if type(m).__name__ == "Float8Linear"]
 
 
 def describe_float8(model_parts) -> str:
     """One start-up line: how many linears run in float8, of which kinds (layer index dropped)."""
-    import re
     names = converted(model_parts)
-    kinds = sorted({re.sub(r"^layers\.\d+\.", "", n) for n in names})
-    return f"float8: {len(names)} linears ({', '.join(kinds)})"
+    return f"float8: {len(names)} linears ({name_kinds(names)})"
