@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import glob
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
@@ -102,17 +103,9 @@ def remove_temp_files(out: str, work: str) -> None:
 _POOL_CTX = None  # the context seen by forked workers
 
 
-def _pool_task(args):
-    stage, rank = args
-    try:
-        return rank, run_task(_POOL_CTX, stage, rank)
-    except Exception as e:  # noqa: BLE001 - re-raised in the parent with the task named
-        raise task_error(stage.name, rank, e) from None
-
-
 def die_with_parent(parent_pid: int) -> None:
     """This process gets SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG): a ``kill -9`` of the run's
-    main process must not leave pool workers writing into work/ behind it. A parent already gone (it died between
+    main process must not leave workers writing into work/ behind it. A parent already gone (it died between
     the fork and this call) ends it now."""
     if sys.platform.startswith("linux"):
         try:
@@ -123,12 +116,71 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _pool_worker_init(parent_pid: int) -> None:
-    """Pool.terminate() ends idle workers with SIGTERM. A Python-level handler (the CLI's, inherited by fork) only
-    runs between bytecodes: a SIGTERM that lands just before a worker blocks on the task queue's lock is never
-    handled, and the pool's join waits forever (seen once in ~50 runs). The default action ends the worker at once."""
+def _worker_main(conn, stage: Stage, parent_pid: int) -> None:
+    """One forked worker: run the ranks the parent sends over ``conn`` until it sends None; answer each with
+    (rank, error or None). SIGTERM keeps its default action (the CLI's handler, inherited by fork, would only run
+    between bytecodes)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills the workers
     die_with_parent(parent_pid)
+    while (rank := conn.recv()) is not None:
+        try:
+            run_task(_POOL_CTX, stage, rank)
+            conn.send((rank, None))
+        except Exception as e:  # noqa: BLE001 - re-raised in the parent with the task named
+            conn.send((rank, task_error(stage.name, rank, e)))
+
+
+class _Workers:
+    """``n`` forked workers, each fed one rank at a time over its own pipe. Nothing is shared between processes
+    but the pipes, so a worker killed at any moment cannot leave a lock held: multiprocessing.Pool's terminate
+    could hang forever on its result queue's lock when a worker died holding it."""
+
+    def __init__(self, n: int, stage: Stage):
+        ctx = multiprocessing.get_context("fork")
+        self.procs, self.conns = [], []
+        for _ in range(n):
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(child_end, stage, os.getpid()), daemon=True)
+            p.start()
+            child_end.close()
+            self.procs.append(p)
+            self.conns.append(parent_end)
+
+    def run(self, stage: Stage, ranks: list[int], on_done: Callable[[], None]) -> None:
+        todo, busy = list(ranks), {}
+        for conn, proc in list(zip(self.conns, self.procs))[:len(todo)]:
+            conn.send(todo.pop(0))
+            busy[conn] = proc
+        while busy:
+            by_sentinel = {p.sentinel: c for c, p in busy.items()}
+            for ready in multiprocessing.connection.wait(list(busy) + list(by_sentinel)):
+                conn = by_sentinel.get(ready, ready)
+                if conn not in busy:
+                    continue  # its worker's pipe and sentinel were both ready: handled once
+                try:
+                    rank, err = conn.recv()
+                except EOFError:  # the worker died without answering (killed, out of memory)
+                    raise PipelineError(f"stage {stage.name}: a worker process died (exit code "
+                                        f"{busy[conn].exitcode}) while running a task") from None
+                if err is not None:
+                    raise err
+                on_done()
+                if todo:
+                    conn.send(todo.pop(0))
+                else:
+                    conn.send(None)  # it exits
+                    del busy[conn]
+
+    def close(self, kill: bool) -> None:
+        """Wait for every worker (killed first if ``kill``: after a failed task), so that nothing writes into
+        work/ once this returns."""
+        for p in self.procs:
+            if kill and p.exitcode is None:
+                p.kill()
+            p.join()
+        for conn in self.conns:
+            conn.close()
 
 
 class LocalExecutor:
@@ -161,11 +213,13 @@ class LocalExecutor:
                     raise task_error(stage.name, r, e) from e
                 bar.update(1)
             return
-        _POOL_CTX = ctx  # forked workers inherit it; nothing is pickled but (stage, rank)
-        with multiprocessing.get_context("fork").Pool(n_proc, initializer=_pool_worker_init,
-                                                      initargs=(os.getpid(),)) as pool:
-            for _ in pool.imap_unordered(_pool_task, [(stage, r) for r in pending]):
-                bar.update(1)
+        _POOL_CTX = ctx  # forked workers inherit it; nothing is pickled but ranks and results
+        workers, failed = _Workers(n_proc, stage), True
+        try:
+            workers.run(stage, pending, lambda: bar.update(1))
+            failed = False
+        finally:
+            workers.close(kill=failed)
 
 
 class SlurmExecutor:

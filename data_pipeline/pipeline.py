@@ -170,6 +170,7 @@ def run(cfg, config_path: str | None = None) -> dict:
         if e.keep_work:
             raise
         stop_recording()
+        remove_temp_files(ctx.out, ctx.work)  # of workers killed mid-write when another task failed: never listed
         remove_owned(ctx.out, FINAL_OUTPUTS, created, protected(ctx))  # only what it wrote; the user's files stay
         raise
     finally:
