@@ -17,6 +17,29 @@ from llmforge.common.typed_config import (  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------- trainer schema
 @dataclasses.dataclass
+class MoEConfig:
+    """Mixture of experts (llmforge/model/moe.py). Unset values (0, "", null, -1) keep the preset's."""
+    num_experts: int = opt(0, "routed experts per MoE block (0: from the preset; a dense preset stays dense)", ge=0)
+    top_k: int = opt(0, "experts each token is routed to (0: from the preset, else 2)", ge=0)
+    ffn_dim: int = opt(0, "hidden size of each expert (0: from the preset, else model.ffn_dim)", ge=0)
+    shared_experts: int = opt(-1, "always-on shared experts of ffn_dim each, DeepSeek style (-1: from the preset, "
+                                  "else 0)", ge=0, also=(-1,))
+    score: str = opt("", "router scores: softmax | sigmoid (empty: from the preset, else softmax)")
+    balance: str = opt("", "load balancing: aux_loss (per-sequence Switch loss) | bias (DeepSeek-V3 "
+                           "auxiliary-loss-free expert bias) | none (empty: from the preset, else aux_loss)")
+    aux_loss_coef: float = opt(-1.0, "weight of the auxiliary balance loss (-1: from the preset, else 0.01)",
+                               ge=0, also=(-1.0,))
+    norm_topk: Optional[bool] = opt(None, "renormalise the top-k weights to sum 1, as Qwen3-MoE (null: preset, "
+                                          "else true)")
+    route_scale: float = opt(0.0, "factor on the routing weights (0: from the preset, else 1)", ge=0)
+    dense_layers: int = opt(-1, "leading blocks that stay dense (-1: from the preset, else 0)", ge=0, also=(-1,))
+    interval: int = opt(0, "after the dense ones, every interval-th block is MoE (0: from the preset, else 1)",
+                        ge=0)
+    bias_update_rate: float = opt(0.0, "balance=bias: step of each expert bias per optimizer step, towards the "
+                                       "mean load (0: from the preset, else 1e-3)", ge=0)
+
+
+@dataclasses.dataclass
 class ModelConfig:
     preset: str = opt("tiny", "model preset from llmforge.model.presets (tiny, gpt2-124m, llama-1b, llama-8b, llama-70b); "
                               "fields set below override it")
@@ -35,6 +58,7 @@ class ModelConfig:
     qk_norm: Optional[bool] = opt(None, "RMSNorm of each query and key head before RoPE, as Qwen3 (llama family; "
                                         "null: from the preset)")
     head_dim: int = opt(0, "width of each attention head (0: from the preset, or dim / n_heads)", ge=0)
+    moe: MoEConfig = opt(MoEConfig(), "mixture of experts (model.moe.num_experts > 0)")
 
 
 @dataclasses.dataclass
@@ -117,6 +141,8 @@ class ParallelConfig:
     dp_replicate: int = opt(-1, "ranks holding full replicas (-1: whatever the world size leaves)", ge=1, also=(-1,))
     dp_shard: int = opt(1, "ranks sharding parameters with FSDP2 (zero_stage 2/3)", ge=1)
     tp: int = opt(1, "tensor-parallel degree (with sequence parallel)", ge=1)
+    ep: int = opt(1, "expert-parallel degree: MoE experts sharded over this many of the dp_shard ranks "
+                     "(divides dp_shard and model.moe.num_experts; llmforge/parallel/expert_parallel.py)", ge=1)
     pp: int = opt(1, "pipeline-parallel stages", ge=1)
     zero_stage: int = opt(0, "0 DDP AllReduce | 1 +sharded optimizer | 2 FSDP2 keep params | 3 FSDP2 reshard",
                           ge=0, le=3)

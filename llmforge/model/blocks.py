@@ -7,11 +7,13 @@ attention reshapes with ``-1`` heads so it works unchanged when TP leaves a rank
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .moe import MoE, MoEArgs
 
 
 @dataclass
@@ -29,6 +31,7 @@ class ModelArgs:
     tie_embeddings: bool = False
     qk_norm: bool = False          # Qwen3: RMSNorm of each query and key head before RoPE (llama family)
     attn_head_dim: int = 0         # per-head width (0: dim // n_heads); Qwen3 uses 128 with 64 heads on 4096
+    moe: MoEArgs = field(default_factory=MoEArgs)  # num_experts 0: every block dense
 
     @property
     def head_dim(self) -> int:
@@ -135,16 +138,20 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Attention and a feed-forward: dense (``feed_forward``) or mixture-of-experts (``moe``, by layer index)."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.attention_norm = make_norm(args)
         self.attention = Attention(args)
         self.ffn_norm = make_norm(args)
-        self.feed_forward = FeedForward(args)
+        sparse = args.moe.is_moe_layer(layer)
+        self.feed_forward = None if sparse else FeedForward(args)
+        self.moe = MoE(args.dim, args.ffn_dim, args.moe) if sparse else None
 
     def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + (self.moe or self.feed_forward)(self.ffn_norm(x))
 
 
 def init_linear(module: nn.Linear, std: float) -> None:
@@ -156,12 +163,23 @@ def init_linear(module: nn.Linear, std: float) -> None:
 def init_block(block: TransformerBlock, n_layers: int) -> None:
     """GPT-2/Megatron scaled init: residual output projections get std 0.02 / sqrt(2 * n_layers)."""
     out_std = 0.02 / math.sqrt(2 * n_layers)
-    for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1):
+    for lin in (block.attention.wq, block.attention.wk, block.attention.wv):
         init_linear(lin, 0.02)
-    if block.feed_forward.w3 is not None:
-        init_linear(block.feed_forward.w3, 0.02)
     init_linear(block.attention.wo, out_std)
-    init_linear(block.feed_forward.w2, out_std)
+    if block.feed_forward is not None:
+        init_linear(block.feed_forward.w1, 0.02)
+        if block.feed_forward.w3 is not None:
+            init_linear(block.feed_forward.w3, 0.02)
+        init_linear(block.feed_forward.w2, out_std)
+    if block.moe is not None:
+        moe = block.moe
+        for w, std in ((moe.router.gate.weight, 0.02), (moe.experts.w1, 0.02), (moe.experts.w3, 0.02),
+                       (moe.experts.w2, out_std)):
+            nn.init.normal_(w, std=std)
+        if moe.shared is not None:
+            for lin, std in ((moe.shared.w1, 0.02), (moe.shared.w3, 0.02), (moe.shared.w2, out_std)):
+                init_linear(lin, std)
+        moe.reset_buffers()
     for norm in (block.attention_norm, block.ffn_norm):
         norm.reset_parameters()
     if block.attention.args.qk_norm:

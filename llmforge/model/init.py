@@ -43,9 +43,10 @@ def init_spec(name: str, args: ModelArgs) -> tuple[str, float]:
         return "normal", 0.01
     if name == "output.weight":
         return "normal", args.dim ** -0.5
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "moe.shared.w2.weight", "moe.experts.w2")):
         return "normal", 0.02 / math.sqrt(2 * args.n_layers)
-    if name.endswith((".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight")):
+    if name.endswith((".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight", "moe.router.gate.weight",
+                      "moe.experts.w1", "moe.experts.w3")):
         return "normal", 0.02
     raise ValueError(f"no initialisation rule for parameter {name!r}")
 
@@ -90,12 +91,20 @@ def normal_values(seed: int, name: str, shape: tuple[int, int], std: float, rows
 def fill_(tensor: torch.Tensor, name: str, args: ModelArgs, seed: int, global_shape: tuple[int, ...] | None = None,
           rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
     """Write parameter ``name``'s initial value into ``tensor``: the whole parameter, or (for a shard) the rows
-    ``rows`` x columns ``cols`` of the ``global_shape`` tensor."""
+    ``rows`` x columns ``cols`` of the ``global_shape`` tensor (for stacked experts: experts ``rows`` x their
+    dim-1 indices ``cols``)."""
     kind, std = init_spec(name, args)
     if kind == "ones":
         tensor.fill_(1.0)
     elif kind == "zeros":
         tensor.zero_()
+    elif tensor.dim() == 3:  # stacked experts (E, A, B): drawn as the 2-D (E * A, B), row e * A + a
+        e, a, b = tuple(global_shape or tensor.shape)
+        experts = torch.arange(e) if rows is None else rows.cpu()
+        inner = torch.arange(a) if cols is None else cols.cpu()
+        flat_rows = (experts[:, None] * a + inner[None, :]).flatten()
+        values = normal_values(seed, name, (e * a, b), std, flat_rows, device=tensor.device)
+        tensor.copy_(values.view(tensor.shape))
     else:
         if tensor.dim() != 2:
             raise ValueError(f"{name}: normal init expects a 2-D weight, got shape {tuple(tensor.shape)}")

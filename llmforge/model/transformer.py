@@ -19,12 +19,14 @@ class Transformer(nn.Module):
             raise ValueError("model vocab_size must be > 0 (set model.vocab_size or train on tokenized data)")
         if (args.dim % args.n_heads and not args.attn_head_dim) or args.n_heads % args.n_kv_heads:
             raise ValueError(f"dim {args.dim} / n_heads {args.n_heads} / n_kv_heads {args.n_kv_heads} do not divide")
+        if args.moe.num_experts and args.family == "gpt2":
+            raise ValueError("model.moe is a Llama-family option (SwiGLU experts); gpt2 blocks stay dense")
         if args.qk_norm and args.family == "gpt2":
             raise ValueError("model.qk_norm is a Llama-family option (Qwen3); gpt2 has no per-head norms")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim) if args.family == "gpt2" else None
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.norm = make_norm(args)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -77,25 +79,31 @@ class Transformer(nn.Module):
                 for _ in self.layers]
 
 
-def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Exact count of unique parameters (tied weights counted once)."""
+def num_params(model: nn.Module, exclude_embeddings: bool = False, active: bool = False) -> int:
+    """Exact count of unique parameters (tied weights counted once). ``active``: a routed expert's weights count
+    top_k / num_experts of their size (what one token uses), as published "active parameters" do."""
     seen, total = set(), 0
+    moe = getattr(model, "args", None) and model.args.moe
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         if exclude_embeddings and ("tok_embeddings" in name or "pos_embeddings" in name):
             continue
-        total += p.numel()
+        n = p.numel()
+        if active and moe and ".moe.experts." in name:
+            n = n * moe.top_k // moe.num_experts
+        total += n
     return total
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params plus the attention score/value term
+    """Training FLOPs per token: 6 x non-embedding *active* params (a token passes k of the routed experts) plus the attention score/value term
     12 * layers * n_heads * head_dim * seq_len (PaLM appendix B, where n_heads * head_dim is usually dim; what
     torchtitan uses). The output projection is a matmul and always counts, also when it shares its weight with
     the (counted-once) input embedding."""
     args = model.args
     n_embed = num_params(model) - num_params(model, exclude_embeddings=True)
-    matmul_params = num_params(model) - n_embed + (args.vocab_size * args.dim if args.tie_embeddings else 0)
+    matmul_params = num_params(model, active=True) - n_embed + (args.vocab_size * args.dim if args.tie_embeddings
+                                                                else 0)
     return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len

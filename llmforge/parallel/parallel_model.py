@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from llmforge.data.streams import validation_batches
+from llmforge.model.moe import moe_layers
 from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
 
 
@@ -38,6 +39,11 @@ class ParallelModel:
                          loss_fn) -> torch.Tensor:
         """One optimizer step's forward/backward over the local batch; the mean loss (valid on the last stage,
         zero elsewhere)."""
+        # an MoE auxiliary loss is scaled like its micro batch's LM loss: 1/accum here; the pipeline schedule
+        # divides all gradients by its microbatch count itself (scale_grads)
+        for part in self.parts:
+            for _, moe in moe_layers(part):
+                moe.aux_grad_scale = 1.0 if self.schedule is not None else 1.0 / accum
         if self.schedule is not None:
             from llmforge.parallel.pipeline import pipeline_forward_backward
             return pipeline_forward_backward(self, inputs, targets, amp)

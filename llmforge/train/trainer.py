@@ -22,6 +22,7 @@ from llmforge.core.optim import lr_factor
 from llmforge.train.components import Benchmarks, Checkpoints, Validation
 from llmforge.train.engines.base import Engine, TrainState, TrainingError
 from llmforge.train.metrics import MetricsLogger, StepMetrics, plot_run
+from llmforge.train.moe_balance import MoEBalance
 from llmforge.train.run_guard import (PREEMPTED_EXIT, RunLock, StopSignal, check_run_dir, check_run_dir_owner,
                                       die_with_parent, write_fingerprint)
 from llmforge.train.run_plan import RunPlan, plan_run, with_expanded_paths
@@ -99,6 +100,8 @@ class Trainer:
             Validation(engine, plan.valid, plan.eval_batches, t.eval_interval, t.steps, lambda r: self.metrics.log(r)),
             Benchmarks(cfg.eval.tasks, cfg.eval.interval or t.eval_interval, t.steps, self.benchmark),
             self.checkpoints]
+        self.moe = (MoEBalance(engine.model_parts(), plan.margs, cfg.parallel.pp, device)
+                    if plan.margs.moe.num_experts else None)
 
     def stop_requested(self) -> int:
         """The signal number when any rank got SIGTERM/SIGUSR1. Ranks agree (all-reduce) on the steps that read
@@ -128,11 +131,15 @@ class Trainer:
         if not self.is_log_step(self.step + 1) and engine.optim_step_async(finite):
             self.bad_t = torch.where(finite, 0, self.bad_t + 1)
             self.bad_peak_t = torch.maximum(self.bad_peak_t, self.bad_t)  # a run of skips between two logs
-            return {"loss": loss, "lr": lr, "norm": norm, "applied": None}
+            return {"loss": loss, "lr": lr, "norm": norm, "applied": None, "moe": self.moe_step(finite)}
         applied = engine.optim_step(apply=bool(finite.item()))
         self.bad_t = torch.zeros_like(self.bad_t) if applied else self.bad_t + 1
         self.bad_peak_t = torch.maximum(self.bad_peak_t, self.bad_t)
-        return {"loss": loss, "lr": lr, "norm": norm, "applied": applied}
+        return {"loss": loss, "lr": lr, "norm": norm, "applied": applied, "moe": self.moe_step(finite)}
+
+    def moe_step(self, finite: torch.Tensor) -> dict:
+        """Expert load metrics (on logged steps) and the balance=bias update (llmforge/train/moe_balance.py)."""
+        return self.moe.after_step(finite, self.is_log_step(self.step + 1)) if self.moe is not None else {}
 
     def apply_policy(self, out: dict) -> None:
         """Count consecutive skipped steps; stop the run after train.max_bad_steps of them. Steps skipped on the
@@ -165,8 +172,8 @@ class Trainer:
         if self.is_log_step(self.step):
             norm = out["norm"]
             grad_norm = float(norm.item()) if norm is not None else self.engine.grad_norm()
-            self.metrics.log(self.step_metrics.row(self.step, float(out["loss"]), out["lr"], grad_norm,
-                                                   self.samples, dt, skipped=not out["applied"]))
+            self.metrics.log({**self.step_metrics.row(self.step, float(out["loss"]), out["lr"], grad_norm,
+                                                      self.samples, dt, skipped=not out["applied"]), **out["moe"]})
         if self.step in self.kill_steps:
             os.kill(os.getpid(), 9)
         for component in self.components:  # each decides whether this step is one of its own
@@ -276,7 +283,8 @@ def run_training(cfg) -> int:
         engine = cls(cfg, plan, info)
         trainer = Trainer(cfg, plan, engine, info.rank, info.world_size, info.device)
         trainer.stop = stop
-        trainer.log(f"model {cfg.model.preset}: {engine.n_params:,} parameters | {engine.describe()} | global batch "
+        active = f" ({engine.n_active:,} active)" if engine.n_active != engine.n_params else ""
+        trainer.log(f"model {cfg.model.preset}: {engine.n_params:,} parameters{active} | {engine.describe()} | global batch "
                     f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens | "
                     f"{info.device.type}/{info.backend}")
         if info.rank == 0:

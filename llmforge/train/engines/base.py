@@ -40,6 +40,7 @@ class Engine(abc.ABC):
     name: str = "engine"
     dp_rank: int = 0            # index of this rank's slice of the global batch
     n_params: int = 0
+    n_active: int = 0  # parameters one token uses (MoE: k of the routed experts); n_params for a dense model
     flops_per_token: float = 0.0
     fp8_flops_per_token: float = 0.0  # the part of flops_per_token in float8 linears (MFU against a blended peak)
 

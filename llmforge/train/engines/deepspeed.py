@@ -205,6 +205,7 @@ class DeepSpeedEngine(Engine):
             from llmforge.hf import load_hf_into
             load_hf_into(model, cfg.train.init_from_hf)
         self.n_params, self.flops_per_token = num_params(model), flops_per_token(model, cfg.data.seq_len)
+        self.n_active = self.n_params  # MoE is refused under DeepSpeed (check_config)
         apply_recompute(model, cfg.recompute, cfg.recompute_every)
         if cfg.parallel.compile:
             apply_compile(model)

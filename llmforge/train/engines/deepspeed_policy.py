@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 
 from llmforge.core.config import ConfigError, RunConfig, describe
+from llmforge.model.presets import PRESETS
 
 SHARED = "the shared Trainer / run plan"
 PREFIX = "deepspeed."
@@ -67,6 +68,12 @@ KEY_POLICY: dict[str, tuple] = {
                               "HSDP (dp_replicate>1 with dp_shard>1) has no DeepSpeed equivalent: ZeRO shards over "
                               "every data-parallel rank; set parallel.dp_replicate=1 or use engine=native"),
     "parallel.dp_shard": ("honoured", "ZeRO partitions over the data-parallel ranks"),
+    "model.moe.num_experts": ("refused", lambda c: bool(c.model.moe.num_experts or
+                                                        getattr(PRESETS.get(c.model.preset), "moe", None)
+                                                        and PRESETS[c.model.preset].moe.num_experts),
+                              "mixture-of-experts models are not wired to DeepSpeed-MoE; use engine=native "
+                              "(expert parallelism: parallel.ep)"),
+    "parallel.ep": ("refused", lambda c: c.parallel.ep > 1, "expert parallelism is native only; use engine=native"),
     "parallel.tp": ("refused", lambda c: c.parallel.tp > 1,
                     "the deepspeed engine has no tensor parallelism for this model; use engine=native"),
     "parallel.pp": ("honoured", "PipelineModule (ZeRO 0/1)"),

@@ -70,6 +70,7 @@ class NativeEngine(Engine):
             load_init_weights(self.pm.parts, cfg.train.init_from)
         meta = meta_model(plan.margs)  # shapes only: counts without memory
         self.n_params, self.flops_per_token = num_params(meta), flops_per_token(meta, cfg.data.seq_len)
+        self.n_active = num_params(meta, active=True)
         self.fp8_flops_per_token = float8_flops_per_token(cfg, plan.margs)
         self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
         self.dp_rank = self.dp_mesh.get_local_rank()
