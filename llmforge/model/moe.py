@@ -124,16 +124,17 @@ class _AddAuxGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, aux, counts, moe):
-        ctx.moe, ctx.counts = moe, counts
+        ctx.moe, ctx.counts, ctx.record = moe, counts, moe.recording
         ctx.aux_value = aux.detach()
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
         moe = ctx.moe
-        moe.tokens_per_expert += ctx.counts.to(moe.tokens_per_expert.dtype)
-        moe.aux_total += ctx.aux_value.float()
-        moe.aux_batches += 1
+        if ctx.record:
+            moe.tokens_per_expert += ctx.counts.to(moe.tokens_per_expert.dtype)
+            moe.aux_total += ctx.aux_value.float()
+            moe.aux_batches += 1
         return grad, torch.full_like(ctx.aux_value, moe.aux_grad_scale), None, None
 
 
@@ -163,9 +164,14 @@ class MoE(nn.Module):
         self.register_buffer("aux_total", torch.zeros(()), persistent=False)
         self.register_buffer("aux_batches", torch.zeros(()), persistent=False)
         self.aux_grad_scale = 1.0  # the engine sets 1 / (micro batches averaged per step)
+        self.recording = True      # off while a pipeline stage runs its set-up pass on placeholder inputs
 
     def reset_buffers(self) -> None:
-        for buf in (self.expert_bias, self.tokens_per_expert, self.aux_total, self.aux_batches):
+        self.expert_bias.zero_()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        for buf in (self.tokens_per_expert, self.aux_total, self.aux_batches):
             buf.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Parallelism applied from outside the model: ``resolve_dims`` validates the layout against the world size
 before any collective, ``build_mesh`` makes the DeviceMesh, ``parallelize`` applies, in this order,
-(float8 conversion →) PP split → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3, HSDP) or DDP
+(float8 conversion →) PP split → EP → TP/SP → activation recomputation → compile → FSDP2 (ZeRO-2/3, HSDP) or DDP
 (ZeRO-0/1).
 """
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class ParallelDims:
     world_size: int
     pp_microbatches: int = 1       # pipeline microbatches per optimizer step (pp > 1)
     pp_stages_per_rank: int = 1    # 2 for the multi-stage schedules (interleaved, looped, zero-bubble V)
+    ep: int = 1                    # expert-parallel ranks, taken from dp_shard (expert_parallel.py)
 
     @property
     def dp(self) -> int:
@@ -92,6 +94,7 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
         _check(not (pp > 1 and a.tie_embeddings),
                "parallel.pp>1 needs untied embeddings (model.tie_embeddings=false): the first and "
                "last stages would share a weight")
+    check_ep(pcfg, dps, model_args)
     _check(not (seq_len and tp > 1 and pcfg.sequence_parallel and seq_len % tp),
            f"data.seq_len={seq_len} is not divisible by parallel.tp={tp} (sequence parallelism splits the sequence): "
            f"change data.seq_len or set parallel.sequence_parallel=false")
@@ -102,7 +105,24 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
                f"divisible by the data-parallel size {dp}")
         if pp > 1:
             n_mb = pipeline_microbatches(pcfg, tcfg.global_batch_size // dp, tcfg.micro_batch_size, pp, spr)
-    return ParallelDims(pp, rep, dps, tp, world_size, n_mb, spr)
+    return ParallelDims(pp, rep, dps, tp, world_size, n_mb, spr, pcfg.ep)
+
+
+def check_ep(pcfg, dp_shard: int, model_args) -> None:
+    """parallel.ep takes its ranks from dp_shard: it needs an MoE model, FSDP, and to divide both dp_shard and
+    the number of experts."""
+    ep = pcfg.ep
+    if ep == 1:
+        return
+    experts = model_args.moe.num_experts if model_args is not None else None
+    _check(experts != 0, f"parallel.ep={ep} shards experts, but the model has none (set model.moe.num_experts)")
+    _check(pcfg.zero_stage in (2, 3), f"parallel.ep={ep} takes its ranks from dp_shard: use parallel.zero_stage=2 "
+                                      f"or 3 with parallel.dp_shard a multiple of {ep}")
+    _check(dp_shard % ep == 0, f"parallel.ep={ep} does not divide parallel.dp_shard={dp_shard} (expert-parallel "
+                               f"ranks are taken from the FSDP ranks)")
+    _check(experts is None or experts % ep == 0, f"parallel.ep={ep} does not divide model.moe.num_experts={experts}")
+    _check(pcfg.tp == 1, f"parallel.ep={ep} with parallel.tp={pcfg.tp} is not supported yet: use ep with FSDP, "
+                         "HSDP or PP")
 
 
 def _zero_bubble(schedule: str) -> bool:
@@ -142,12 +162,23 @@ def build_mesh(dims: ParallelDims, device_type: str, timeout_s: float | None = N
     """The 4-D world mesh (pp, dp_replicate, dp_shard, tp) and the flattened data-parallel mesh "dp".
 
     Sub-groups would otherwise get c10d's default timeout (30 min on gloo) instead of ``dist.timeout_s``."""
-    names = ("pp", "dp_replicate", "dp_shard", "tp")
-    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=names)
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    # the layouts slice flattened dims ("dp_shard" under EP, "dp") from the root mesh, as torchtitan does
+    warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+    if dims.ep > 1:  # dp_shard = efsdp x ep: the experts' FSDP ranks times their expert-parallel ranks
+        names = ("pp", "dp_replicate", "efsdp", "ep", "tp")
+        mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep,
+                                              dims.tp), mesh_dim_names=names)
+        mesh["efsdp", "ep"]._flatten("dp_shard")
+        dp_mesh = mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
+    else:
+        names = ("pp", "dp_replicate", "dp_shard", "tp")
+        mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+                                mesh_dim_names=names)
+        dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     if timeout_s:
         from torch.distributed.distributed_c10d import _set_pg_timeout
-        for group in {id(g): g for g in [*(mesh[n].get_group() for n in names), dp_mesh.get_group()]}.values():
+        for group in {id(g): g for g in [*(mesh[n].get_group() for n in names),
+                                                  mesh["dp_shard"].get_group(), dp_mesh.get_group()]}.values():
             _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
     return mesh, dp_mesh
 

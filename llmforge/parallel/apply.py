@@ -1,4 +1,5 @@
-"""The full composition, in one order: (float8 →) PP split → TP/SP → activation recomputation → compile → FSDP2 or DDP.
+"""The full composition, in one order: (float8 →) PP split → EP → TP/SP → activation recomputation → compile →
+FSDP2 or DDP.
 
 What the engine gets back is a ``ParallelModel`` (parallel_model.py): the local model parts, the pipeline
 schedule when pp > 1, and the typed hooks this layout needs (FSDP accumulation sync, gradient all-reduce for
@@ -15,7 +16,7 @@ from llmforge.core.distributed import resolve_dtype
 
 from . import ParallelModel
 from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers
-from .fsdp import apply_fsdp, fsdp_mesh, make_set_sync
+from .fsdp import apply_fsdp, expert_fsdp_mesh, fsdp_mesh, make_set_sync
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tp, sequence_parallel_stage_io
 
@@ -53,6 +54,9 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     for part, first, last in zip(parts, firsts, lasts):
         if not on_meta:
             part.to(device)
+        if dims.ep > 1:  # experts sharded over ep, tokens dispatched by all-to-all (expert_parallel.py)
+            from .expert_parallel import apply_ep
+            apply_ep(part, mesh["ep"])
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], p.sequence_parallel, p.loss_parallel)
             if pipelined and p.sequence_parallel:
@@ -68,7 +72,8 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
     if p.zero_stage in (2, 3):
         dp_mesh = fsdp_mesh(mesh, dims)
         dtype = resolve_dtype(cfg.train.dtype, device)
-        parts = [apply_fsdp(part, dp_mesh, p.zero_stage, pipelined, dtype) for part in parts]
+        experts = expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None
+        parts = [apply_fsdp(part, dp_mesh, p.zero_stage, pipelined, dtype, experts, dims.dp) for part in parts]
         pm.parts = parts
         pm.set_sync = make_set_sync(parts, p.zero_stage)
     if materialize is not None:

@@ -6,6 +6,8 @@
   after forward: each microbatch would all-gather again, and zero-bubble schedules (split input/weight
   backward) compute wrong weight gradients with reshard_after_forward=True.
 - HSDP: with dp_replicate > 1 the mesh is 2-D (replicate, shard): shard within a group, all-reduce across groups.
+- Expert parallelism: each rank's slice of experts (a DTensor over ep) is sharded over the rest of dp_shard
+  (efsdp, and dp_replicate as HSDP), its gradient divided by the whole data-parallel size (expert_parallel.py).
 - bf16: parameters are cast to bf16 for compute, gradients reduced in fp32, master weights stay fp32.
 """
 from __future__ import annotations
@@ -20,11 +22,24 @@ def fsdp_mesh(mesh: DeviceMesh, dims) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
 
 
+def expert_fsdp_mesh(mesh: DeviceMesh, dims) -> DeviceMesh:
+    return mesh["dp_replicate", "efsdp"] if dims.dp_replicate > 1 else mesh["efsdp"]
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, zero_stage: int, pipelined: bool,
-               param_dtype: torch.dtype = torch.float32) -> nn.Module:
+               param_dtype: torch.dtype = torch.float32, expert_mesh: DeviceMesh | None = None,
+               dp_size: int = 1) -> nn.Module:
     reshard = zero_stage == 3 and not pipelined
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers.values():
+        moe = getattr(block, "moe", None)
+        if expert_mesh is not None and moe is not None:
+            fully_shard(moe.experts, mesh=expert_mesh, reshard_after_forward=reshard, mp_policy=mp)
+            # its local gradient already sums the ep group's tokens: average over every data-parallel rank
+            moe.experts.set_gradient_divide_factor(float(dp_size))
+            # gloo has no PREMUL_SUM: reduce-scatter with SUM, then divide. Not on a 1-rank shard group, where
+            # FSDP already divides in its local copy and would divide a second time
+            moe.experts.set_force_sum_reduction_for_comms(expert_mesh.size(expert_mesh.ndim - 1) > 1)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # the root (embeddings, final norm, output): its parameters are needed again at the start of backward
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)

@@ -24,6 +24,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from llmforge.data.streams import validation_batches
 from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
+from llmforge.model.moe import moe_layers
 
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
 
@@ -77,8 +78,29 @@ def build_schedule(parts, ids, dims, schedule: str, device, loss_fn, pp_group):
     stages = [PipelineStage(part, i, n_stages, device, group=pp_group) for part, i in zip(parts, ids)]
     cls = get_schedule_class(schedule)
     single = issubclass(cls, PipelineScheduleSingle)
-    return cls(stages[0] if single else stages, n_microbatches=dims.pp_microbatches, loss_fn=loss_fn,
-               scale_grads=True)
+    schedule = cls(stages[0] if single else stages, n_microbatches=dims.pp_microbatches, loss_fn=loss_fn,
+                   scale_grads=True)
+    _quiet_moe_stats_during_setup(schedule, parts)
+    return schedule
+
+
+def _quiet_moe_stats_during_setup(schedule, parts) -> None:
+    """The first step of a schedule runs a forward and backward of each stage on placeholder inputs to learn
+    the shapes (torch's ``_initialize_pp_stages``): the MoE blocks must not count those tokens as routed load."""
+    setup = getattr(schedule, "_initialize_pp_stages", None)
+    moes = [moe for part in parts for _, moe in moe_layers(part)]
+    if setup is None or not moes:
+        return
+
+    def quiet_setup(*args, **kwargs):
+        for moe in moes:
+            moe.recording = False
+        try:
+            return setup(*args, **kwargs)
+        finally:
+            for moe in moes:
+                moe.recording = True
+    schedule._initialize_pp_stages = quiet_setup
 
 
 def pipeline_forward_backward(pm, inputs, targets, amp) -> torch.Tensor:

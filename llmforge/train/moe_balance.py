@@ -27,6 +27,8 @@ class MoEBalance:
         self.layers = [(int(name.split("layers.")[1].split(".")[0]), m)
                        for part in parts for name, m in moe_layers(part)]
         self.device = device
+        for _, moe in self.layers:  # what the build left in them (a pipeline stage's set-up forward) is no step's
+            moe.reset_stats()
 
     def after_step(self, finite: torch.Tensor, want_metrics: bool) -> dict:
         """Called by every rank after the optimizer step; returns the metrics when ``want_metrics``."""
@@ -50,9 +52,7 @@ class MoEBalance:
                 for i, moe in self.layers:
                     moe.expert_bias += step[i].to(moe.expert_bias.dtype)
         for _, moe in self.layers:
-            moe.tokens_per_expert.zero_()
-            moe.aux_total.zero_()
-            moe.aux_batches.zero_()
+            moe.reset_stats()
         if not want_metrics:
             return {}
         rows = counts[counts.sum(-1) > 0]
