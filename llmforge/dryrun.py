@@ -162,14 +162,16 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
     if cfg.train.dtype == "auto":  # what a GPU run resolves "auto" to
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="bf16"))  # a copy: cfg stays
     margs, dims, micro, accum = _resolve(cfg, world)
-    total = num_params(meta_model(margs))
+    meta = meta_model(margs)
+    total, active = num_params(meta), num_params(meta, active=True)
     per_stage = world // dims.pp
     ranks = [_in_child(_simulate_fake, cfg, margs, dims, stage * per_stage, micro, accum)
              for stage in range(dims.pp)]
     cap = GPUS[gpu] - RESERVED
     worst = max(ranks, key=lambda m: m.peak_bytes)
     fits = worst.peak_bytes <= cap
-    layout = (f"pp{dims.pp} x dp_replicate{dims.dp_replicate} x dp_shard{dims.dp_shard} x tp{dims.tp} "
+    layout = (f"pp{dims.pp} x dp_replicate{dims.dp_replicate} x dp_shard{dims.dp_shard}"
+              + (f" (ep{dims.ep})" if dims.ep > 1 else "") + f" x tp{dims.tp} "
               f"zero{cfg.parallel.zero_stage}" + (f" {cfg.parallel.pp_schedule}" if dims.pp > 1 else "")
               + (f" recompute={cfg.recompute}" if cfg.recompute != "none" else ""))
     if fits:
@@ -181,11 +183,15 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
                   f"{(worst.peak_bytes - cap) / GIB:.1f} GiB over the {cap / GIB:.1f} GiB usable on {gpu}; largest "
                   f"component: {comp} {size / GIB:.1f} GiB" + _hint(comp, cfg))
     _table(ranks, log)
-    log(f"model {cfg.model.preset}: {total:,} parameters | {layout} | world {world} | micro batch {micro} x "
+    experts = margs.moe.num_experts // dims.ep if margs.moe.num_experts else 0
+    log(f"model {cfg.model.preset}: {total:,} parameters" + (f" ({active:,} active; {experts} of "
+        f"{margs.moe.num_experts} experts per block on each rank)" if experts else "")
+        + f" | {layout} | world {world} | micro batch {micro} x "
         f"seq {cfg.data.seq_len}, {accum if dims.pp == 1 else dims.pp_microbatches} micro batches per step | "
         f"{cfg.train.dtype}")
     log(reason)
-    return {"world_size": world, "params_total": total, "params_per_rank_max": max(m.params for m in ranks),
+    return {"world_size": world, "params_total": total, "params_active": active, "experts_per_rank": experts,
+            "params_per_rank_max": max(m.params for m in ranks),
             "bytes_per_rank_max": worst.peak_bytes, "fits": fits, "layout": layout, "gpu": gpu,
             "usable_bytes": cap, "reason": reason,
             "ranks": [{"rank": m.rank, "stages": m.stages, "params": m.params, **{f"{k}_bytes": v for k, v in

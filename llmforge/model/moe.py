@@ -182,7 +182,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         a = self.args
         scores, idx, weights = self.router(flat, self.expert_bias if a.balance == "bias" else None)
-        counts = torch.bincount(idx.flatten(), minlength=a.num_experts)
+        counts = (torch.bincount(idx.flatten(), minlength=a.num_experts) if not x.is_meta
+                  else uniform_counts(idx.numel(), a.num_experts))  # the dry run's shapes: an even load
         order = idx.flatten().argsort(stable=True)  # routed slots grouped by expert, token order inside each
         token = order // a.top_k
         routed = self.experts(flat[token], counts) * weights.flatten()[order, None]
@@ -195,6 +196,12 @@ class MoE(nn.Module):
                    if a.balance == "aux_loss" else scores.sum() * 0)
             out = _AddAuxGrad.apply(out, aux, counts.detach(), self)
         return out
+
+
+def uniform_counts(slots: int, experts: int) -> torch.Tensor:
+    """Rows per expert under a perfectly even load (a CPU tensor: meta tensors hold no routing decisions)."""
+    base, extra = divmod(slots, experts)
+    return torch.tensor([base + (e < extra) for e in range(experts)])
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:

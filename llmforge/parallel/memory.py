@@ -178,12 +178,15 @@ def activation_totals(measured: list[dict], cfg, dims, pp_rank: int, micro: int,
 
 
 # ------------------------------------------------------------------------------------------------ transient, comm
-def block_param_numels(parts: list[nn.Module]) -> tuple[dict[str, int], int]:
-    """Local parameter elements per transformer block, and of everything outside the blocks (the FSDP root)."""
+def block_param_numels(parts: list[nn.Module], skip_experts: bool = False) -> tuple[dict[str, int], int]:
+    """Local parameter elements per transformer block, and of everything outside the blocks (the FSDP root).
+    ``skip_experts``: leave out the routed experts (under EP they are gathered over efsdp only)."""
     blocks, root = {}, 0
     for part in parts:
         for name, p in part.named_parameters():
             name = canonical_name(name)
+            if skip_experts and ".moe.experts." in name:
+                continue
             if name.startswith("layers."):
                 key = name.split(".")[1]
                 blocks[key] = blocks.get(key, 0) + local_numel(p)
@@ -196,9 +199,11 @@ def transient_and_comm(parts, cfg, dims, micro: int, accum: int, seq: int, compu
                        grad_bytes: int, ids: list[int], pp_rank: int) -> tuple[int, dict]:
     """FSDP/DDP buffers alive while a block computes, and bytes sent per optimizer step per mesh dim."""
     p, zero = cfg.parallel, cfg.parallel.zero_stage
-    blocks, root = block_param_numels(parts)
+    blocks, root = block_param_numels(parts, skip_experts=dims.ep > 1)
     n_micro = dims.pp_microbatches if dims.pp > 1 else accum
     transient, comm = 0, {}
+    if dims.ep > 1:
+        transient, comm = expert_parallel_bytes(parts, dims, micro, n_micro, seq, compute_bytes, margs)
     if zero in (2, 3):
         shard = dims.dp_shard
         full = {k: v * shard for k, v in blocks.items()}            # block parameters gathered over dp_shard
@@ -232,3 +237,23 @@ def transient_and_comm(parts, cfg, dims, micro: int, accum: int, seq: int, compu
         sends = sum(1 for i in ids if i < n_stages - 1)
         comm["pp"] = int(2 * n_micro * sends * micro * seq * margs.dim * compute_bytes)  # activations + grads
     return int(transient), comm
+
+
+def expert_parallel_bytes(parts, dims, micro: int, n_micro: int, seq: int, compute_bytes: int,
+                          margs) -> tuple[int, dict]:
+    """EP under an even load: per MoE block and micro batch the routed rows (micro x seq x top_k, dim wide) go
+    out and come back (dispatch, combine) in forward and again in backward, (ep - 1) / ep of them to other ranks;
+    a rank holds one block's received rows and their expert-major copy while it computes (the dispatch buffers),
+    and gathers its experts' slice over efsdp (plus its fp32 gradient before the reduce-scatter)."""
+    from llmforge.model.moe import moe_layers
+    ep, efsdp = dims.ep, dims.dp_shard // dims.ep
+    n_moe = sum(len(moe_layers(part)) for part in parts)
+    experts = max((sum(local_numel(p) for p in moe.experts.parameters())
+                   for part in parts for _, moe in moe_layers(part)), default=0)
+    rows = micro * seq * margs.moe.top_k
+    row_bytes = rows * margs.dim * compute_bytes
+    comm = {"ep": int(n_micro * n_moe * 4 * row_bytes * (ep - 1) / ep)}
+    if efsdp > 1:
+        comm["efsdp"] = int(n_moe * experts * efsdp * (efsdp - 1) / efsdp * (2 * n_micro * compute_bytes + 4))
+    transient = 2 * row_bytes + experts * efsdp * (2 * compute_bytes + 4)
+    return transient, comm

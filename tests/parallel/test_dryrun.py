@@ -16,6 +16,7 @@ LAYOUTS = {
     "zero1_dp2": ["parallel.dp_replicate=2", "parallel.zero_stage=1"],
     "tp2_vocab65": ["parallel.tp=2", "model.vocab_size=65"],
     "pp2": ["parallel.pp=2"],
+    "moe_ep2": ["model.preset=tiny-moe", "parallel.dp_shard=2", "parallel.zero_stage=3", "parallel.ep=2"],
 }
 
 
@@ -117,6 +118,21 @@ def test_dryrun_llama8b_fsdp8_contract(capsys):
     assert rc == 0 and d["fits"] is False
     assert "does not fit: rank 0" in d["reason"] and "GiB over" in d["reason"]
     assert d["ranks"][0]["optimizer_bytes"] == 2 * 4 * d["params_total"]  # AdamW moments, fp32, unsharded
+
+
+def test_dryrun_qwen3_moe_counts_total_and_active_parameters_and_the_all_to_all(capsys):
+    """Acceptance: the published Qwen3-30B-A3B size, its active parameters, experts per rank and the
+    expert-parallel all-to-all volume (16 micro batches x 48 blocks x 4 exchanges x 4096 x 8 rows of 2048 bf16,
+    7/8 of them leaving the rank)."""
+    from llmforge.dryrun import main
+    rc = main(["configs/train/qwen3-30b-a3b.yaml", "--world-size", "64", "parallel.dp_shard=64", "parallel.ep=8",
+               "parallel.tp=1", "parallel.dp_replicate=1", "parallel.zero_stage=3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    d = json.loads(out.strip().splitlines()[-1].removeprefix("DRYRUN "))
+    assert d["params_total"] == 30_532_122_624 and d["params_active"] == 3_353_032_704
+    assert d["experts_per_rank"] == 16 and "(ep8)" in d["layout"]
+    assert d["ranks"][0]["comm_bytes_per_step"]["ep"] == 16 * 48 * 4 * 4096 * 8 * 2048 * 2 * 7 // 8
 
 
 def test_dryrun_bad_layout_is_one_line(capsys):
