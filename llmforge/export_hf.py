@@ -1,5 +1,7 @@
 """``python -m llmforge.export_hf RUN_DIR OUT_DIR [--dtype fp32|bf16|fp16]``: a run's newest checkpoint as a
-Hugging Face model folder (llmforge.hf writes it; llmforge.hf.load reads such a folder back)."""
+Hugging Face model folder (llmforge.hf writes it; llmforge.hf.load reads such a folder back). An MoE run exports
+as Qwen3MoeForCausalLM, one tensor per expert; a model Qwen3-MoE cannot express (shared experts, expert bias) is
+refused naming the key."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +23,8 @@ def export_run(run_dir: str, out_dir: str, dtype: str = "fp32", overrides=None) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmforge.export_hf", description="Export a run's newest checkpoint "
-                                "as a Hugging Face model folder (LlamaForCausalLM / GPT2LMHeadModel).")
+                                "as a Hugging Face model folder (LlamaForCausalLM / Qwen3(Moe)ForCausalLM / "
+                                "GPT2LMHeadModel).")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (rarely needed)")

@@ -1,6 +1,7 @@
-"""Reading a Hugging Face folder (an export of ours, or a Llama / GPT-2 folder from the Hub, already downloaded)
-into our parameter names: the shape from config.json, the weights from safetensors (sharded or not) or a
-``pytorch_model.bin`` read tensors-only (a crafted pickle is refused in one line)."""
+"""Reading a Hugging Face folder (an export of ours, or a Llama / Qwen3 / Qwen3-MoE / GPT-2 folder from the Hub,
+already downloaded) into our parameter names: the shape from config.json, the weights from safetensors (sharded
+or not) or a ``pytorch_model.bin`` read tensors-only (a crafted pickle is refused in one line). Per-expert
+tensors are stacked into our (E, ...) expert weights; the lazy reader reads only the experts and rows asked for."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,9 @@ def load_hf_into(model, hf_dir: str) -> ModelArgs:
     """Copy an HF folder's weights into our (unparallelised) model; its shape must match the folder's config."""
     check_hf_shape(model.args, hf_dir)
     args, sd = import_hf(hf_dir)
+    for k, v in model.state_dict().items():  # balance=bias: HF has no expert bias, it starts at zero
+        if k.endswith("expert_bias"):
+            sd.setdefault(k, torch.zeros_like(v))
     model.load_state_dict(sd, strict=True)
     return args
 
@@ -80,10 +84,10 @@ class LlamaSafetensorsReader:
             with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         self.dir, self.weight_map, self.names = hf_dir, weight_map, llama_names(margs)
+        self.num_experts = margs.moe.num_experts
 
-    def read(self, name: str, rows: torch.Tensor | None) -> torch.Tensor:
+    def _slice(self, hf: str, rows: torch.Tensor | None) -> torch.Tensor:
         from safetensors import safe_open
-        hf = self.names[name]
         if hf not in self.weight_map:
             raise ValueError(f"{self.dir}: weight {hf!r} missing")
         with safe_open(os.path.join(self.dir, self.weight_map[hf]), "pt") as f:
@@ -92,3 +96,20 @@ class LlamaSafetensorsReader:
                 return sl[:]
             lo, hi = int(rows.min()), int(rows.max()) + 1
             return sl[lo:hi][rows - lo]
+
+    def read(self, name: str, idx: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The tensor of our parameter ``name`` restricted to ``idx`` (global indices per dim, as
+        llmforge.parallel.build.local_index gives them). A stacked expert weight reads only the experts of
+        ``idx[0]`` and, of each, the rows of ``idx[1]``; a plain weight reads only the rows of ``idx[0]``."""
+        idx = idx or {}
+        hf = self.names[name]
+        if "{e}" in hf:  # one HF tensor per expert
+            experts = idx[0].tolist() if 0 in idx else range(self.num_experts)
+            value = torch.stack([self._slice(hf.format(e=e), idx.get(1)) for e in experts])
+            rest = {d: i for d, i in idx.items() if d >= 2}
+        else:
+            value = self._slice(hf, idx.get(0))
+            rest = {d: i for d, i in idx.items() if d >= 1}
+        for d, i in rest.items():
+            value = value.index_select(d, i)
+        return value

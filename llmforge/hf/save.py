@@ -1,9 +1,9 @@
-"""Writing a Hugging Face model folder: ``model.safetensors``, ``config.json`` (LlamaForCausalLM or
-GPT2LMHeadModel), ``generation_config.json`` and the tokenizer: ``tokenizer.model`` (the run's sentencepiece model)
-plus, when transformers is installed and its conversion reproduces sentencepiece's ids on a check text,
-``tokenizer.json``/``tokenizer_config.json``. Everything goes to a temp folder that is renamed into place, and only
-into a new or empty folder or one export_hf wrote before (``.llmforge-export`` lists the files it wrote with a hash
-of each, the weights by size; a folder holding anything else, or a file edited since, is refused).
+"""Writing a Hugging Face model folder: ``model.safetensors``, ``config.json`` (LlamaForCausalLM, Qwen3ForCausalLM,
+Qwen3MoeForCausalLM or GPT2LMHeadModel), ``generation_config.json`` and the tokenizer: ``tokenizer.model`` (the
+run's sentencepiece model) plus, when transformers is installed and its conversion reproduces sentencepiece's ids on
+a check text, ``tokenizer.json``/``tokenizer_config.json``. Everything goes to a temp folder that is renamed into
+place, and only into a new or empty folder or one export_hf wrote before (``.llmforge-export`` lists the files it
+wrote with a hash of each, the weights by size; a folder holding anything else, or a file edited since, is refused).
 
 Special tokens: training puts EOS (``</s>``) between documents and never BOS, so the export declares BOS = EOS
 (config, generation config and tokenizer files) and its tokenizer adds no special token to a text: lm-eval's

@@ -117,8 +117,9 @@ def init_buffers(module: nn.Module, device) -> None:
 # ------------------------------------------------------------------------------------------------ HF import
 @torch.no_grad()
 def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
-    """Copy an HF folder's weights into the local shards. Llama safetensors are read tensor by tensor and row
-    range by row range (no rank holds the model); other formats (GPT-2, .bin) are small and read whole."""
+    """Copy an HF folder's weights into the local shards. Llama / Qwen3(-MoE) safetensors are read tensor by tensor
+    and row range by row range (no rank holds the model; of a stacked expert weight sharded on experts and/or rows,
+    only this rank's experts and rows); other formats (GPT-2, .bin) are small and read whole."""
     check_hf_shape(margs, hf_dir)  # ValueError naming the differing keys
     lazy = margs.family == "llama" and (os.path.isfile(os.path.join(hf_dir, "model.safetensors")) or
                                         os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json")))
@@ -134,11 +135,10 @@ def load_hf_sharded(parts: list[nn.Module], hf_dir: str, margs) -> None:
             idx, key = local_index(p), canonical_name(name)
             if is_adapter(key):  # LoRA adapters (llmforge/model/lora.py) keep their initial value
                 continue
-            if lazy:
-                value = reader.read(key, idx.get(0))
+            if lazy:  # only this shard's experts / rows are read (reader.read applies every index)
+                value = reader.read(key, idx)
             else:
                 value = full[key]
-                value = value[idx[0]] if 0 in idx else value
-            if 1 in idx:
-                value = value[:, idx[1]]
+                for dim, i in idx.items():
+                    value = value.index_select(dim, i)
             local.copy_(value.view(local.shape))

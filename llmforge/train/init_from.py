@@ -80,6 +80,7 @@ def check_init_source(cfg, key: str, src: str, margs, tok_path: str | None) -> N
     if cfg.model.family and cfg.model.family != margs.family:
         raise ConfigError(f"{key}={src} is a {margs.family} model but model.family={cfg.model.family}: drop "
                           f"model.family (the shape comes from {src}) or start from a {cfg.model.family} model")
+    check_init_moe(cfg, key, src, margs)
     from llmforge.data.checks import check_init_tokenizer
     check_init_tokenizer(key, src, tok_path, cfg.train.allow_tokenizer_change)
     if tok_path:
@@ -88,6 +89,34 @@ def check_init_source(cfg, key: str, src: str, margs, tok_path: str | None) -> N
         if data_vocab > margs.vocab_size:
             raise ConfigError(f"{key}={src}: the data's tokenizer {tok_path} has {data_vocab} ids, the model "
                               f"{margs.vocab_size}")
+
+
+MOE_TRAINING_KEYS = ("balance", "aux_loss_coef", "bias_update_rate")  # how experts train, not their shape
+
+
+def check_init_moe(cfg, key: str, src: str, margs) -> None:
+    """The source's MoE shape wins, as its dense shape does; but a config that asks for experts (its preset or
+    model.moe.num_experts) and a start that has none or others, or an explicit model.moe shape key the source
+    contradicts, is refused naming the key. The training keys (balance, aux_loss_coef, bias_update_rate) set in
+    the config apply to the source's experts."""
+    import dataclasses
+    from llmforge.hf.adapter import MOE_SHAPE_KEYS
+    from llmforge.model.presets import MOE_UNSET, PRESETS, check_moe, moe_args
+    if cfg.model.preset not in PRESETS:
+        return  # model_args names the unknown preset
+    asked, got = moe_args(PRESETS[cfg.model.preset].moe, cfg.model.moe), margs.moe
+    explicit = [k for k in MOE_SHAPE_KEYS if getattr(cfg.model.moe, k) != MOE_UNSET[k]]
+    keys = (["num_experts"] if asked.num_experts and asked.num_experts != got.num_experts else []) + \
+        ([k for k in explicit if getattr(asked, k) != getattr(got, k)] if got.num_experts else [])
+    if keys:
+        shape = f"{got.num_experts} experts" if got.num_experts else "dense (no experts)"
+        raise ConfigError(f"{key}={src} is {shape} but the config asks for " + ", ".join(
+            f"model.moe.{k}={getattr(asked, k)} (the source: {getattr(got, k)})" for k in dict.fromkeys(keys)) +
+            f": drop the model.moe keys (the shape comes from {src}) or start from a matching model")
+    if got.num_experts:
+        margs.moe = dataclasses.replace(got, **{k: getattr(cfg.model.moe, k) for k in MOE_TRAINING_KEYS
+                                                 if getattr(cfg.model.moe, k) != MOE_UNSET[k]})
+        check_moe(margs)
 
 
 def _load_full(parts, sd: dict) -> None:

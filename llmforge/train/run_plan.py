@@ -72,7 +72,10 @@ def resolved_config(cfg: RunConfig, margs: ModelArgs) -> RunConfig:
     ``model`` section rebuilds ``margs`` when the shape came from a start folder (init_from / init_from_hf)."""
     if not (cfg.train.init_from or cfg.train.init_from_hf):
         return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE}))
+    model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
+    if margs.moe.num_experts:  # the source's experts (a dense source: check_init_moe refused an MoE config)
+        model = dataclasses.replace(model, moe=dataclasses.replace(cfg.model.moe, **dataclasses.asdict(margs.moe)))
+    return dataclasses.replace(cfg, model=model)
 
 
 def with_expanded_paths(cfg: RunConfig) -> RunConfig:
