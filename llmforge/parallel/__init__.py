@@ -121,8 +121,6 @@ def check_ep(pcfg, dp_shard: int, model_args) -> None:
     _check(dp_shard % ep == 0, f"parallel.ep={ep} does not divide parallel.dp_shard={dp_shard} (expert-parallel "
                                f"ranks are taken from the FSDP ranks)")
     _check(experts is None or experts % ep == 0, f"parallel.ep={ep} does not divide model.moe.num_experts={experts}")
-    _check(pcfg.tp == 1, f"parallel.ep={ep} with parallel.tp={pcfg.tp} is not supported yet: use ep with FSDP, "
-                         "HSDP or PP")
 
 
 def _zero_bubble(schedule: str) -> bool:

@@ -9,6 +9,9 @@ vocabulary instead (a DTensor) and ``llmforge.core.loss`` computes the cross-ent
 
 With ``parallel.sequence_parallel`` the residual stream between blocks is split along the sequence (Shard(1)):
 norms run on 1/tp of the tokens, and the all-reduces of plain TP become reduce-scatter + all-gather pairs.
+A mixture-of-experts block is not split over tp: every tp rank runs the whole MoE (router, its experts, expert
+parallelism's all-to-all) on the full sequence of its data-parallel batch, gathered under sequence parallelism
+and re-split after, so its parameters get the same full gradient on every tp rank and need no reduction.
 Under pipeline parallelism a stage hands the next one the full sequence (``sequence_parallel_stage_io``) so that
 stage shapes and the RoPE positions derived from them do not depend on tp.
 """
@@ -17,8 +20,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool = False) -> None:
@@ -49,11 +52,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=stream),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
         }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
+        if block.feed_forward is not None:
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=stream)
+            if block.feed_forward.w3 is not None:
+                plan["feed_forward.w3"] = ColwiseParallel()
         if sp:
             plan.update({
                 "attention_norm": SequenceParallel(),
@@ -61,8 +65,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
                 # attention(x, cos, sin, cache, start_pos): gather the sequence for x only
                 "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
                                                 desired_input_layouts=(Replicate(), None, None, None, None)),
-                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
+            if block.feed_forward is not None:
+                plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                          desired_input_layouts=(Replicate(),))
+            else:  # the MoE sees the whole sequence as a plain tensor and hands back its tp slice
+                plan["moe"] = PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                       use_local_input=True, output_layouts=(Replicate(),),
+                                                       desired_output_layouts=(Shard(1),), use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
 
 

@@ -1,5 +1,6 @@
 """Mixture of experts in every layout equals one process: expert parallelism (experts sharded over ep ranks taken
-from dp_shard, tokens exchanged by all-to-all on gloo), with FSDP over the rest, HSDP and PP. Losses, gradient
+from dp_shard, tokens exchanged by all-to-all on gloo), with FSDP over the rest, HSDP, TP (with and without
+sequence parallelism) and PP. Losses, gradient
 norms, final weights (the expert bias too) and the MoE metrics (aux loss, expert load) match to 1e-5; a
 checkpoint written under ep2 resumes bitwise under ep2 and equal under ep1."""
 from __future__ import annotations
@@ -17,6 +18,8 @@ LAYOUTS = {
     "moe_ep2_dp_shard4": (4, ["parallel.dp_shard=4", "parallel.zero_stage=3", "parallel.ep=2"]),
     "moe_hsdp_ep2": (4, ["parallel.dp_replicate=2", *EP2]),
     "moe_pp2_ep2": (4, ["parallel.pp=2", *EP2]),
+    "moe_ep2_tp2": (4, ["parallel.tp=2", *EP2]),          # the MoE runs whole on each tp rank (full sequence)
+    "moe_tp2_no_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     "moe_zero3_dp2_no_ep": (2, ["parallel.dp_shard=2", "parallel.zero_stage=3"]),
 }
 
