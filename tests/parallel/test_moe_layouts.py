@@ -21,7 +21,17 @@ LAYOUTS = {
     "moe_ep2_tp2": (4, ["parallel.tp=2", *EP2]),          # the MoE runs whole on each tp rank (full sequence)
     "moe_tp2_no_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     "moe_zero3_dp2_no_ep": (2, ["parallel.dp_shard=2", "parallel.zero_stage=3"]),
+    # the aux loss's gradient is scaled like its micro batch's LM loss; a recomputed block counts its load once
+    "moe_ep2_recompute_accum": (2, [*EP2, "recompute=full", "train.micro_batch_size=2"]),
 }
+
+
+def test_mixed_dense_and_moe_blocks_under_ep_match_single_process(runner):
+    mixed = [*MOE, "model.moe.dense_layers=1"]
+    ref = runner.reference(mixed)
+    run_dir = runner.run("moe_first_dense_ep2", 2, [*mixed, *EP2], timeout=300)
+    assert_matches_reference(run_dir, ref, "moe_first_dense_ep2", same_eval_windows=False)
+    assert_moe_metrics_match(run_dir, ref)
 
 
 def assert_moe_metrics_match(run_dir: str, ref: str, keys=("moe/aux_loss", "moe/max_load", "moe/dead_experts")):
