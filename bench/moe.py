@@ -32,20 +32,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmforge.model.moe import MoE, MoEArgs, _grouped_available  # noqa: E402
+from llmforge.model.moe import MoE, MoEArgs, SharedExperts, _grouped_available  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class DenseSwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+DenseSwiGLU = SharedExperts  # a plain SwiGLU MLP (dim -> hidden -> dim), bias-free
 
 
 class NaiveMoE(nn.Module):
