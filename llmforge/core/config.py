@@ -40,6 +40,25 @@ class MoEConfig:
 
 
 @dataclasses.dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension (llmforge/model/blocks.py rope_tables), as transformers' rope_type
+    "llama3" and "yarn". Unset numbers are 0."""
+    type: str = opt("none", "none | llama3 (Llama 3.1: factor 8, low_freq_factor 1, high_freq_factor 4, "
+                            "original_max_seq_len 8192) | yarn (factor, original_max_seq_len, beta_fast, beta_slow; "
+                            "cos/sin scaled by 0.1 ln(factor) + 1). none: plain RoPE, or a start folder's scaling")
+    factor: float = opt(0.0, "llama3 / yarn: how many times the original context the positions stretch to "
+                             "(required)", ge=0)
+    low_freq_factor: float = opt(0.0, "llama3: wavelengths above original_max_seq_len / low_freq_factor are "
+                                      "divided by factor (required; Llama 3.1: 1)", ge=0)
+    high_freq_factor: float = opt(0.0, "llama3: wavelengths below original_max_seq_len / high_freq_factor are kept "
+                                       "(required; Llama 3.1: 4)", ge=0)
+    original_max_seq_len: int = opt(0, "llama3 / yarn: the context length the model was pretrained at (required; "
+                                       "transformers' original_max_position_embeddings)", ge=0)
+    beta_fast: float = opt(0.0, "yarn: rotations bounding the kept (extrapolated) dimensions (0: 32)", ge=0)
+    beta_slow: float = opt(0.0, "yarn: rotations bounding the interpolated dimensions (0: 1)", ge=0)
+
+
+@dataclasses.dataclass
 class ModelConfig:
     preset: str = opt("tiny", "model preset from llmforge.model.presets (tiny, gpt2-124m, llama-1b, llama-8b, llama-70b); "
                               "fields set below override it")
@@ -59,6 +78,7 @@ class ModelConfig:
                                         "null: from the preset)")
     head_dim: int = opt(0, "width of each attention head (0: from the preset, or dim / n_heads)", ge=0)
     moe: MoEConfig = opt(MoEConfig(), "mixture of experts (model.moe.num_experts > 0)")
+    rope_scaling: RopeScalingConfig = opt(RopeScalingConfig(), "RoPE scaling for context extension (llama family)")
 
 
 @dataclasses.dataclass
@@ -240,6 +260,7 @@ class RunConfig:
         need(len(t.muon.ns_coefficients) == 3, "train.muon.ns_coefficients", "needs three numbers (a, b, c)")
         need(t.optimizer != "muon" or p.zero_stage != 1, "train.optimizer",
              "muon with parallel.zero_stage=1 (ZeroRedundancyOptimizer) is not supported: use zero_stage 0, 2 or 3")
+        check_rope_scaling_config(self.model.rope_scaling)
         need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
         if self.data.weights is not None:
             need(len(self.data.weights) == len(self.data.paths), "data.weights", "needs one weight per data.paths entry")
@@ -257,3 +278,24 @@ class RunConfig:
         for name in t.freeze:
             need(re.fullmatch(r"embeddings|head|blocks:\d+|block:\d+", name) is not None, "train.freeze",
                  f"unknown group {name!r}; valid: embeddings, head, blocks:K (the first K), block:I")
+
+
+ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+                     "yarn": ("factor", "original_max_seq_len", "beta_fast", "beta_slow")}
+ROPE_SCALING_NEEDS = {"llama3": ROPE_SCALING_KEYS["llama3"], "yarn": ("factor", "original_max_seq_len")}
+
+
+def check_rope_scaling_config(r: RopeScalingConfig) -> None:
+    """One ConfigError line: an unknown type, a parameter the type needs left unset, or one it does not use."""
+    if r.type not in ("none", "llama3", "yarn"):
+        raise ConfigError(f"model.rope_scaling.type: {r.type!r} is not none, llama3 or yarn")
+    for key in ROPE_SCALING_NEEDS.get(r.type, ()):
+        if not getattr(r, key):
+            raise ConfigError(f"model.rope_scaling.{key}: required by model.rope_scaling.type={r.type} (unset)")
+    used = ROPE_SCALING_KEYS.get(r.type, ())
+    for key, value in to_dict(r).items():
+        if key != "type" and key not in used and value != getattr(RopeScalingConfig(), key):
+            raise ConfigError(f"model.rope_scaling.{key}: set, but model.rope_scaling.type={r.type} does not use it")
+    if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed low_freq_factor="
+                          f"{r.low_freq_factor}")

@@ -16,6 +16,29 @@ import torch.nn.functional as F
 from .moe import MoE, MoEArgs
 
 
+ROPE_SCALING_TYPES = ("none", "llama3", "yarn")
+ROPE_SCALING_NEEDS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+                      "yarn": ("factor", "original_max_seq_len")}
+
+
+@dataclass
+class RopeScaling:
+    """RoPE scaling for context extension, as transformers' ``rope_type`` "llama3" (Llama 3.1) and "yarn". Unset
+    numbers are 0; YaRN's beta_fast / beta_slow default to 32 / 1 and its attention factor is transformers'
+    default, 0.1 ln(factor) + 1 (cos and sin are multiplied by it)."""
+    type: str = "none"
+    factor: float = 0.0
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_seq_len: int = 0
+    beta_fast: float = 0.0
+    beta_slow: float = 0.0
+
+    def missing(self) -> list[str]:
+        """The parameters ``type`` needs that are unset (0)."""
+        return [k for k in ROPE_SCALING_NEEDS.get(self.type, ()) if not getattr(self, k)]
+
+
 @dataclass
 class ModelArgs:
     family: str = "llama"          # llama: RoPE + RMSNorm + SwiGLU (+GQA); gpt2: learned positions + LayerNorm + GELU
@@ -32,6 +55,7 @@ class ModelArgs:
     qk_norm: bool = False          # Qwen3: RMSNorm of each query and key head before RoPE (llama family)
     attn_head_dim: int = 0         # per-head width (0: dim // n_heads); Qwen3 uses 128 with 64 heads on 4096
     moe: MoEArgs = field(default_factory=MoEArgs)  # num_experts 0: every block dense
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # type none: plain RoPE
 
     @property
     def head_dim(self) -> int:
@@ -52,13 +76,61 @@ def make_norm(args: ModelArgs) -> nn.Module:
     return nn.RMSNorm(args.dim, eps=args.norm_eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_len, head_dim) in the rotate-half layout that Hugging Face Llama uses."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) in the rotate-half layout that Hugging Face Llama uses; ``scaling``
+    (type llama3 / yarn) changes the inverse frequencies and, for YaRN, scales cos and sin by the attention factor,
+    as transformers' modeling_rope_utils does. Type none (or None) gives exactly the unscaled tables."""
+    attention_factor = 1.0
+    if scaling is None or scaling.type == "none":
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    else:
+        inv_freq, attention_factor = scaled_inv_freq(head_dim, theta, scaling, device)
     t = torch.arange(max_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    if attention_factor == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def model_rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE tables of a model shape (its head width, max_seq_len, theta and rope_scaling)."""
+    return rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, device, args.rope_scaling)
+
+
+def scaled_inv_freq(dim: int, base: float, s: RopeScaling, device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, attention factor) of RoPE scaling ``s``: transformers' _compute_llama3_parameters and
+    _compute_yarn_parameters (default attention factor, truncated correction range)."""
+    missing = s.missing()
+    if s.type not in ROPE_SCALING_NEEDS or missing:
+        raise ValueError(f"model.rope_scaling: type {s.type!r} needs {', '.join(missing) or 'type llama3 or yarn'}")
+    arange = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+    if s.type == "llama3":
+        inv_freq = 1.0 / (base ** (arange / dim))
+        factor, low, high, old_len = s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)  # long waves: / factor
+        smooth = (old_len / wavelen - low) / (high - low)  # between the two: interpolated
+        smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+        medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(medium, smoothed, inv_freq_llama), 1.0
+    factor = s.factor
+    attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    beta_fast, beta_slow = s.beta_fast or 32, s.beta_slow or 1
+
+    def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` times into the original context
+        return (dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = max(math.floor(correction_dim(beta_fast)), 0), min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no singular ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    pos_freqs = base ** (arange / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1: the original frequency (high frequencies), 0: interpolated by factor
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .blocks import ModelArgs
+from .blocks import ModelArgs, RopeScaling
 from .moe import MoEArgs
 
 PRESETS: dict[str, ModelArgs] = {
@@ -55,6 +55,7 @@ def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
         if not unset:
             setattr(args, key, value)
     args.moe = moe_args(args.moe, model_cfg.moe)
+    args.rope_scaling = rope_scaling_args(args.rope_scaling, model_cfg.rope_scaling)
     if args.vocab_size <= 0:
         if not vocab_size:
             raise ValueError("model.vocab_size: the preset has none and no tokenizer was found next to the data")
@@ -62,6 +63,7 @@ def model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     if args.family not in ("llama", "gpt2"):
         raise ValueError(f"model.family: {args.family!r} is not llama or gpt2")
     check_moe(args)
+    check_rope_scaling(args)
     if args.family == "gpt2" and args.n_kv_heads != args.n_heads:
         args.n_kv_heads = args.n_heads  # GPT-2 has no grouped-query attention
     return args
@@ -93,3 +95,24 @@ def check_moe(args: ModelArgs) -> None:
     if m.dense_layers >= args.n_layers:
         raise ValueError(f"model.moe.dense_layers={m.dense_layers} leaves no MoE block of model.n_layers="
                          f"{args.n_layers}")
+
+
+def rope_scaling_args(preset: RopeScaling, cfg) -> RopeScaling:
+    """``model.rope_scaling`` when its type is set (not none), else the preset's (or a start folder's) scaling."""
+    if cfg is None or cfg.type == "none":
+        return preset
+    return RopeScaling(**dataclasses.asdict(cfg))
+
+
+def check_rope_scaling(args: ModelArgs) -> None:
+    """One ValueError line: rope_scaling on gpt2 (learned positions), or a type missing a parameter it needs."""
+    s = args.rope_scaling
+    if s.type == "none":
+        return
+    if args.family != "llama":
+        raise ValueError(f"model.rope_scaling.type={s.type} needs model.family=llama (RoPE); {args.family} has "
+                         "learned positions")
+    if s.type not in ("llama3", "yarn"):
+        raise ValueError(f"model.rope_scaling.type: {s.type!r} is not none, llama3 or yarn")
+    if s.missing():
+        raise ValueError(f"model.rope_scaling.{s.missing()[0]}: required by model.rope_scaling.type={s.type} (unset)")

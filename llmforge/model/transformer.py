@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import KVCache, ModelArgs, TransformerBlock, init_block, make_norm, rope_tables
+from .blocks import KVCache, ModelArgs, TransformerBlock, init_block, make_norm, model_rope_tables
 
 
 class Transformer(nn.Module):
@@ -23,6 +23,8 @@ class Transformer(nn.Module):
             raise ValueError("model.moe is a Llama-family option (SwiGLU experts); gpt2 blocks stay dense")
         if args.qk_norm and args.family == "gpt2":
             raise ValueError("model.qk_norm is a Llama-family option (Qwen3); gpt2 has no per-head norms")
+        if args.rope_scaling.type != "none" and args.family == "gpt2":
+            raise ValueError("model.rope_scaling is a Llama-family option (RoPE); gpt2 has learned positions")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim) if args.family == "gpt2" else None
@@ -42,7 +44,7 @@ class Transformer(nn.Module):
         Training builds on the meta device and initialises each rank's shards with llmforge.model.init instead,
         a function of (seed, parameter name, position), so that every layout starts from the same weights."""
         if self.args.family != "gpt2":
-            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, buffer_device)
+            cos, sin = model_rope_tables(self.args, buffer_device)
             self.rope_cos, self.rope_sin = cos, sin
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, std=0.02)

@@ -23,7 +23,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from llmforge.hf import LlamaSafetensorsReader, check_hf_shape, import_hf
 from llmforge.model.lora import is_adapter
 from llmforge.model.moe import moe_layers
-from llmforge.model.blocks import rope_tables
+from llmforge.model.blocks import model_rope_tables
 from llmforge.model.freeze import apply_finetune
 from llmforge.model.init import canonical_name, fill_, init_full_model
 from llmforge.model.transformer import Transformer
@@ -111,7 +111,7 @@ def init_buffers(module: nn.Module, device) -> None:
     for _, moe in moe_layers(module):  # expert bias (loaded after this when resuming) and the load statistics
         moe.reset_buffers()
     if args.family != "gpt2":
-        module.rope_cos, module.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, device)
+        module.rope_cos, module.rope_sin = model_rope_tables(args, device)
 
 
 # ------------------------------------------------------------------------------------------------ HF import

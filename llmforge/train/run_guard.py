@@ -7,6 +7,7 @@ exactly as it was; the ownership check runs before any collective, the resume ch
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -175,6 +176,8 @@ def fingerprint(cfg, plan) -> dict:
     m = plan.margs
     fp = {f"model.{k}": getattr(m, k) for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                  "vocab_size", "rope_theta", "norm_eps", "tie_embeddings")}
+    if m.rope_scaling.type != "none":  # only when set: the fingerprints of unscaled runs stay as they were
+        fp["model.rope_scaling"] = dataclasses.asdict(m.rope_scaling)
     fp.update({"data.seq_len": cfg.data.seq_len, "data.backend": cfg.data.backend, "seed": cfg.seed,
                "data.paths": [os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths],
                "data.weights": cfg.data.weights, "tokenizer": file_sha256(plan.tok_path),

@@ -21,7 +21,7 @@ import torch
 from llmforge.core.config import ConfigError, RunConfig
 from llmforge.data.streams import find_tokenizer
 from llmforge.model.blocks import ModelArgs
-from llmforge.model.presets import OVERRIDABLE, model_args
+from llmforge.model.presets import OVERRIDABLE, check_rope_scaling, model_args, rope_scaling_args
 
 
 def vocab_from_tokenizer(path: str | None) -> int | None:
@@ -57,13 +57,33 @@ def resolve_model_args(cfg, tok_path: str | None) -> ModelArgs:
     else preset + overrides + data vocab."""
     if cfg.train.init_from:  # fine-tuning: an llmforge run dir or an HF folder (llmforge/train/init_from.py)
         from llmforge.train.init_from import resolve_init_from
-        return resolve_init_from(cfg, tok_path)
+        return with_context_extension(cfg, resolve_init_from(cfg, tok_path))
     if not cfg.train.init_from_hf:
         return model_args(cfg.model, vocab_from_tokenizer(tok_path))
     from llmforge.hf import hf_model_args
     from llmforge.train.init_from import check_init_source
     margs = hf_model_args(cfg.train.init_from_hf)
     check_init_source(cfg, "train.init_from_hf", cfg.train.init_from_hf, margs, tok_path)  # family, tokenizer, vocab
+    return with_context_extension(cfg, margs)
+
+
+def with_context_extension(cfg, margs: ModelArgs) -> ModelArgs:
+    """A start folder's shape with the run's context extension (continued pretraining at a longer context): a set
+    ``model.rope_scaling.type`` and ``model.max_seq_len`` replace the source's (Llama family: neither sizes a
+    weight). Unset, the source's are kept (a Hub Llama 3.1 brings its own llama3 scaling)."""
+    if margs.family != "llama":
+        if cfg.model.rope_scaling.type != "none":
+            raise ConfigError(f"model.rope_scaling.type={cfg.model.rope_scaling.type} needs a Llama-family model; "
+                              f"the start folder is {margs.family} (learned positions)")
+        return margs
+    changes = {"rope_scaling": rope_scaling_args(margs.rope_scaling, cfg.model.rope_scaling)}
+    if cfg.model.max_seq_len:
+        changes["max_seq_len"] = cfg.model.max_seq_len
+    margs = dataclasses.replace(margs, **changes)
+    try:
+        check_rope_scaling(margs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return margs
 
 
@@ -73,6 +93,9 @@ def resolved_config(cfg: RunConfig, margs: ModelArgs) -> RunConfig:
     if not (cfg.train.init_from or cfg.train.init_from_hf):
         return cfg
     model = dataclasses.replace(cfg.model, **{k: getattr(margs, k) for k in OVERRIDABLE})
+    if margs.rope_scaling.type != "none":  # the source's or the run's scaling, as a model section rebuilds it
+        model = dataclasses.replace(model, rope_scaling=dataclasses.replace(cfg.model.rope_scaling,
+                                                                            **dataclasses.asdict(margs.rope_scaling)))
     if margs.moe.num_experts:  # the source's experts (a dense source: check_init_moe refused an MoE config)
         model = dataclasses.replace(model, moe=dataclasses.replace(cfg.model.moe, **dataclasses.asdict(margs.moe)))
     return dataclasses.replace(cfg, model=model)
