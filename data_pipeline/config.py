@@ -9,7 +9,7 @@ import dataclasses
 
 from llmforge.common.typed_config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
 
-STEP_NAMES = ("clean", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+STEP_NAMES = ("clean", "url_filter", "pii", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb")
 
 
 @dataclasses.dataclass
@@ -19,6 +19,7 @@ class InputConfig:
     text_key: str = opt("text", "field holding the document text (jsonl, parquet, HF datasets)")
     id_key: str = opt("", "field copied into the output metadata as source_id (ids stay file:line)")
     metadata_keys: list[str] = opt([], "fields carried along with each document (e.g. source, license, url)")
+    url_key: str = opt("url", "field holding the document's URL, read (into meta) when url_filter.enabled")
     format: str = opt("auto", "auto (by extension) | jsonl | parquet | text | html | hf_json | hf_parquet | hf_disk")
     hf_dataset: str = opt("", "Hugging Face Hub dataset name, read with datasets.load_dataset (needs network)")
     hf_config: str = opt("", "Hub dataset config name")
@@ -36,6 +37,27 @@ class CleanConfig:
     enabled: bool = opt(True, "Unicode NFC, control characters removed, whitespace normalised")
     normalization: str = opt("NFC", "unicodedata form: NFC | NFKC | none")
     max_blank_lines: int = opt(1, "collapse runs of blank lines to at most this many", ge=0)
+
+
+@dataclasses.dataclass
+class URLFilterConfig:
+    enabled: bool = opt(False, "drop documents whose URL (input.url_key) has a blocklisted domain or a banned word "
+                               "(documents without a URL are kept)")
+    blocklist: list[str] = opt([], "files of domains, one a line (# comments, blank lines); a domain also blocks its "
+                                   "subdomains (rule url_filter.blocklist)")
+    banned_words: list[str] = opt([], "words matched case-insensitively against the URL's words, split at "
+                                      "non-alphanumerics (rule url_filter.banned_words)")
+
+
+@dataclasses.dataclass
+class PIIConfig:
+    enabled: bool = opt(False, "redact emails and public IP addresses (as datatrove's PIIFormatter; the document is "
+                               "kept, stats count the redactions)")
+    emails: bool = opt(True, "replace email addresses with email_replacement")
+    ips: bool = opt(True, "replace global IPv4/IPv6 addresses (not private, reserved, loopback, ... nor version "
+                          "numbers) with ip_replacement")
+    email_replacement: str = opt("email@example.com", "placeholder of every redacted email")
+    ip_replacement: str = opt("22.214.171.124", "placeholder of every redacted IP address")
 
 
 @dataclasses.dataclass
@@ -219,6 +241,8 @@ class PipelineConfig:
     progress: bool = opt(True, "tqdm progress bars")
     input: InputConfig = opt(InputConfig(), "readers")
     clean: CleanConfig = opt(CleanConfig(), "normalisation")
+    url_filter: URLFilterConfig = opt(URLFilterConfig(), "URL blocklist / banned-word filter")
+    pii: PIIConfig = opt(PIIConfig(), "PII redaction (emails, IP addresses)")
     length: LengthConfig = opt(LengthConfig(), "length filter")
     lang: LangConfig = opt(LangConfig(), "language filter")
     gopher_repetition: GopherRepetitionConfig = opt(GopherRepetitionConfig(), "Gopher repetition filter")
@@ -243,6 +267,10 @@ class PipelineConfig:
         for s in self.steps:
             need(s in STEP_NAMES, "steps", f"unknown step {s!r}; valid: {', '.join(STEP_NAMES)}")
         need(len(set(self.steps)) == len(self.steps), "steps", "a step is listed twice")
+        for s in ("url_filter", "pii"):  # off by default: enabling one a config's steps list leaves out does nothing
+            need(not getattr(self, s).enabled or s in self.steps, f"{s}.enabled",
+                 f"{s} is not in steps ({', '.join(self.steps)}): add it there")
+        need(bool(self.input.url_key) or not self.url_filter.enabled, "input.url_key", "url_filter needs a URL field")
         need(self.input.on_error in ("fail", "skip"), "input.on_error", "must be fail or skip")
         need(self.input.format in ("auto", "jsonl", "parquet", "text", "html", "hf_json", "hf_parquet", "hf_disk"),
              "input.format", f"{self.input.format!r} is not a known format")

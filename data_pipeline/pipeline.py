@@ -21,13 +21,14 @@ from .atomic_io import read_json, write_json
 from .dedup.stages import buckets_task, clusters_task
 from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove_temp_files, stage_results
 from .manifest import adopt_unlisted, fold, listed, remove_listed, start_recording, stop_recording
-from .output_dir import (check_apart_from_inputs, claim, input_digests, load_hash_cache, os_error, remove_owned,
-                         save_hash_cache, unlock)
+from .output_dir import (check_apart_from_inputs, claim, file_digest, input_digests, load_hash_cache, os_error,
+                         remove_owned, save_hash_cache, unlock)
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import Reader, expand_paths
 from .sft_rows import SFTReader
 from .task_plan import auto_cluster_tasks, auto_tasks, plan_tasks
 from .finalize import finalize_task, shard_task
+from .filters.url_filter import check_blocklists
 from .tokenizer import check_model_path, tokenize_task, train_tokenizer_task
 from .work_dirs import BULKY, WORK, config_file, fingerprint_file, work_dir
 
@@ -69,7 +70,7 @@ class Context:
         """The reader of this run's input: chat rows when ``sft.enabled`` (sft_rows.SFTReader), else documents."""
         if self.cfg.sft.enabled:
             return SFTReader(self.cfg, counts)
-        return Reader(self.cfg.input, counts)
+        return Reader(self.cfg.input, counts, (self.cfg.input.url_key,) if self.cfg.url_filter.enabled else ())
 
     def units_of(self, rank: int):
         """Pieces ``(kind, path, rel, lo, hi)`` of task ``rank`` (task_plan.py)."""
@@ -102,7 +103,11 @@ def fingerprint(ctx, hash_cache: dict | None = None) -> str:
         *parents, last = key.split(".")
         section = functools.reduce(dict.get, parents, cfg)
         section.pop(last, None)
-    files = input_digests(ctx.units, ctx.cfg.tokenizer.model_path, {} if hash_cache is None else hash_cache)
+    cache = {} if hash_cache is None else hash_cache
+    files = input_digests(ctx.units, ctx.cfg.tokenizer.model_path, cache)
+    if ctx.cfg.url_filter.enabled:  # the blocklists' content decides which documents stay
+        files += [["url_filter.blocklist", p, file_digest(p, cache) if os.path.isfile(p) else None]
+                  for p in ctx.cfg.url_filter.blocklist]
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -138,14 +143,16 @@ def prepare_output_dir(ctx) -> bool:
 
 
 def protected(ctx) -> list[str]:
-    """Files and folders a cleanup never removes: the run's inputs and its tokenizer.model_path."""
-    return [unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
+    """Files and folders a cleanup never removes: the run's inputs, its tokenizer.model_path and blocklists."""
+    return ([unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
+            + list(ctx.cfg.url_filter.blocklist))
 
 
 def run(cfg, config_path: str | None = None) -> dict:
     """Run (or resume) the whole pipeline; return stats.json's content plus wall times."""
     ctx = Context(cfg)
     check_model_path(cfg.tokenizer.model_path)  # before any stage: a bad file used to fail after prepare
+    check_blocklists(cfg)  # url_filter.blocklist files: missing / not text -> one line, nothing written
     if cfg.executor == "ray":
         from .ray_executor import require_ray  # ray is optional: say how to install it before anything is written
         require_ray()

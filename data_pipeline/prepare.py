@@ -3,6 +3,7 @@ configured order -> kept documents to ``work/prepared/<rank>.jsonl.zst`` plus th
 keys and the exact-content hash), sorted per column, to ``work/signatures/<rank>.{keys,order}.npy``."""
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 
@@ -16,7 +17,14 @@ from .work_dirs import prepared_path, rejects_path, signature_paths, timing_path
 
 
 def active_steps(cfg) -> list[tuple[str, object, object]]:
-    return [(n, get_step(n), getattr(cfg, n)) for n in cfg.steps if getattr(cfg, n).enabled]
+    out = []
+    for n in cfg.steps:
+        if getattr(cfg, n).enabled:
+            fn = get_step(n)
+            if n == "url_filter":  # the URL's field is an input key
+                fn = functools.partial(fn, url_key=cfg.input.url_key)
+            out.append((n, fn, getattr(cfg, n)))
+    return out
 
 
 def dedup_columns(cfg) -> int:
@@ -39,6 +47,9 @@ def prepare_task(ctx, rank: int) -> dict:
     steps = active_steps(cfg)
     read = Counter()
     step_stats = {name: _new_step_stats() for name, _, _ in steps}
+    for name, fn, _ in steps:  # a step that counts more than removals (pii: redactions) gets a Counter
+        if getattr(fn, "counts", None):
+            step_stats[name]["counts"] = Counter(dict.fromkeys(fn.counts, 0))
     m = cfg.dedup.minhash
     hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed) if m.enabled else None
     keys: list[list[int]] = []
@@ -66,7 +77,7 @@ def prepare_task(ctx, rank: int) -> dict:
                     st["docs_in"] += 1
                     st["bytes_in"] += nbytes
                     t0 = clock()
-                    rule = fn(doc, scfg)
+                    rule = fn(doc, scfg, st["counts"]) if "counts" in st else fn(doc, scfg)
                     secs[name] += clock() - t0
                     if rule:
                         st["removed"][rule] += 1
@@ -94,6 +105,8 @@ def prepare_task(ctx, rank: int) -> dict:
                {k: round(v, 3) for k, v in secs.items()})
     for st in step_stats.values():
         st["removed"] = dict(sorted(st["removed"].items()))
+        if "counts" in st:
+            st["counts"] = dict(st["counts"])
     return {"read": dict(sorted(read.items())), "steps": step_stats, "kept_docs": n_kept, "kept_bytes": kept_bytes}
 
 

@@ -193,10 +193,12 @@ def expand_paths(cfg: InputConfig) -> list[tuple[str, str, str]]:
 
 
 class Reader:
-    """Reads one unit; counts skipped records in ``stats`` (Counter) under read_errors / empty."""
+    """Reads one unit; counts skipped records in ``stats`` (Counter) under read_errors / empty. ``extra_keys``:
+    fields read into ``meta`` besides ``metadata_keys`` (the URL when url_filter is on)."""
 
-    def __init__(self, cfg: InputConfig, stats: Counter):
+    def __init__(self, cfg: InputConfig, stats: Counter, extra_keys: tuple[str, ...] = ()):
         self.cfg, self.stats = cfg, stats
+        self.meta_keys = list(dict.fromkeys([*cfg.metadata_keys, *extra_keys]))
 
     def _bad(self, where: str, msg: str):
         if self.cfg.on_error == "skip":
@@ -226,7 +228,7 @@ class Reader:
         if len(text.strip()) < self.cfg.min_doc_chars:
             self.stats["empty"] += 1
             return None
-        meta = {k: rec[k] for k in self.cfg.metadata_keys if k in rec}
+        meta = {k: rec[k] for k in self.meta_keys if k in rec}
         if self.cfg.id_key and self.cfg.id_key in rec:
             meta["source_id"] = rec[self.cfg.id_key]
         return {"id": doc_id, "text": text, "meta": meta}
@@ -304,7 +306,7 @@ class Reader:
             if lo > 0:  # reported once, by the piece holding row group 0
                 return None
             return self._bad(path, f"missing text column {self.cfg.text_key!r} (input.text_key); columns: {names}")
-        cols = [c for c in dict.fromkeys([self.cfg.text_key, *self.cfg.metadata_keys, self.cfg.id_key]) if c in names]
+        cols = [c for c in dict.fromkeys([self.cfg.text_key, *self.meta_keys, self.cfg.id_key]) if c in names]
         groups = range(lo, pf.num_row_groups if hi is None else min(hi, pf.num_row_groups))
         row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))  # row ids count from the file's start
         if not groups:

@@ -19,6 +19,10 @@ def _merge_steps(per_task: list[dict]) -> list[dict]:
             for k in ("docs_in", "docs_out", "bytes_in", "bytes_out"):
                 m[k] += st[k]
             m["removed"].update(st["removed"])
+            if "counts" in st:  # only steps that count more than removals (pii) have them
+                m.setdefault("counts", {k: 0 for k in st["counts"]})
+                for k, v in st["counts"].items():
+                    m["counts"][k] = m["counts"].get(k, 0) + v
     for m in merged.values():
         m["removed"] = dict(sorted(m["removed"].items()))
     return list(merged.values())
@@ -93,6 +97,8 @@ def _step_lines(steps: list[dict]) -> list[str]:
     lines = []
     for s in steps:
         rm = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in s["removed"].items()) or "-"
+        if s.get("counts"):
+            rm += "; " + ", ".join(f"{k}={v}" for k, v in s["counts"].items())
         lines.append(f"{s['name']:<18}{s['docs_in']:>8} -> {s['docs_out']:<8} docs  {_mb(s['bytes_in']):>11} -> "
                      f"{_mb(s['bytes_out']):<11} removed: {rm}")
     return lines

@@ -1,5 +1,7 @@
 """Per-document steps. Each ``<name>_step(doc, cfg)`` may rewrite ``doc["text"]`` and returns None to keep the
-document or the name of the rule that removed it (counted in stats.json under that name)."""
+document or the name of the rule that removed it (counted in stats.json under that name). A step with a ``counts``
+attribute (names) is called ``<name>_step(doc, cfg, counts)`` with a Counter of those names, shown in its stats row
+(pii: redacted emails and IPs)."""
 from __future__ import annotations
 
 import re
@@ -33,6 +35,8 @@ def get_step(name: str):
     from .gopher import gopher_quality_step, gopher_repetition_step
     from .lang import lang_step
     from .length import length_step
-    return {"clean": clean_step, "length": length_step, "lang": lang_step, "c4": c4_step,
+    from .pii import pii_step
+    from .url_filter import url_filter_step
+    return {"clean": clean_step, "url_filter": url_filter_step, "pii": pii_step, "length": length_step, "lang": lang_step, "c4": c4_step,
             "gopher_quality": gopher_quality_step, "gopher_repetition": gopher_repetition_step,
             "fineweb": fineweb_step}[name]
