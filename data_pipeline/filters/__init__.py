@@ -33,6 +33,7 @@ def get_step(name: str):
     from .gopher import gopher_quality_step, gopher_repetition_step
     from .lang import lang_step
     from .length import length_step
+    from .quality_classifier import quality_classifier_step
     return {"clean": clean_step, "length": length_step, "lang": lang_step, "c4": c4_step,
             "gopher_quality": gopher_quality_step, "gopher_repetition": gopher_repetition_step,
-            "fineweb": fineweb_step}[name]
+            "fineweb": fineweb_step, "quality_classifier": quality_classifier_step}[name]
