@@ -135,7 +135,7 @@ def draw_histogram(quality: dict) -> bytes:
 
 # ---- training ------------------------------------------------------------------------------------------------
 
-def _read_texts(paths: list[str], text_key: str) -> tuple[list[str], list[dict]]:
+def _read_texts(paths: list[str], text_key: str, flag: str) -> tuple[list[str], list[dict]]:
     from collections import Counter
 
     from ..config import InputConfig
@@ -145,7 +145,11 @@ def _read_texts(paths: list[str], text_key: str) -> tuple[list[str], list[dict]]
         icfg = InputConfig(paths=[p], text_key=text_key)
         n0 = len(texts)
         reader = Reader(icfg, Counter())
-        for kind, path, rel in expand_paths(icfg):
+        try:
+            units = expand_paths(icfg)
+        except ConfigError as e:  # it names input.paths, a key of the pipeline's config, not this command
+            raise ConfigError(f"{flag} {p}: {str(e).split(': ', 1)[-1]}") from None
+        for kind, path, rel in units:
             for doc in reader.read(kind, path, rel):
                 t = normalize(doc["text"])
                 if t:
@@ -175,8 +179,8 @@ def train(positive: list[str], negative: list[str], out: str, text_key: str = "t
     if not 0 <= valid_fraction < 1:
         raise ConfigError(f"--valid-fraction: {valid_fraction} is outside [0, 1)")
     fasttext = _fasttext()
-    pos, pos_in = _read_texts(positive, text_key)
-    neg, neg_in = _read_texts(negative, text_key)
+    pos, pos_in = _read_texts(positive, text_key, "--positive")
+    neg, neg_in = _read_texts(negative, text_key, "--negative")
     for flag, texts, files in (("--positive", pos, positive), ("--negative", neg, negative)):
         if not texts:
             raise ConfigError(f"{flag} {' '.join(files)}: no documents with text")

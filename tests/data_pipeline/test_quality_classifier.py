@@ -183,3 +183,12 @@ def _config(tmp_path, corpus, out):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"input:\n  paths: [{corpus}]\noutput_dir: {out}\nprogress: false\ntokenizer:\n  vocab_size: 320\n")
     return str(cfg)
+
+
+def test_train_missing_input_one_line(tmp_path):
+    neg = write_jsonl(str(tmp_path / "neg.jsonl"), [{"text": spam(i)} for i in range(5)])
+    p = cli("train-classifier", "--positive", str(tmp_path / "nope.jsonl"), "--negative", neg,
+            "--out", str(tmp_path / "m.bin"))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "--positive" in lines[0] and "nope.jsonl" in lines[0], p.stderr
+    assert not os.path.exists(tmp_path / "m.bin")
