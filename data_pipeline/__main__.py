@@ -5,6 +5,8 @@
   python -m data_pipeline inspect PREFIX [--n 3]              decode documents back with the tokenizer
   python -m data_pipeline keys                                list every config key with its default
   python -m data_pipeline task CONFIG --stage S [--rank R]    one task (what a Slurm array element runs)
+  python -m data_pipeline train-classifier --positive A.jsonl.. --negative B.jsonl.. --out model.bin
+                                                              fastText quality classifier (+ model.bin.json card)
 
 Errors print one line ``error: ...`` on stderr: exit 2 for config/usage errors, 1 for data errors.
 """
@@ -86,6 +88,19 @@ def _cmd_keys(_args) -> int:
     return 0
 
 
+def _cmd_train_classifier(args) -> int:
+    from .filters.quality_classifier import train
+    card = train(args.positive, args.negative, args.out, text_key=args.text_key, valid_fraction=args.valid_fraction,
+                 epoch=args.epoch, lr=args.lr, word_ngrams=args.word_ngrams, dim=args.dim, bucket=args.bucket,
+                 min_count=args.min_count, seed=args.seed)
+    sz, sc = card["sizes"], card["scores"]
+    print(f"trained on {sz['train']['hq']} hq + {sz['train']['lq']} lq documents; held out "
+          f"{sz['valid']['hq']} hq + {sz['valid']['lq']} lq: precision {sc['precision']:.4f} recall "
+          f"{sc['recall']:.4f} (hq at score >= {sc['threshold']})")
+    print(f"wrote {args.out} and {args.out}.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline", description="llmforge data pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -106,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tokenizer", default="")
     i.add_argument("--chars", type=int, default=600, help="print at most this many characters per document")
     sub.add_parser("keys", help="list config keys")
+    c = sub.add_parser("train-classifier", help="train a fastText quality classifier (hq vs lq documents)")
+    c.add_argument("--positive", nargs="+", required=True, help="high-quality documents (jsonl/parquet/text files)")
+    c.add_argument("--negative", nargs="+", required=True, help="low-quality documents")
+    c.add_argument("--out", required=True, help="the model file (.bin); the JSON card goes to OUT.json")
+    c.add_argument("--text-key", default="text")
+    c.add_argument("--valid-fraction", type=float, default=0.2, help="held out of each class for the scores")
+    c.add_argument("--epoch", type=int, default=25)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--word-ngrams", type=int, default=2)
+    c.add_argument("--dim", type=int, default=64)
+    c.add_argument("--bucket", type=int, default=100_000, help="hash buckets of the word n-grams (model size: "
+                                                                "(words + bucket) x dim x 4 bytes)")
+    c.add_argument("--min-count", type=int, default=1)
+    c.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -151,7 +180,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         handler = {"run": _cmd_run, "task": _cmd_task, "merge": _cmd_merge, "inspect": _cmd_inspect,
-                   "keys": _cmd_keys}[args.cmd]
+                   "keys": _cmd_keys, "train-classifier": _cmd_train_classifier}[args.cmd]
         return handler(args)
     except (ConfigError, _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,8 @@ import dataclasses
 
 from llmforge.common.typed_config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
 
-STEP_NAMES = ("clean", "url_filter", "pii", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+STEP_NAMES = ("clean", "url_filter", "pii", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb",
+              "quality_classifier")
 
 
 @dataclasses.dataclass
@@ -135,6 +136,19 @@ class FineWebConfig:
 
 
 @dataclasses.dataclass
+class QualityClassifierConfig:
+    enabled: bool = opt(False, "score documents with a trained fastText classifier (python -m data_pipeline "
+                               "train-classifier; filters/quality_classifier.py); the score goes to meta.quality_score")
+    model_path: str = opt("", "the fastText model (.bin) written by train-classifier")
+    label: str = opt("hq", "the score is the model's probability of __label__<label>")
+    threshold: float = opt(0.5, "documents scoring below this are removed (when keep_fraction is 1)", ge=0, le=1)
+    keep_fraction: float = opt(1.0, "below 1: keep this top share of each task's documents by score (ties: the "
+                                    "earlier document) instead of a threshold; the step must then be the last",
+                               gt=0, le=1)
+    max_chars: int = opt(0, "score only this many leading characters (0: the whole document)", ge=0)
+
+
+@dataclasses.dataclass
 class ExactDedupConfig:
     enabled: bool = opt(True, "drop documents whose normalised content (lowercase, collapsed whitespace) hash repeats")
 
@@ -249,6 +263,7 @@ class PipelineConfig:
     gopher_quality: GopherQualityConfig = opt(GopherQualityConfig(), "Gopher quality filter")
     c4: C4Config = opt(C4Config(), "C4 filter")
     fineweb: FineWebConfig = opt(FineWebConfig(), "FineWeb filter")
+    quality_classifier: QualityClassifierConfig = opt(QualityClassifierConfig(), "trained quality classifier")
     dedup: DedupConfig = opt(DedupConfig(), "deduplication")
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer training")
     shards: ShardConfig = opt(ShardConfig(), "token shards")
@@ -291,6 +306,12 @@ class PipelineConfig:
             need(words in ("whitespace", "datatrove"), f"{name}.words", f"{words!r} is not whitespace or datatrove")
         need(not self.sft.enabled or bool(self.tokenizer.model_path), "tokenizer.model_path",
              "sft.enabled needs the pretraining tokenizer (tokenizer.model_path=.../tokenizer.model)")
+        qc = self.quality_classifier
+        need(not (qc.enabled and qc.keep_fraction < 1 and "quality_classifier" in self.steps
+                  and self.steps[-1] != "quality_classifier"), "quality_classifier.keep_fraction",
+             "a top share needs quality_classifier to be the last of steps (it is decided after the task's other steps)")
+        need(not qc.enabled or "quality_classifier" in self.steps, "quality_classifier.enabled",
+             "quality_classifier is not listed in steps")
         need(self.sft.truncation in ("none", "right"), "sft.truncation", "must be none or right")
 
 

@@ -54,5 +54,8 @@ def shard_task(ctx, _rank: int) -> dict:
 def finalize_task(ctx, _rank: int) -> dict:
     stats = stats_mod.collect(ctx)
     write_json(os.path.join(ctx.out, "stats.json"), stats)
+    if "quality_classifier" in stats:  # the score histogram beside stats.json (atomic, like every output)
+        from .filters.quality_classifier import draw_histogram
+        write_bytes(os.path.join(ctx.out, "quality.png"), draw_histogram(stats["quality_classifier"]))
     dump_config(ctx.cfg, os.path.join(ctx.out, "config.yaml"))
     return {"ok": True}

@@ -23,6 +23,7 @@ from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove
 from .manifest import adopt_unlisted, fold, listed, remove_listed, start_recording, stop_recording
 from .output_dir import (check_apart_from_inputs, claim, file_digest, input_digests, load_hash_cache, os_error,
                          remove_owned, save_hash_cache, unlock)
+from .filters.quality_classifier import check as check_quality_model
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import Reader, expand_paths
 from .sft_rows import SFTReader
@@ -32,7 +33,8 @@ from .filters.url_filter import check_blocklists
 from .tokenizer import check_model_path, tokenize_task, train_tokenizer_task
 from .work_dirs import BULKY, WORK, config_file, fingerprint_file, work_dir
 
-FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json")
+FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json",
+                 "quality.png")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
 RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files",
                 "tokenizer.encode_cache_words")  # keys that change how a run goes, never what it writes
@@ -108,6 +110,9 @@ def fingerprint(ctx, hash_cache: dict | None = None) -> str:
     if ctx.cfg.url_filter.enabled:  # the blocklists' content decides which documents stay
         files += [["url_filter.blocklist", p, file_digest(p, cache) if os.path.isfile(p) else None]
                   for p in ctx.cfg.url_filter.blocklist]
+    qc = ctx.cfg.quality_classifier
+    if qc.enabled and os.path.isfile(qc.model_path):  # another model: other scores, so a start-over
+        files.append(["quality_classifier.model_path", qc.model_path, file_digest(qc.model_path, cache)])
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -143,9 +148,11 @@ def prepare_output_dir(ctx) -> bool:
 
 
 def protected(ctx) -> list[str]:
-    """Files and folders a cleanup never removes: the run's inputs, its tokenizer.model_path and blocklists."""
+    """Files and folders a cleanup never removes: the run's inputs, its tokenizer.model_path, the url_filter
+    blocklists and the quality classifier's model."""
     return ([unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
-            + list(ctx.cfg.url_filter.blocklist))
+            + list(ctx.cfg.url_filter.blocklist)
+            + ([ctx.cfg.quality_classifier.model_path] if ctx.cfg.quality_classifier.model_path else []))
 
 
 def run(cfg, config_path: str | None = None) -> dict:
@@ -153,6 +160,8 @@ def run(cfg, config_path: str | None = None) -> dict:
     ctx = Context(cfg)
     check_model_path(cfg.tokenizer.model_path)  # before any stage: a bad file used to fail after prepare
     check_blocklists(cfg)  # url_filter.blocklist files: missing / not text -> one line, nothing written
+    if "quality_classifier" in cfg.steps:  # a missing or non-fastText model: one line before anything is written
+        check_quality_model(cfg.quality_classifier)
     if cfg.executor == "ray":
         from .ray_executor import require_ray  # ray is optional: say how to install it before anything is written
         require_ray()

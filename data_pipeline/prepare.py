@@ -40,6 +40,13 @@ def prepare_warmup(ctx) -> None:
     if "lang" in ctx.cfg.steps and ctx.cfg.lang.enabled:
         from .filters.lang import identifier
         identifier()
+    if _quality_on(ctx.cfg):  # loaded once in the parent: forked workers share it
+        from .filters.quality_classifier import check
+        check(ctx.cfg.quality_classifier)
+
+
+def _quality_on(cfg) -> bool:
+    return "quality_classifier" in cfg.steps and cfg.quality_classifier.enabled
 
 
 def prepare_task(ctx, rank: int) -> dict:
@@ -50,12 +57,18 @@ def prepare_task(ctx, rank: int) -> dict:
     for name, fn, _ in steps:  # a step that counts more than removals (pii: redactions) gets a Counter
         if getattr(fn, "counts", None):
             step_stats[name]["counts"] = Counter(dict.fromkeys(fn.counts, 0))
+    if "quality_classifier" in step_stats:
+        from .filters.quality_classifier import HIST_BINS
+        step_stats["quality_classifier"]["hist"] = {"kept": [0] * HIST_BINS, "removed": [0] * HIST_BINS}
     m = cfg.dedup.minhash
     hasher = MinHasher(m.ngram, m.bands, m.rows, m.seed) if m.enabled else None
     keys: list[list[int]] = []
     rejects = JsonlZstWriter(rejects_path(ctx.work, f"{rank:05d}")) if cfg.write_rejects else None
     reader = ctx.reader(read)  # the run context chooses: documents, or chat rows when sft.enabled
     kept_bytes = 0
+    qc = cfg.quality_classifier if _quality_on(cfg) else None
+    top_share = qc is not None and qc.keep_fraction < 1  # the task's top share: kept docs wait for all scores
+    pending: list[tuple[dict, int]] = []
     secs = Counter()  # seconds per step: written beside the marker, never into it (markers stay reproducible)
     clock = time.perf_counter
     with JsonlZstWriter(prepared_path(ctx.work, rank)) as out:
@@ -79,6 +92,8 @@ def prepare_task(ctx, rank: int) -> dict:
                     t0 = clock()
                     rule = fn(doc, scfg, st["counts"]) if "counts" in st else fn(doc, scfg)
                     secs[name] += clock() - t0
+                    if name == "quality_classifier":
+                        st["hist"]["removed" if rule else "kept"][_bin(doc)] += 1
                     if rule:
                         st["removed"][rule] += 1
                         break
@@ -89,14 +104,14 @@ def prepare_task(ctx, rank: int) -> dict:
                     if rejects:
                         rejects.write({"id": doc["id"], "rule": rule})
                     continue
-                out.write(doc)
+                if top_share:
+                    pending.append((doc, nbytes))
+                    continue
                 kept_bytes += nbytes
-                t0 = clock()
-                row = hasher.band_keys(doc["text"]) if hasher else []
-                if cfg.dedup.exact.enabled:
-                    row.append(content_hash(doc["text"]))
-                keys.append(row)
-                secs["dedup_keys"] += clock() - t0
+                _emit(doc, out, keys, hasher, cfg, secs, clock)
+        if top_share:
+            kept_bytes += _keep_top_share(pending, qc.keep_fraction, step_stats["quality_classifier"], rejects,
+                                          lambda d: _emit(d, out, keys, hasher, cfg, secs, clock))
         n_kept = out.count
     if rejects:
         rejects.close()
@@ -107,7 +122,47 @@ def prepare_task(ctx, rank: int) -> dict:
         st["removed"] = dict(sorted(st["removed"].items()))
         if "counts" in st:
             st["counts"] = dict(st["counts"])
-    return {"read": dict(sorted(read.items())), "steps": step_stats, "kept_docs": n_kept, "kept_bytes": kept_bytes}
+    result = {"read": dict(sorted(read.items())), "steps": step_stats, "kept_docs": n_kept, "kept_bytes": kept_bytes}
+    if qc is not None:
+        result["quality"] = step_stats["quality_classifier"].pop("hist")
+    return result
+
+
+def _emit(doc, out, keys, hasher, cfg, secs, clock) -> None:
+    """A kept document: to work/prepared and its dedup keys to the task's signature rows."""
+    out.write(doc)
+    t0 = clock()
+    row = hasher.band_keys(doc["text"]) if hasher else []
+    if cfg.dedup.exact.enabled:
+        row.append(content_hash(doc["text"]))
+    keys.append(row)
+    secs["dedup_keys"] += clock() - t0
+
+
+def _keep_top_share(pending, fraction, st, rejects, emit) -> int:
+    """quality_classifier.keep_fraction: of the task's scored documents (all its other steps passed), keep the
+    top share by score (ties: document order) in document order; the rest count as removed by the step."""
+    from .filters.quality_classifier import select_top
+    keep = select_top([d["meta"]["quality_score"] for d, _ in pending], fraction)
+    kept_bytes = 0
+    for (doc, nbytes), k in zip(pending, keep):
+        if k:
+            kept_bytes += nbytes
+            emit(doc)
+            continue
+        st["docs_out"] -= 1
+        st["bytes_out"] -= nbytes
+        st["removed"]["quality_classifier.keep_fraction"] += 1
+        st["hist"]["removed"][_bin(doc)] += 1
+        st["hist"]["kept"][_bin(doc)] -= 1
+        if rejects:
+            rejects.write({"id": doc["id"], "rule": "quality_classifier.keep_fraction"})
+    return kept_bytes
+
+
+def _bin(doc) -> int:
+    from .filters.quality_classifier import hist_bin
+    return hist_bin(doc["meta"]["quality_score"])
 
 
 def _save_signatures(work: str, rank: int, keys: list[list[int]], ncols: int) -> None:

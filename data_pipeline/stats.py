@@ -54,7 +54,7 @@ def collect(ctx) -> dict:
     for kind in ("exact", "minhash"):
         if dedup.get(kind, {}).get("removed"):
             removed[f"dedup.{kind}"] = dedup[kind]["removed"]
-    return {
+    result = {
         "input": {"files": len(ctx.units), "tasks": ctx.n_tasks, "docs": read.get("docs", 0) + read.get("empty", 0),
                   "docs_read": read.get("docs", 0), "bytes": read.get("bytes", 0),
                   "empty": read.get("empty", 0), "read_errors": read.get("read_errors", 0)},
@@ -66,6 +66,15 @@ def collect(ctx) -> dict:
         "output": {"dtype": "uint16" if tokenizer["vocab_size"] < 65500 else "int32", **out,
                    "shards": shards, "documents_end_with_eos": True},
     }
+    hists = [t["quality"] for t in prep if "quality" in t]
+    if hists:  # quality_classifier enabled: its score histogram (quality.png is drawn from it)
+        q = ctx.cfg.quality_classifier
+        result["quality_classifier"] = {
+            "label": q.label, "threshold": q.threshold if q.keep_fraction >= 1 else None,
+            "keep_fraction": q.keep_fraction, "bins": len(hists[0]["kept"]),
+            "kept": [sum(h["kept"][i] for h in hists) for i in range(len(hists[0]["kept"]))],
+            "removed": [sum(h["removed"][i] for h in hists) for i in range(len(hists[0]["removed"]))]}
+    return result
 
 
 def step_seconds(ctx) -> dict[str, float]:

@@ -36,7 +36,8 @@ def get_step(name: str):
     from .lang import lang_step
     from .length import length_step
     from .pii import pii_step
+    from .quality_classifier import quality_classifier_step
     from .url_filter import url_filter_step
     return {"clean": clean_step, "url_filter": url_filter_step, "pii": pii_step, "length": length_step, "lang": lang_step, "c4": c4_step,
             "gopher_quality": gopher_quality_step, "gopher_repetition": gopher_repetition_step,
-            "fineweb": fineweb_step}[name]
+            "fineweb": fineweb_step, "quality_classifier": quality_classifier_step}[name]
