@@ -84,9 +84,9 @@ setup(
         # lm-eval's `hf` model needs accelerate beside transformers (its [hf] extra minus peft, unused here)
         "float8": ["torchao==0.18.0"],  # train.float8 (float8 linears; emulated on CPU for tests)
         # quality_classifier step + train-classifier: fastText (the fork with numpy 2 wheels; same API, same models)
-        "quality": ["fasttext-numpy2>=0.10.4"],
+        "quality": ["fasttext-numpy2==0.10.4"],
         "dev": ["pytest", "pytest-timeout", "transformers", "lm-eval==0.4.13", "accelerate", "ray>=2.52,<3",
-                "torchao==0.18.0", "fasttext-numpy2>=0.10.4"],
+                "torchao==0.18.0", "fasttext-numpy2==0.10.4"],
     },
     entry_points={
         "console_scripts": [
