@@ -1,6 +1,7 @@
 """Parameter names and walks shared by the optimizers, the model init and the parallel code: the trainable
 parameters of a model's parts, each once (what every optimizer builds its groups from), a name with the
-parallel/compile wrappers' prefixes removed, and the kinds of a set of names (for start-up lines)."""
+parallel/compile wrappers' prefixes removed, the kinds of a set of names (for start-up lines), and a sharded
+(DTensor) parameter's local part."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,11 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a DTensor (a rank's shard); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")

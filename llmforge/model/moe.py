@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmforge.core.params import local_tensor
+
 
 @dataclass
 class MoEArgs:
@@ -44,12 +46,6 @@ class MoEArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer >= self.dense_layers and (layer - self.dense_layers) % self.interval == 0
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local part of a parameter that expert parallelism made a DTensor (sharded over experts); the tensor
-    itself otherwise. The one place the model meets a parallel type: its math is per-expert and shard-agnostic."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Router(nn.Module):
@@ -84,7 +80,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, H): rows sorted by expert, ``counts`` (E_local,) rows of each; returns (M, H)."""
-        w1, w2, w3 = local(self.w1), local(self.w2), local(self.w3)
+        # the local experts when expert parallelism made them DTensors: the math is per expert, shard-agnostic
+        w1, w2, w3 = local_tensor(self.w1), local_tensor(self.w2), local_tensor(self.w3)
         if _grouped_available(x):
             return grouped_mm_experts(x, counts, w1, w2, w3)
         return loop_experts(x, counts, w1, w2, w3)

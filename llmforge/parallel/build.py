@@ -25,6 +25,7 @@ from llmforge.model.lora import is_adapter
 from llmforge.model.moe import moe_layers
 from llmforge.model.blocks import model_rope_tables
 from llmforge.model.freeze import apply_finetune
+from llmforge.core.params import local_tensor
 from llmforge.model.init import canonical_name, fill_, init_full_model
 from llmforge.model.transformer import Transformer
 
@@ -88,10 +89,6 @@ def local_index(p: torch.Tensor) -> dict[int, torch.Tensor]:
             sizes[pl.dim] = size
             out[pl.dim] = idx
     return out
-
-
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
 
 
 @torch.no_grad()
