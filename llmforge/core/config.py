@@ -89,6 +89,9 @@ class DataConfig:
     valid_fraction: float = opt(0.02, "fraction of windows held out for validation when a path has no valid shards",
                                 ge=0, lt=1)
     backend: str = opt("native", "native | megatron (megatron-core BlendedMegatronDatasetBuilder)")
+    document_mask: bool = opt(False, "packed sequences attend only within each document and RoPE positions restart "
+                                     "at every document start (boundaries from the shards' .idx; "
+                                     "llmforge/model/attention.py)")
 
 
 @dataclasses.dataclass
@@ -164,6 +167,9 @@ class ParallelConfig:
     ep: int = opt(1, "expert-parallel degree: MoE experts sharded over this many of the dp_shard ranks "
                      "(divides dp_shard and model.moe.num_experts; llmforge/parallel/expert_parallel.py)", ge=1)
     pp: int = opt(1, "pipeline-parallel stages", ge=1)
+    cp: int = opt(1, "context-parallel degree: each sequence split over this many ranks (head-tail chunks), K/V "
+                     "all-gathered for attention; world = pp x dp_replicate x dp_shard x cp x tp "
+                     "(llmforge/parallel/context_parallel.py)", ge=1)
     zero_stage: int = opt(0, "0 DDP AllReduce | 1 +sharded optimizer | 2 FSDP2 keep params | 3 FSDP2 reshard",
                           ge=0, le=3)
     pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")

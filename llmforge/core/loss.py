@@ -111,7 +111,10 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ masked (SFT)
 def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of a (B, L + 1) batch: ids shifted by one; masked tokens -> ids / IGNORE_INDEX targets."""
+    """(inputs, targets) of a (B, L + 1) batch: ids shifted by one; masked tokens -> ids / IGNORE_INDEX targets;
+    document-start marks (llmforge/core/packing.py) removed."""
+    from llmforge.core.packing import raw_ids
+    batch = raw_ids(batch)
     x, y = batch[:, :-1], batch[:, 1:]
     return torch.where(x >= 0, x, -1 - x), torch.where(y >= 0, y, torch.full_like(y, IGNORE_INDEX))
 

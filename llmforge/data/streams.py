@@ -8,6 +8,8 @@ Sample k of a run is a pure function of (seed, data config, k):
 - within a dataset, epoch e visits windows in a permutation seeded by (seed, d, e).
 Step s of a data-parallel rank reads global samples [start + s*G + r*G/dp, ...): any DP size, resume or
 reshard continues the same global stream with nothing repeated or skipped.
+With ``data.document_mask`` a window also marks where documents begin (the ``.idx`` document index;
+llmforge/core/packing.py), so attention stops at document boundaries and positions restart.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from llmforge.common.shards import IndexedShard, find_tokenizer  # noqa: F401  (re-exported)
+from llmforge.core.packing import mark_doc_starts
 
 
 def _shard_prefixes(path: str, split: str) -> list[str]:
@@ -36,8 +39,11 @@ def _shard_prefixes(path: str, split: str) -> list[str]:
 class TokenWindows:
     """Fixed-length windows over the concatenated tokens of several shards."""
 
-    def __init__(self, prefixes: list[str], seq_len: int, first_window: int = 0, last_window: int | None = None):
+    def __init__(self, prefixes: list[str], seq_len: int, first_window: int = 0, last_window: int | None = None,
+                 document_mask: bool = False):
         self.shards = [IndexedShard(p) for p in prefixes]
+        self.document_mask = document_mask
+        self._doc_starts: dict[int, np.ndarray] = {}
         self.seq_len = seq_len
         self.starts = np.cumsum([0] + [s.num_tokens for s in self.shards])
         total_windows = max(0, (int(self.starts[-1]) - 1) // seq_len)
@@ -63,7 +69,36 @@ class TokenWindows:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def window(self, i: int) -> np.ndarray:
-        return self.tokens((self.first + i) * self.seq_len, self.seq_len + 1)
+        start = (self.first + i) * self.seq_len
+        ids = self.tokens(start, self.seq_len + 1)
+        return mark_doc_starts(ids, self.doc_starts_in(start, self.seq_len + 1)) if self.document_mask else ids
+
+    def shard_doc_starts(self, i: int) -> np.ndarray:
+        """Token offsets of shard i's documents (sorted; its byte offsets read in place when every document is
+        one sequence, as the pipeline writes them)."""
+        if i not in self._doc_starts:
+            sh = self.shards[i]
+            if len(sh.doc_idx) == len(sh.lengths) + 1:  # one sequence per document
+                self._doc_starts[i] = sh.offsets
+            else:
+                self._doc_starts[i] = sh.offsets[sh.doc_idx[:-1]]
+        return self._doc_starts[i]
+
+    def doc_starts_in(self, start: int, n: int) -> np.ndarray:
+        """Offsets within [start, start + n) of the global token stream where a document begins."""
+        out, end = [], start + n
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while i < len(self.shards) and int(self.starts[i]) < end:
+            base, item = int(self.starts[i]), self.shards[i].dtype.itemsize
+            byte_starts = self.shard_doc_starts(i)
+            lo = int(np.searchsorted(byte_starts, max(start - base, 0) * item))
+            hi = int(np.searchsorted(byte_starts, (end - base) * item))
+            out.append(np.asarray(byte_starts[lo:hi]) // item + base - start)
+            i += 1
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+    def documents(self) -> int:
+        return sum(len(s.doc_idx) - 1 for s in self.shards)
 
 
 class BlendedStream:
@@ -122,19 +157,24 @@ def build_datasets(data_cfg, seed: int):
         if not prefixes:
             raise FileNotFoundError(f"data.paths: no .bin/.idx shards found at {p}")
         vprefixes = _shard_prefixes(p, "valid")
-        tw = TokenWindows(prefixes, data_cfg.seq_len)
+        mask = data_cfg.document_mask
+        tw = TokenWindows(prefixes, data_cfg.seq_len, document_mask=mask)
+        if mask and tw.documents() <= len(tw.shards):
+            raise ValueError(f"data.document_mask: {p} has no document boundaries (its .idx lists one document "
+                             f"per shard): write one document per sequence, as the data pipeline does, or set "
+                             f"data.document_mask=false")
         tokens.append(int(tw.starts[-1]))
         if vprefixes:
             train.append(tw)
-            valid.append(TokenWindows(vprefixes, data_cfg.seq_len))
+            valid.append(TokenWindows(vprefixes, data_cfg.seq_len, document_mask=mask))
         else:  # hold out the tail of this dataset
             n_valid = int(tw.total_windows * data_cfg.valid_fraction) if data_cfg.valid_fraction > 0 else 0
             if data_cfg.valid_fraction > 0:
                 n_valid = max(1, n_valid)
             cut = tw.total_windows - n_valid
-            train.append(TokenWindows(prefixes, data_cfg.seq_len, 0, cut))
+            train.append(TokenWindows(prefixes, data_cfg.seq_len, 0, cut, mask))
             if n_valid:
-                valid.append(TokenWindows(prefixes, data_cfg.seq_len, cut, tw.total_windows))
+                valid.append(TokenWindows(prefixes, data_cfg.seq_len, cut, tw.total_windows, mask))
     weights = data_cfg.weights or [float(t) for t in tokens]
     return BlendedStream(train, weights, seed), [v for v in valid if len(v) > 0]
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import CoreAttention, TokenLayout
 from .moe import MoE, MoEArgs
 
 
@@ -134,10 +135,13 @@ def scaled_inv_freq(dim: int, base: float, s: RopeScaling, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim), or (batch, seq, head_dim) when each token has
+    its own position (packed documents, context-parallel chunks)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
     return x * cos + rotated * sin
 
 
@@ -169,8 +173,10 @@ class Attention(nn.Module):
         if args.qk_norm:  # per head, weights shared by the heads (Qwen3)
             self.q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.core = CoreAttention()  # no parameters; context parallelism swaps it (parallel/context_parallel.py)
 
-    def forward(self, x, cos=None, sin=None, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos=None, sin=None, cache: KVCache | None = None, start_pos: int = 0,
+                layout: TokenLayout | None = None):
         bsz, seqlen, _ = x.shape
         hd = self.args.head_dim
         q = self.wq(x).view(bsz, seqlen, -1, hd)
@@ -187,7 +193,7 @@ class Attention(nn.Module):
         gqa = q.shape[2] != k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is None or start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = self.core(q, k, v, layout)  # causal, or causal within documents (model/attention.py)
         else:  # decoding with a cache: query i sits at position start_pos + i
             kv_len = k.shape[2]
             mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
@@ -221,8 +227,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = None if sparse else FeedForward(args)
         self.moe = MoE(args.dim, args.ffn_dim, args.moe) if sparse else None
 
-    def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0, layout: TokenLayout | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, layout)
         return x + (self.moe or self.feed_forward)(self.ffn_norm(x))
 
 

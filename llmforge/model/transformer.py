@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .attention import TokenLayout
 from .blocks import KVCache, ModelArgs, TransformerBlock, init_block, make_norm, model_rope_tables
 
 
@@ -57,20 +58,27 @@ class Transformer(nn.Module):
         if self.output is not None and not self.args.tie_embeddings:
             nn.init.normal_(self.output.weight, std=self.args.dim ** -0.5)
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0):
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,
+                positions: torch.Tensor | None = None):
         """tokens: (batch, seq) ids on the first stage, hidden states (batch, seq, dim) on later pipeline stages.
+        ``positions`` (batch, seq): each token's position in its document (packed documents, document masking;
+        llmforge/model/attention.py), None for one causal sequence from ``start_pos``.
         Returns logits (batch, seq, vocab) on the last stage, hidden states elsewhere."""
         seqlen = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        layout = TokenLayout(positions) if positions is not None else None
         if self.pos_embeddings is not None:
-            pos = torch.arange(start_pos, start_pos + seqlen, device=h.device)
+            pos = positions if positions is not None else torch.arange(start_pos, start_pos + seqlen, device=h.device)
             h = h + self.pos_embeddings(pos)
         cos = sin = None
         if self.args.family != "gpt2":
-            cos = self.rope_cos[start_pos:start_pos + seqlen]
-            sin = self.rope_sin[start_pos:start_pos + seqlen]
+            if positions is not None:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            else:
+                cos = self.rope_cos[start_pos:start_pos + seqlen]
+                sin = self.rope_sin[start_pos:start_pos + seqlen]
         for i, block in enumerate(self.layers.values()):
-            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos, layout)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

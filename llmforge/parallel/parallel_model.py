@@ -15,6 +15,7 @@ import torch.nn as nn
 from llmforge.data.streams import validation_batches
 from llmforge.model.moe import moe_layers
 from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
+from llmforge.core.packing import marked_positions
 
 
 @dataclass
@@ -36,9 +37,9 @@ class ParallelModel:
         return (p for part in self.parts for p in part.parameters())
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, micro: int, accum: int, amp,
-                         loss_fn) -> torch.Tensor:
+                         loss_fn, positions: torch.Tensor | None = None) -> torch.Tensor:
         """One optimizer step's forward/backward over the local batch; the mean loss (valid on the last stage,
-        zero elsewhere)."""
+        zero elsewhere). ``positions``: packed documents' positions (llmforge/core/packing.py) or None."""
         # an MoE auxiliary loss is scaled like its micro batch's LM loss: 1/accum here; the pipeline schedule
         # divides all gradients by its microbatch count itself (scale_grads)
         for part in self.parts:
@@ -46,7 +47,7 @@ class ParallelModel:
                 moe.aux_grad_scale = 1.0 if self.schedule is not None else 1.0 / accum
         if self.schedule is not None:
             from llmforge.parallel.pipeline import pipeline_forward_backward
-            return pipeline_forward_backward(self, inputs, targets, amp)
+            return pipeline_forward_backward(self, inputs, targets, amp, positions)
         model = self.parts[0]
         total = torch.zeros((), device=inputs.device)
         for i in range(accum):
@@ -55,8 +56,9 @@ class ParallelModel:
             sync = contextlib.nullcontext() if (not self.ddp or last) else model.no_sync()
             if self.set_sync is not None:
                 self.set_sync(last)
+            pos = positions[sl] if positions is not None else None
             with sync, amp():
-                loss = loss_fn(model(inputs[sl]), targets[sl])
+                loss = loss_fn(model(inputs[sl], positions=pos), targets[sl])
             (loss / accum).backward()
             total += loss.detach()
         return total / accum
@@ -81,9 +83,10 @@ class ParallelModel:
         model.eval()
         total, count = 0.0, 0
         for batch in validation_batches(valid, micro, max_batches):
-            x, y = split_batch(batch.to(device))  # SFT: prompt/pad targets are IGNORE (llmforge/core/loss.py)
+            batch = batch.to(device)
+            x, y = split_batch(batch)  # SFT: prompt/pad targets are IGNORE (llmforge/core/loss.py)
             with amp():
-                logits = model(x)
+                logits = model(x, positions=marked_positions(batch))
             total += cross_entropy(logits, y, reduction="sum").item()  # also on vocab shards
             count += int((y != IGNORE_INDEX).sum())
         model.train()

@@ -24,6 +24,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from llmforge.data.streams import validation_batches
 from llmforge.core.loss import IGNORE_INDEX, cross_entropy, split_batch
+from llmforge.core.packing import marked_positions
 from llmforge.model.moe import moe_layers
 
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
@@ -103,13 +104,16 @@ def _quiet_moe_stats_during_setup(schedule, parts) -> None:
     schedule._initialize_pp_stages = quiet_setup
 
 
-def pipeline_forward_backward(pm, inputs, targets, amp) -> torch.Tensor:
-    """One step of the schedule over the local batch; the mean loss on the last stage's rank, else 0."""
+def pipeline_forward_backward(pm, inputs, targets, amp, positions=None) -> torch.Tensor:
+    """One step of the schedule over the local batch; the mean loss on the last stage's rank, else 0.
+    ``positions`` (packed documents) reach every stage: the schedule splits keyword inputs into microbatches and
+    hands them to each stage's forward."""
     losses: list[torch.Tensor] = []
     args = (inputs,) if pm.is_first else ()
+    kwargs = {"positions": positions} if positions is not None else {}
     with amp():
         pm.schedule.step(*args, target=targets if pm.is_last else None, losses=losses if pm.is_last else None,
-                         return_outputs=False)
+                         return_outputs=False, **kwargs)
     if pm.is_last:
         return torch.stack([l.detach().float() for l in losses]).mean()
     return torch.zeros((), device=inputs.device)
@@ -128,7 +132,9 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
     def evaluate(valid, micro, max_batches, device, amp):
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in validation_batches(valid, micro, max_batches):
-            (x, y), h = split_batch(batch.to(device)), None  # SFT: prompt/pad targets are IGNORE
+            batch = batch.to(device)
+            (x, y), h = split_batch(batch), None  # SFT: prompt/pad targets are IGNORE
+            positions = marked_positions(batch)
             for s in range(n_stages):
                 if owner[s] != me:
                     continue
@@ -138,7 +144,7 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
                     h = torch.empty(*x.shape, dim, dtype=torch.float32, device=device)
                     dist.recv(h, group=pp_group, group_src=owner[s - 1])
                 with amp():
-                    h = local[s](h)
+                    h = local[s](h, positions=positions)
                 if s == n_stages - 1:
                     total += cross_entropy(h, y, reduction="sum").double()  # also on vocab shards
                 elif owner[s + 1] != me:

@@ -62,9 +62,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
             plan.update({
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
-                # attention(x, cos, sin, cache, start_pos): gather the sequence for x only
-                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                                desired_input_layouts=(Replicate(), None, None, None, None)),
+                # attention(x, cos, sin, cache, start_pos, layout): gather the sequence for x only
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                                desired_input_layouts=(Replicate(), None, None, None, None, None)),
             })
             if block.feed_forward is not None:
                 plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),

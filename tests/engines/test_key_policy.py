@@ -13,6 +13,8 @@ TINY = f"{ROOT}/configs/train/tiny-cpu.yaml"
 REFUSED_EXAMPLES = {
     "parallel.dp_replicate": ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.zero_stage=3"],
     "parallel.tp": ["parallel.tp=2"],
+    "data.document_mask": ["data.document_mask=true"],
+    "parallel.cp": ["parallel.cp=2"],
     "model.moe.num_experts": ["model.moe.num_experts=4"],
     "parallel.ep": ["parallel.ep=2"],
     "parallel.pp_schedule": ["parallel.pp=2", "parallel.pp_schedule=GPipe"],

@@ -44,6 +44,11 @@ KEY_POLICY: dict[str, tuple] = {
     # sections read only by code both engines share (model build, data stream, metrics, process group)
     "model.*": ("honoured", "the same Transformer is built from the preset and overrides"),
     "data.*": ("honoured", "the same deterministic sample stream (run_plan / llmforge.data.megatron)"),
+    "data.document_mask": ("refused", lambda c: c.data.document_mask,
+                           "document masking is native-only for now (the DeepSpeed engine's blocks take no "
+                           "positions); set data.document_mask=false or use engine=native"),
+    "parallel.cp": ("refused", lambda c: c.parallel.cp > 1, "context parallelism is native-only for now; "
+                    "use engine=native"),
     "logging.*": ("honoured", SHARED), "dist.*": ("honoured", "llmforge.core.distributed + deepspeed.init_distributed"),
     "run_dir": ("honoured", SHARED), "seed": ("honoured", "same initial weights and data order as native"),
     "engine": ("honoured", "selects this engine"),

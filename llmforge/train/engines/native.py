@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from llmforge.checkpoint.checkpointer import Checkpointer, NoUsableCheckpoint, resume_candidates
 from llmforge.core.distributed import device_type, resolve_dtype
 from llmforge.core.loss import loss_fn, split_batch
+from llmforge.core.packing import batch_positions
 from llmforge.model.transformer import Transformer, flops_per_token, num_params
 from llmforge.core.muon import describe_split
 from llmforge.core.optim import build_optimizer, set_lr
@@ -92,12 +93,13 @@ class NativeEngine(Engine):
 
     def forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
         pm, p = self.pm, self.plan
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        if self.sft_loss is not None:  # masked tokens are stored as -1 - id (llmforge.core.loss.split_batch)
-            inputs, targets = split_batch(batch)
+        # masked tokens are stored as -1 - id, document starts marked (llmforge.core.loss.split_batch)
+        inputs, targets = split_batch(batch)
+        positions = batch_positions(batch) if self.cfg.data.document_mask else None
+        if self.sft_loss is not None:
             self.sft_loss.prepare(targets, self.dp_mesh.get_group(),
                                   self.dims.pp_microbatches if pm.schedule is not None else p.accum)
-        loss = pm.forward_backward(inputs, targets, p.micro, p.accum, self.amp, self.loss_fn)
+        loss = pm.forward_backward(inputs, targets, p.micro, p.accum, self.amp, self.loss_fn, positions)
         pm.finish_grads()
         loss = loss if pm.is_last else torch.zeros((), device=self.device)
         if pm.loss_group is not None:  # the loss lives on the last pipeline stage
