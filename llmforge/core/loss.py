@@ -126,14 +126,15 @@ class MaskedLoss:
     def __init__(self):
         self.scale = 1.0
 
-    def prepare(self, targets: torch.Tensor, dp_group, n_micro: int) -> int:
-        """Count this step's response tokens over the data-parallel group (exact integers, one all-reduce)."""
+    def prepare(self, targets: torch.Tensor, dp_group, n_micro: int, cp: int = 1) -> int:
+        """Count this step's response tokens over the data-parallel group (exact integers, one all-reduce).
+        ``cp``: context-parallel ranks share each sequence (and the gradient average), counted once here."""
         n = (targets != IGNORE_INDEX).sum().to(torch.int64).reshape(1)
         if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(n, group=dp_group)
         dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
         total = int(n.item())
-        self.scale = dp * n_micro / max(total, 1)
+        self.scale = dp * cp * n_micro / max(total, 1)
         return total
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

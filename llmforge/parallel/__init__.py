@@ -28,6 +28,7 @@ class ParallelDims:
     pp_microbatches: int = 1       # pipeline microbatches per optimizer step (pp > 1)
     pp_stages_per_rank: int = 1    # 2 for the multi-stage schedules (interleaved, looped, zero-bubble V)
     ep: int = 1                    # expert-parallel ranks, taken from dp_shard (expert_parallel.py)
+    cp: int = 1                    # context-parallel ranks: each sequence split over them (context_parallel.py)
 
     @property
     def dp(self) -> int:
@@ -47,17 +48,17 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
     dp_replicate=-1 takes what the world size leaves; with zero_stage 2/3 and dp_shard=1 the leftover goes to
     dp_shard instead (FSDP over a replicate-only mesh would save no memory, which is never what ZeRO-2/3 asks).
     """
-    pp, tp, dps, rep, zero = pcfg.pp, pcfg.tp, pcfg.dp_shard, pcfg.dp_replicate, pcfg.zero_stage
+    pp, tp, dps, rep, zero, cp = pcfg.pp, pcfg.tp, pcfg.dp_shard, pcfg.dp_replicate, pcfg.zero_stage, pcfg.cp
     if rep == -1:
-        _check(world_size % (pp * tp * dps) == 0,
-               f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard = {pp}*{tp}*{dps}; "
-               f"launch a multiple of {pp * tp * dps} processes")
-        rep = world_size // (pp * tp * dps)
+        _check(world_size % (pp * tp * dps * cp) == 0,
+               f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard*cp = {pp}*{tp}*{dps}*{cp}; "
+               f"launch a multiple of {pp * tp * dps * cp} processes")
+        rep = world_size // (pp * tp * dps * cp)
         if zero in (2, 3) and dps == 1:
             rep, dps = 1, rep
-    _check(pp * rep * dps * tp == world_size,
-           f"world size {world_size} != parallel.pp*dp_replicate*dp_shard*tp = {pp}*{rep}*{dps}*{tp} "
-           f"= {pp * rep * dps * tp}; change --nproc_per_node or the parallel.* sizes")
+    _check(pp * rep * dps * cp * tp == world_size,
+           f"world size {world_size} != parallel.pp*dp_replicate*dp_shard*cp*tp = {pp}*{rep}*{dps}*{cp}*{tp} "
+           f"= {pp * rep * dps * cp * tp}; change --nproc_per_node or the parallel.* sizes")
     _check(dps == 1 or zero in (2, 3), f"parallel.dp_shard={dps} shards parameters: use parallel.zero_stage=2 or 3")
     _check(not (zero == 1 and tp > 1), "parallel.zero_stage=1 with parallel.tp>1 is not supported "
            "(ZeroRedundancyOptimizer cannot broadcast DTensor shards): use zero_stage=2 or 3 with dp_shard")
@@ -95,6 +96,7 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
                "parallel.pp>1 needs untied embeddings (model.tie_embeddings=false): the first and "
                "last stages would share a weight")
     check_ep(pcfg, dps, model_args)
+    check_cp(pcfg, model_args, seq_len)
     _check(not (seq_len and tp > 1 and pcfg.sequence_parallel and seq_len % tp),
            f"data.seq_len={seq_len} is not divisible by parallel.tp={tp} (sequence parallelism splits the sequence): "
            f"change data.seq_len or set parallel.sequence_parallel=false")
@@ -105,7 +107,27 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
                f"divisible by the data-parallel size {dp}")
         if pp > 1:
             n_mb = pipeline_microbatches(pcfg, tcfg.global_batch_size // dp, tcfg.micro_batch_size, pp, spr)
-    return ParallelDims(pp, rep, dps, tp, world_size, n_mb, spr, pcfg.ep)
+    return ParallelDims(pp, rep, dps, tp, world_size, n_mb, spr, pcfg.ep, cp)
+
+
+def check_cp(pcfg, model_args, seq_len: int | None) -> None:
+    """parallel.cp splits each sequence into 2 x cp chunks (head-tail): seq_len must divide; MoE is refused."""
+    cp, tp = pcfg.cp, pcfg.tp
+    if cp == 1:
+        return
+    _check(not seq_len or seq_len % (2 * cp) == 0,
+           f"data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp} (each sequence is cut into "
+           f"2 x cp equal chunks): change data.seq_len or parallel.cp")
+    _check(not (seq_len and tp > 1 and pcfg.sequence_parallel and (seq_len // cp) % tp),
+           f"data.seq_len / parallel.cp = {seq_len // cp if seq_len else 0} tokens per rank is not divisible by "
+           f"parallel.tp={tp} (sequence parallelism splits them): change data.seq_len or set "
+           f"parallel.sequence_parallel=false")
+    _check(not (model_args is not None and model_args.moe.num_experts),
+           f"parallel.cp={cp} with a mixture-of-experts model is not supported yet (routing statistics are per "
+           f"sequence): use parallel.cp=1")
+    _check(not (model_args is not None and model_args.family == "gpt2" and tp > 1),
+           f"parallel.cp={cp} with a gpt2-family model under parallel.tp>1 is not supported (learned positions "
+           f"are sharded by sequence there): use the llama family or parallel.tp=1")
 
 
 def check_ep(pcfg, dp_shard: int, model_args) -> None:
@@ -162,7 +184,16 @@ def build_mesh(dims: ParallelDims, device_type: str, timeout_s: float | None = N
     Sub-groups would otherwise get c10d's default timeout (30 min on gloo) instead of ``dist.timeout_s``."""
     # the layouts slice flattened dims ("dp_shard" under EP, "dp") from the root mesh, as torchtitan does
     warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
-    if dims.ep > 1:  # dp_shard = efsdp x ep: the experts' FSDP ranks times their expert-parallel ranks
+    if dims.cp > 1:  # FSDP shards over dp_shard x cp, replicas (DDP, TP all-reduce) span dp_replicate x cp
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+        mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp),
+                                mesh_dim_names=names)
+        dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "cp"]._flatten("dp_replicate_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        names = names + ("dp_shard_cp", "dp_replicate_cp", "dp_cp")
+    elif dims.ep > 1:  # dp_shard = efsdp x ep: the experts' FSDP ranks times their expert-parallel ranks
         names = ("pp", "dp_replicate", "efsdp", "ep", "tp")
         mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep,
                                               dims.tp), mesh_dim_names=names)

@@ -64,11 +64,17 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
             for name, param in part.named_parameters():  # SequenceParallel re-registers norms as trainable
                 if name in frozen:
                     param.requires_grad_(False)
+        if dims.cp > 1:  # attention over the whole sequence's K/V (context_parallel.py)
+            from .context_parallel import apply_cp
+            apply_cp(part, mesh["cp"].get_group())
         apply_recompute(part, cfg.recompute, cfg.recompute_every)
         if p.compile:
             apply_compile(part)
 
     pm = ParallelModel(parts)
+    if dims.cp > 1:
+        from .context_parallel import ContextSplit
+        pm.context = ContextSplit(mesh["cp"].get_group())
     if p.zero_stage in (2, 3):
         dp_mesh = fsdp_mesh(mesh, dims)
         dtype = resolve_dtype(cfg.train.dtype, device)
@@ -78,14 +84,15 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
         pm.set_sync = make_set_sync(parts, p.zero_stage)
     if materialize is not None:
         materialize(pm.parts)
-    if p.zero_stage in (0, 1) and dims.dp_replicate > 1:
-        group = mesh["dp_replicate"].get_group()
+    if p.zero_stage in (0, 1) and dims.dp_replicate * dims.cp > 1:  # cp ranks hold replicas too
+        group = mesh["dp_replicate_cp" if dims.cp > 1 else "dp_replicate"].get_group()
         if not pipelined and dims.tp == 1 and torch.device(device).type != "meta":
             pm.parts, pm.ddp = [apply_ddp(parts[0], group, device)], True
         else:
             pm.grad_sync = GradAllReduce(parts, group)
     if p.zero_stage == 1:
-        pm.zero1_optimizers = zero1_optimizers(pm.parts, cfg.train, mesh["dp_replicate"].get_group())
+        pm.zero1_optimizers = zero1_optimizers(pm.parts, cfg.train,
+                                               mesh["dp_replicate_cp" if dims.cp > 1 else "dp_replicate"].get_group())
 
     pp_group = mesh["pp"].get_group() if pipelined else None
     if pipelined or dims.tp > 1 or p.zero_stage in (2, 3):
@@ -95,7 +102,7 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
         pm.schedule = pipeline.build_schedule(pm.parts, ids, dims, p.pp_schedule, device, loss_fn, pp_group)
         pm.is_first, pm.is_last = any(firsts), any(lasts)
         pm.loss_group = pp_group
-        pm.eval_fn = pipeline.make_evaluate(pm.parts, ids, dims, p.pp_schedule, pp_group)
+        pm.eval_fn = pipeline.make_evaluate(pm.parts, ids, dims, p.pp_schedule, pp_group, pm.context)
     return pm
 
 

@@ -19,7 +19,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def fsdp_mesh(mesh: DeviceMesh, dims) -> DeviceMesh:
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """dp_shard, with context parallelism dp_shard x cp (the cp ranks hold the same weights); HSDP adds
+    dp_replicate as the replicate dimension."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
 
 
 def expert_fsdp_mesh(mesh: DeviceMesh, dims) -> DeviceMesh:

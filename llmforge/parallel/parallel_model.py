@@ -32,6 +32,7 @@ class ParallelModel:
     loss_group: object = None                               # pp group: the loss lives on the last stage
     clip_fn: Optional[Callable[[float], torch.Tensor]] = None   # norm over DTensor shards and pipeline stages
     eval_fn: Optional[Callable] = None                      # validation that walks the pipeline stages
+    context: object = None                                  # cp > 1: ContextSplit (context_parallel.py)
 
     def parameters(self):
         return (p for part in self.parts for p in part.parameters())
@@ -40,6 +41,8 @@ class ParallelModel:
                          loss_fn, positions: torch.Tensor | None = None) -> torch.Tensor:
         """One optimizer step's forward/backward over the local batch; the mean loss (valid on the last stage,
         zero elsewhere). ``positions``: packed documents' positions (llmforge/core/packing.py) or None."""
+        if self.context is not None:  # this rank's head and tail chunks of every sequence, with their positions
+            inputs, targets, positions = self.context.shard_batch(inputs, targets, positions)
         # an MoE auxiliary loss is scaled like its micro batch's LM loss: 1/accum here; the pipeline schedule
         # divides all gradients by its microbatch count itself (scale_grads)
         for part in self.parts:
@@ -81,13 +84,18 @@ class ParallelModel:
             return self.eval_fn(valid, micro, max_batches, device, amp)
         model = self.parts[0]
         model.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in validation_batches(valid, micro, max_batches):
             batch = batch.to(device)
             x, y = split_batch(batch)  # SFT: prompt/pad targets are IGNORE (llmforge/core/loss.py)
-            with amp():
-                logits = model(x, positions=marked_positions(batch))
-            total += cross_entropy(logits, y, reduction="sum").item()  # also on vocab shards
+            positions = marked_positions(batch)
             count += int((y != IGNORE_INDEX).sum())
+            if self.context is not None:
+                x, y, positions = self.context.shard_batch(x, y, positions)
+            with amp():
+                logits = model(x, positions=positions)
+            total += cross_entropy(logits, y, reduction="sum").double()  # also on vocab shards
+        if self.context is not None:
+            self.context.sum_(total)
         model.train()
-        return (total / count if count else float("nan")), count
+        return (float(total) / count if count else float("nan")), count

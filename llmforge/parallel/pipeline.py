@@ -119,7 +119,7 @@ def pipeline_forward_backward(pm, inputs, targets, amp, positions=None) -> torch
     return torch.zeros((), device=inputs.device)
 
 
-def make_evaluate(parts, ids, dims, schedule: str, pp_group):
+def make_evaluate(parts, ids, dims, schedule: str, pp_group, context=None):
     """Validation under PP, independent of the schedule and its microbatch constraints: each validation batch
     walks the stages in order (forward only; activations sent as fp32 between pp ranks), the last stage sums the
     token losses, and the sum is shared over the pp group. Same windows as without PP."""
@@ -135,6 +135,9 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
             batch = batch.to(device)
             (x, y), h = split_batch(batch), None  # SFT: prompt/pad targets are IGNORE
             positions = marked_positions(batch)
+            count += int((y != IGNORE_INDEX).sum())
+            if context is not None:  # this rank's sequence chunks (context_parallel.py)
+                x, y, positions = context.shard_batch(x, y, positions)
             for s in range(n_stages):
                 if owner[s] != me:
                     continue
@@ -149,7 +152,8 @@ def make_evaluate(parts, ids, dims, schedule: str, pp_group):
                     total += cross_entropy(h, y, reduction="sum").double()  # also on vocab shards
                 elif owner[s + 1] != me:
                     dist.send(h.float().contiguous(), group=pp_group, group_dst=owner[s + 1])
-            count += int((y != IGNORE_INDEX).sum())
         dist.all_reduce(total, group=pp_group)  # only the last stage's rank holds a non-zero sum
+        if context is not None:
+            context.sum_(total)
         return (total.item() / count if count else float("nan")), count
     return evaluate

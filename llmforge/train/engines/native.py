@@ -74,13 +74,15 @@ class NativeEngine(Engine):
         self.n_active = num_params(meta, active=True)
         self.fp8_flops_per_token = float8_flops_per_token(cfg, plan.margs)
         self.optimizers = self.pm.zero1_optimizers or [build_optimizer([p], cfg.train, info.device) for p in self.pm.parts]
-        self.dp_rank = self.dp_mesh.get_local_rank()
+        self.dp_rank = self.dp_mesh.get_local_rank()  # the cp ranks of one dp rank read the same samples
+        self.loss_avg_group = (self.mesh["dp_cp"] if dims.cp > 1 else self.dp_mesh).get_group()
         self.ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep,
                                  cfg.checkpoint.async_save, info.rank)
 
     def describe(self) -> str:
         d, p = self.dims, self.plan
-        return (f"layout pp{d.pp} x dp_replicate{d.dp_replicate} x dp_shard{d.dp_shard} x tp{d.tp} (zero_stage "
+        return (f"layout pp{d.pp} x dp_replicate{d.dp_replicate} x dp_shard{d.dp_shard}"
+                + (f" x cp{d.cp}" if d.cp > 1 else "") + f" x tp{d.tp} (zero_stage "
                 f"{self.cfg.parallel.zero_stage})" + (f" | {self.cfg.parallel.pp_schedule}, {d.pp_microbatches} "
                 f"microbatches" if d.pp > 1 else "") + f" | micro {p.micro} per rank, {p.accum} accumulation steps"
                 + (f" | {describe_split(self.pm.parts)}" if self.cfg.train.optimizer == "muon" else "")
@@ -96,15 +98,15 @@ class NativeEngine(Engine):
         # masked tokens are stored as -1 - id, document starts marked (llmforge.core.loss.split_batch)
         inputs, targets = split_batch(batch)
         positions = batch_positions(batch) if self.cfg.data.document_mask else None
-        if self.sft_loss is not None:
+        if self.sft_loss is not None:  # every cp rank counts the whole sequences: gradients average over cp too
             self.sft_loss.prepare(targets, self.dp_mesh.get_group(),
-                                  self.dims.pp_microbatches if pm.schedule is not None else p.accum)
+                                  self.dims.pp_microbatches if pm.schedule is not None else p.accum, self.dims.cp)
         loss = pm.forward_backward(inputs, targets, p.micro, p.accum, self.amp, self.loss_fn, positions)
         pm.finish_grads()
         loss = loss if pm.is_last else torch.zeros((), device=self.device)
         if pm.loss_group is not None:  # the loss lives on the last pipeline stage
             dist.all_reduce(loss, group=pm.loss_group)
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.loss_avg_group)  # cp ranks hold parts of it
         return loss
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
