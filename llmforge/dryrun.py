@@ -92,11 +92,13 @@ def simulate_rank(cfg, margs, dims, rank: int, micro: int, accum: int, device_ty
     pp_rank = mesh["pp"].get_local_rank()
     dtype = resolve_dtype(cfg.train.dtype, torch.device("cuda" if device_type == "meta" else device_type))
     ids, parts, firsts, lasts = probe_parts(margs, dims, mesh, cfg, pp_rank, dtype)
-    measured = M.measure_activations(parts, firsts, lasts, micro, cfg.data.seq_len, dtype, loss_fn, flash)
+    seq = cfg.data.seq_len // dims.cp  # the tokens this rank holds (context parallelism: 1/cp of each sequence)
+    measured = M.measure_activations(parts, firsts, lasts, micro, seq, dtype, loss_fn, flash)
     esize = torch.finfo(dtype).bits // 8
-    act, recompute = M.activation_totals(measured, cfg, dims, pp_rank, micro, cfg.data.seq_len, margs.dim, esize)
-    transient, comm = M.transient_and_comm(pm.parts, cfg, dims, micro, accum, cfg.data.seq_len, esize, margs, gb,
-                                           ids, pp_rank)
+    cp_comm = M.add_context_parallel_kv(measured, dims, micro, cfg.data.seq_len, margs, esize, accum)
+    act, recompute = M.activation_totals(measured, cfg, dims, pp_rank, micro, seq, margs.dim, esize)
+    transient, comm = M.transient_and_comm(pm.parts, cfg, dims, micro, accum, seq, esize, margs, gb, ids, pp_rank)
+    comm.update(cp_comm)
     return M.RankMemory(rank, ids, n, pb, gb, ob, act, transient + recompute, ckpt, comm), measured
 
 
@@ -171,7 +173,8 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
     worst = max(ranks, key=lambda m: m.peak_bytes)
     fits = worst.peak_bytes <= cap
     layout = (f"pp{dims.pp} x dp_replicate{dims.dp_replicate} x dp_shard{dims.dp_shard}"
-              + (f" (ep{dims.ep})" if dims.ep > 1 else "") + f" x tp{dims.tp} "
+              + (f" (ep{dims.ep})" if dims.ep > 1 else "") + (f" x cp{dims.cp}" if dims.cp > 1 else "")
+              + f" x tp{dims.tp} "
               f"zero{cfg.parallel.zero_stage}" + (f" {cfg.parallel.pp_schedule}" if dims.pp > 1 else "")
               + (f" recompute={cfg.recompute}" if cfg.recompute != "none" else ""))
     if fits:
@@ -181,7 +184,7 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
         comp, size = max(worst.components().items(), key=lambda kv: kv[1])
         reason = (f"does not fit: rank {worst.rank} (stage {worst.stages}) needs {worst.peak_bytes / GIB:.1f} GiB, "
                   f"{(worst.peak_bytes - cap) / GIB:.1f} GiB over the {cap / GIB:.1f} GiB usable on {gpu}; largest "
-                  f"component: {comp} {size / GIB:.1f} GiB" + _hint(comp, cfg))
+                  f"component: {comp} {size / GIB:.1f} GiB" + _hint(comp, cfg, dims))
     _table(ranks, log)
     experts = margs.moe.num_experts // dims.ep if margs.moe.num_experts else 0
     log(f"model {cfg.model.preset}: {total:,} parameters" + (f" ({active:,} active; {experts} of "
@@ -199,8 +202,11 @@ def run(cfg, world: int, gpu: str, log=print) -> dict:
                        "comm_bytes_per_step": m.comm_bytes} for m in ranks]}
 
 
-def _hint(component: str, cfg) -> str:
-    return {"activations": " (try recompute=full, a smaller train.micro_batch_size, or more tp/pp)",
+def _hint(component: str, cfg, dims) -> str:
+    tries = [t for t, skip in (("recompute=full", cfg.recompute == "full"), ("a smaller train.micro_batch_size",
+             cfg.train.micro_batch_size == 1), ("more tp/pp", False),
+             ("parallel.cp (splits each sequence)", dims.cp > 1 and cfg.data.seq_len < 8192 * dims.cp)) if not skip]
+    return {"activations": f" (try {', '.join(tries)})",
             "optimizer": " (shard it: parallel.zero_stage=3 with a larger dp_shard)",
             "params": " (shard more: larger dp_shard with zero_stage=3, or tp/pp)",
             "grads": " (zero_stage 2/3 shard gradients)",

@@ -177,6 +177,26 @@ def activation_totals(measured: list[dict], cfg, dims, pp_rank: int, micro: int,
     return int(round(chunks * mean_part)), recompute_peak
 
 
+def add_context_parallel_kv(measured: list[dict], dims, micro: int, seq: int, margs, esize: int,
+                            accum: int) -> dict:
+    """Context parallelism: activations were measured on this rank's seq / cp tokens; attention also keeps the
+    K/V gathered from the other cp ranks ((cp - 1) / cp of the sequence, its kv heads / tp) for backward. Adds
+    them to each block in ``measured`` and returns the cp communication per optimizer step: per block and micro
+    batch the K/V all-gather forward (also when a recomputed block runs again) and their gradients'
+    reduce-scatter backward."""
+    if dims.cp == 1:
+        return {}
+    kv_dim = margs.n_kv_heads // dims.tp * margs.head_dim
+    others = micro * (seq - seq // dims.cp) * kv_dim * esize * 2     # K and V of the other ranks' tokens
+    n_blocks = 0
+    for m in measured:
+        for name in m["blocks"]:
+            m["blocks"][name] += others
+            n_blocks += 1
+    n_micro = dims.pp_microbatches if dims.pp > 1 else accum
+    return {"cp": int(n_micro * n_blocks * 2 * others)}
+
+
 # ------------------------------------------------------------------------------------------------ transient, comm
 def block_param_numels(parts: list[nn.Module], skip_experts: bool = False) -> tuple[dict[str, int], int]:
     """Local parameter elements per transformer block, and of everything outside the blocks (the FSDP root).

@@ -115,7 +115,9 @@ def resolve_shape_and_batch(cfg, world: int, resolve_layout: Callable, tok_path:
     before it needs its data, shared by ``plan_run`` and the dry run (which may have no data)."""
     margs = resolve_model_args(cfg, tok_path)
     if cfg.data.seq_len > margs.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len}")
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model max_seq_len={margs.max_seq_len} (set "
+                          f"model.max_seq_len, with model.rope_scaling to extend a pretrained context; see "
+                          f"configs/train/llama-8b-128k.yaml)")
     layout, dp, micro = resolve_layout(cfg, world, margs)
     return (margs, layout, dp, *batch_plan(cfg, dp, micro))
 

@@ -32,12 +32,15 @@ def test_tp3_on_one_process_via_cli(tmp_path, synth_data):
 
 
 @pytest.mark.parametrize("nproc,overrides,needles", [
-    (2, ["parallel.dp_replicate=3"], ("world size 2 != parallel.pp*dp_replicate*dp_shard*tp",)),
+    (2, ["parallel.dp_replicate=3"], ("world size 2 != parallel.pp*dp_replicate*dp_shard*cp*tp",)),
     (3, ["parallel.tp=3"], ("parallel.tp=3 does not divide model n_heads=4",)),
     (2, ["parallel.pp=2", "parallel.pp_microbatches=1"], ("1F1B needs at least 2 microbatches",)),
     (2, ["parallel.zero_stage=1", "parallel.tp=2"], ("zero_stage=1 with parallel.tp>1",)),
     (2, ["parallel.tp=2", "data.seq_len=63"], ("data.seq_len=63 is not divisible by parallel.tp=2",)),
-], ids=["world_size_mismatch", "tp_not_dividing_heads", "too_few_microbatches", "zero1_with_tp", "sp_odd_seq"])
+    (2, ["parallel.cp=2", "data.seq_len=66"], ("data.seq_len=66 is not divisible by 2 x parallel.cp = 4",)),
+    (2, ["parallel.cp=2", "model.preset=tiny-moe"], ("parallel.cp=2 with a mixture-of-experts model",)),
+], ids=["world_size_mismatch", "tp_not_dividing_heads", "too_few_microbatches", "zero1_with_tp", "sp_odd_seq",
+        "cp_seq_not_divisible", "cp_with_moe"])
 def test_layout_errors_on_every_rank(runner, nproc, overrides, needles):
     name = "err_" + "_".join(o.replace("parallel.", "").replace("=", "") for o in overrides)
     run_dir = runner.run(name, nproc, overrides, expect_ok=False, timeout=60)

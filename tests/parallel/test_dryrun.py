@@ -17,6 +17,7 @@ LAYOUTS = {
     "tp2_vocab65": ["parallel.tp=2", "model.vocab_size=65"],
     "pp2": ["parallel.pp=2"],
     "moe_ep2": ["model.preset=tiny-moe", "parallel.dp_shard=2", "parallel.zero_stage=3", "parallel.ep=2"],
+    "cp2_zero3": ["parallel.cp=2", "parallel.zero_stage=3"],  # FSDP over dp_shard x cp: weights halved
 }
 
 
@@ -45,11 +46,13 @@ def _real_rank(rank, world, overrides):
     batch = torch.randint(0, margs.vocab_size, (cfg.train.global_batch_size // dims.dp, cfg.data.seq_len + 1),
                           generator=torch.Generator().manual_seed(0))
     x, y = batch[:, :-1], batch[:, 1:]
-    act = None
+    act, pos = None, None
+    if pm.context is not None:  # context parallelism: this rank's chunks of each sequence
+        x, y, pos = pm.context.shard_batch(x, y)
     if pm.schedule is not None:
         pipeline_forward_backward(pm, x, y, contextlib.nullcontext)
     elif cfg.parallel.zero_stage in (2, 3):  # FSDP's gathered weights would count as saved tensors here
-        loss_fn(pm.parts[0](x), y).backward()
+        loss_fn(pm.parts[0](x, positions=pos), y).backward()
     else:
         act = measure_activations([getattr(pm.parts[0], "module", pm.parts[0])], [True], [True], micro, cfg.data.seq_len, torch.float32, loss_fn,
                                   flash=False)[0]
@@ -141,3 +144,20 @@ def test_dryrun_bad_layout_is_one_line(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "world size 6" in err
+
+
+def test_dryrun_llama8b_128k_fits_with_cp8_and_not_without(capsys):
+    """Acceptance: llama-8b at 131072 tokens on 64 H100s: dp_shard 8 x cp 8 fits; the same layout without cp
+    (dp_replicate 8 x dp_shard 8, a whole sequence per rank) does not, and says activations are why. The cp
+    volume: 8 micro batches x 32 blocks x (K/V all-gather forward + reduce-scatter backward) of 7/8 of the
+    sequence's 131072 x 1024 bf16 K and V."""
+    from llmforge.dryrun import main
+    rc = main(["configs/train/llama-8b-128k.yaml", "--world-size", "64", "--gpu", "h100"])
+    out = capsys.readouterr().out
+    d = json.loads(out.strip().splitlines()[-1].removeprefix("DRYRUN "))
+    assert rc == 0 and d["fits"] is True and "x cp8 x" in d["layout"], d["reason"]
+    assert d["ranks"][0]["comm_bytes_per_step"]["cp"] == 8 * 32 * 2 * (131072 * 7 // 8) * 1024 * 2 * 2
+    rc = main(["configs/train/llama-8b-128k.yaml", "--world-size", "64", "--gpu", "h100", "parallel.cp=1"])
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("DRYRUN "))
+    assert rc == 0 and d["fits"] is False and "largest component: activations" in d["reason"]
+    assert "parallel.cp" in d["reason"]

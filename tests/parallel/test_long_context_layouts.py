@@ -112,3 +112,20 @@ def test_cp2_per_token_losses_equal_each_document_alone(tmp_path):
     grad = results[0][2] + results[1][2]  # the cp ranks' gradients sum (the engine averages over dp x cp)
     torch.testing.assert_close(grad, model.layers["0"].attention.wk.weight.grad, rtol=0, atol=1e-5)
     assert np.isfinite(got.numpy()).all()
+
+
+def test_document_mask_without_document_boundaries_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from data_pipeline.shards import ShardWriter
+    from tests.parallel.conftest import BASE, CONFIG, ROOT
+    with ShardWriter(str(tmp_path / "one" / "shards" / "train-00000")) as w:
+        w.add_document(np.arange(5000) % 60 + 3)  # one document: nothing to mask
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "llmforge.train", CONFIG, *BASE, f"data.paths=[{tmp_path / 'one'}]",
+                        f"run_dir={run_dir}", *DOC], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT, WANDB_MODE="disabled"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "data.document_mask" in p.stderr and str(tmp_path / "one") in p.stderr and "no document boundaries" in p.stderr
+    assert not run_dir.exists()
