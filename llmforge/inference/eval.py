@@ -93,7 +93,7 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
     available = sum(v.scored_tokens() for v in valid) if sft else sum(len(v) for v in valid) * cfg.data.seq_len
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "checkpoint": os.path.abspath(run.checkpoint),
             "step": run.step, "seq_len": cfg.data.seq_len, "batch_size": bs, "data_paths": list(cfg.data.paths),
-            "whole_split": tokens == available, "response_only": sft}
+            "whole_split": tokens == available, "response_only": sft, "document_mask": cfg.data.document_mask}
 
 
 def check_args(a) -> None:

@@ -129,3 +129,16 @@ def test_document_mask_without_document_boundaries_is_one_line(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "data.document_mask" in p.stderr and str(tmp_path / "one") in p.stderr and "no document boundaries" in p.stderr
     assert not run_dir.exists()
+
+
+def test_llmforge_eval_applies_the_runs_document_mask(runner):
+    """llmforge.eval of a cp2 run with document masks (one process, no cp) gives the run's own validation loss."""
+    import json
+    import os
+    from llmforge.inference.eval import run_eval
+    run_dir = runner.run("cp2_doc_eval", 2, [*DOC, *CP2, "train.eval_interval=6"])
+    logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "val_loss" in line][-1]
+    masked = run_eval(run_dir, batches="train")
+    assert masked["document_mask"] is True and abs(masked["loss"] - logged["val_loss"]) < 1e-5
+    unmasked = run_eval(run_dir, ["data.document_mask=false"], batches="train")
+    assert abs(unmasked["loss"] - masked["loss"]) > 1e-4
