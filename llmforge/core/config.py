@@ -268,6 +268,8 @@ class RunConfig:
              "muon with parallel.zero_stage=1 (ZeroRedundancyOptimizer) is not supported: use zero_stage 0, 2 or 3")
         check_rope_scaling_config(self.model.rope_scaling)
         need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
+        need(not (self.data.document_mask and self.data.backend == "megatron"), "data.document_mask",
+             "needs data.backend=native (the megatron backend's samples carry no document starts)")
         if self.data.weights is not None:
             need(len(self.data.weights) == len(self.data.paths), "data.weights", "needs one weight per data.paths entry")
         # DeepSpeed's ZeRO stages all partition over every data-parallel rank: dp_shard is just their count there

@@ -20,6 +20,8 @@ DOC_LAYOUTS = {  # document masking, 6 steps at seq_len 64 against the single pr
     "doc_tp2": (2, ["parallel.tp=2"]),
     "doc_pp2_recompute": (2, ["parallel.pp=2", "recompute=full"]),
     "doc_cp2": (2, CP2),
+    "doc_cp2_hsdp_zero3": (4, [*CP2, "parallel.dp_replicate=2", "parallel.zero_stage=3"]),
+    "doc_cp2_zero1_accum": (2, [*CP2, "parallel.zero_stage=1", "train.micro_batch_size=2"]),
 }
 CP_LAYOUTS = {  # context parallelism, 20 steps at seq_len 256
     "cp2": (2, [], CP2),

@@ -1,4 +1,4 @@
-"""Masked SFT loss is layout-independent: ddp2, zero3, tp2, pp2 equal one process (losses and validation),
+"""Masked SFT loss is layout-independent: ddp2, zero3, tp2, pp2, cp2 equal one process (losses and validation),
 and a fine-tuning run killed with SIGKILL resumes to the same metrics bitwise."""
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def reference(sft_env, pre_run, tmp_path_factory):
     ("zero3", ["parallel.zero_stage=3"]),
     ("tp2", ["parallel.tp=2"]),
     ("pp2", ["parallel.pp=2", "parallel.pp_schedule=1F1B"]),
+    ("cp2", ["parallel.cp=2"]),  # each conversation split over 2 ranks; its response tokens counted once
 ])
 def test_layout_equals_one_process(sft_env, pre_run, reference, tmp_path, name, layout):
     from tests.parallel.conftest import final_params
