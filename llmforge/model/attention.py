@@ -57,8 +57,9 @@ def build_mask(q_index, q_doc, kv_index, kv_doc, like: torch.Tensor, flex: bool 
 
         def mask_mod(b, h, qi, ki):
             return (kv_index[ki] <= q_index[qi]) & (kv_doc[b, ki] == q_doc[b, qi])
+        # compiled on CUDA: the eager construction evaluates mask_mod on the dense q x k grid first
         return create_block_mask(mask_mod, q_doc.shape[0], None, q_index.numel(), kv_index.numel(),
-                                 device=like.device)
+                                 device=like.device, _compile=like.device.type == "cuda")
     causal = kv_index[None, :] <= q_index[:, None]
     return (causal[None] & (q_doc[:, :, None] == kv_doc[:, None, :]))[:, None]
 
