@@ -95,7 +95,8 @@ def simulate_rank(cfg, margs, dims, rank: int, micro: int, accum: int, device_ty
     seq = cfg.data.seq_len // dims.cp  # the tokens this rank holds (context parallelism: 1/cp of each sequence)
     measured = M.measure_activations(parts, firsts, lasts, micro, seq, dtype, loss_fn, flash)
     esize = torch.finfo(dtype).bits // 8
-    cp_comm = M.add_context_parallel_kv(measured, dims, micro, cfg.data.seq_len, margs, esize, accum)
+    cp_comm = M.add_context_parallel_kv(measured, dims, micro, cfg.data.seq_len, margs, esize, accum,
+                                        cfg.parallel.cp_comm)
     act, recompute = M.activation_totals(measured, cfg, dims, pp_rank, micro, seq, margs.dim, esize)
     transient, comm = M.transient_and_comm(pm.parts, cfg, dims, micro, accum, seq, esize, margs, gb, ids, pp_rank)
     comm.update(cp_comm)

@@ -170,6 +170,9 @@ class ParallelConfig:
     cp: int = opt(1, "context-parallel degree: each sequence split over this many ranks (head-tail chunks), K/V "
                      "all-gathered for attention; world = pp x dp_replicate x dp_shard x cp x tp "
                      "(llmforge/parallel/context_parallel.py)", ge=1)
+    cp_comm: str = opt("allgather", "context-parallel attention: allgather (K/V all-gathered, Llama 3) | alltoall "
+                                    "(q/k/v all-to-all from sequence to head shards, DeepSpeed-Ulysses; n_heads / tp "
+                                    "divisible by cp)")
     zero_stage: int = opt(0, "0 DDP AllReduce | 1 +sharded optimizer | 2 FSDP2 keep params | 3 FSDP2 reshard",
                           ge=0, le=3)
     pp_schedule: str = opt("1F1B", "GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | ...")
@@ -268,6 +271,7 @@ class RunConfig:
              "muon with parallel.zero_stage=1 (ZeroRedundancyOptimizer) is not supported: use zero_stage 0, 2 or 3")
         check_rope_scaling_config(self.model.rope_scaling)
         need(self.data.backend in ("native", "megatron"), "data.backend", "must be native or megatron")
+        need(p.cp_comm in ("allgather", "alltoall"), "parallel.cp_comm", f"{p.cp_comm!r} is not allgather or alltoall")
         need(not (self.data.document_mask and self.data.backend == "megatron"), "data.document_mask",
              "needs data.backend=native (the megatron backend's samples carry no document starts)")
         if self.data.weights is not None:

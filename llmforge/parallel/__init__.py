@@ -122,6 +122,10 @@ def check_cp(pcfg, model_args, seq_len: int | None) -> None:
            f"data.seq_len / parallel.cp = {seq_len // cp if seq_len else 0} tokens per rank is not divisible by "
            f"parallel.tp={tp} (sequence parallelism splits them): change data.seq_len or set "
            f"parallel.sequence_parallel=false")
+    heads = model_args.n_heads // tp if model_args is not None else None
+    _check(pcfg.cp_comm != "alltoall" or heads is None or heads % cp == 0,
+           f"parallel.cp_comm=alltoall splits the {heads} attention heads per tp rank over parallel.cp={cp}: they "
+           f"do not divide (use parallel.cp_comm=allgather)")
     _check(not (model_args is not None and model_args.moe.num_experts),
            f"parallel.cp={cp} with a mixture-of-experts model is not supported yet (routing statistics are per "
            f"sequence): use parallel.cp=1")

@@ -66,7 +66,7 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
                     param.requires_grad_(False)
         if dims.cp > 1:  # attention over the whole sequence's K/V (context_parallel.py)
             from .context_parallel import apply_cp
-            apply_cp(part, mesh["cp"].get_group())
+            apply_cp(part, mesh["cp"].get_group(), p.cp_comm)
         apply_recompute(part, cfg.recompute, cfg.recompute_every)
         if p.compile:
             apply_compile(part)

@@ -5,13 +5,17 @@ equal chunks, chunk r and chunk 2cp-1-r (head-tail, the zig-zag of Megatron-LM a
 causal mask every rank does the same attention work. Everything but attention (embeddings, norms, MLPs, MoE-free
 blocks, the loss) runs on the local tokens only: activation memory is 1/cp per rank.
 
-Attention. Each rank all-gathers K and V over the cp group (Llama 3's context parallelism, chosen for the same
-reason: it composes exactly with document masks), and computes its local queries against the whole sequence
-with the mask built from global token indices and document starts (``llmforge.model.attention.build_mask``: a
-boolean SDPA mask on CPU, a FlexAttention BlockMask on CUDA). The gather's backward is a reduce-scatter of the
-K/V gradients (an all-to-all plus sum on gloo). With GQA the exchanged K/V are n_kv_heads / n_heads of the
-queries' size. Per layer and micro batch a rank receives 2 x (cp-1)/cp x B x S x kv_dim elements forward, the
-same again for the gradients.
+Attention (``parallel.cp_comm``), both with the mask built from global token indices and document starts
+(``llmforge.model.attention.build_mask``: a boolean SDPA mask on CPU, a FlexAttention BlockMask on CUDA):
+- ``allgather`` (default): each rank all-gathers K and V over the cp group and computes its local queries against
+  the whole sequence (Llama 3's context parallelism, chosen for the same reason: it composes exactly with
+  document masks). The gather's backward is a reduce-scatter of the K/V gradients (all-reduce + slice on gloo).
+  With GQA the exchanged K/V are n_kv_heads / n_heads of the queries' size: per layer and micro batch a rank
+  receives 2 x (cp-1)/cp x B x S x kv_dim elements forward, the same again for the gradients.
+- ``alltoall`` (DeepSpeed-Ulysses): q, k, v go from sequence shards to head shards by all-to-all, each rank
+  attends over the whole sequence with n_heads / cp heads, and the output goes back; 4 all-to-alls of the
+  local q/k/v/out forward and 4 backward, each (cp-1)/cp of the tensor leaving the rank, independent of
+  cp for the bytes per rank. Needs n_heads / tp divisible by cp (K/V heads that do not divide are repeated).
 
 Loss and gradients. The loss of a rank is the mean over its local tokens (S/cp each, equal on every rank), the
 gradient average runs over dp x cp (FSDP shards over dp_shard x cp, as torchtitan; DDP / the TP all-reduce over
@@ -102,19 +106,97 @@ class ContextParallelAttention(nn.Module):
     def mask(self, layout: TokenLayout, q: torch.Tensor):
         """Built once per forward pass (cached on the layout, so every layer and recomputation reuse it)."""
         if "cp" not in layout.cache:
-            pos = layout.positions.contiguous()
-            local = pos.shape[1]
-            gathered = [torch.empty_like(pos) for _ in range(self.cp)]
-            dist.all_gather(gathered, pos, group=self.group)
-            seq = local * self.cp
-            q_index = chunk_index(seq, self.cp, self.rank, pos.device)
-            kv_index = torch.cat([chunk_index(seq, self.cp, r, pos.device) for r in range(self.cp)])
-            kv_doc = kv_index[None, :] - torch.cat(gathered, dim=1)
+            kv_index, kv_doc = gathered_layout(layout.positions, self.cp, self.group)
+            q_index = chunk_index(kv_index.numel(), self.cp, self.rank, kv_index.device)
             layout.cache["cp"] = build_mask(q_index, layout.doc_starts(q_index), kv_index, kv_doc, q)
         return layout.cache["cp"]
 
 
-def apply_cp(model: nn.Module, cp_group) -> None:
+class _SequenceToHeads(torch.autograd.Function):
+    """(B, H, S_local, D) sequence-sharded -> (B, H / cp, cp x S_local, D) head-sharded (rank-major sequence) by
+    one all-to-all; its backward is the inverse exchange (``_HeadsToSequence``), and the other way round."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def _seq_to_heads(x, group):
+    cp = dist.get_world_size(group)
+    b, h, n, d = x.shape
+    send = x.reshape(b, cp, h // cp, n, d).transpose(0, 1).contiguous()  # [destination rank] = its heads
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)                      # [source rank] = its tokens
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // cp, cp * n, d)
+
+
+def _heads_to_seq(x, group):
+    cp = dist.get_world_size(group)
+    b, hl, total, d = x.shape
+    send = x.reshape(b, hl, cp, total // cp, d).permute(2, 0, 1, 3, 4).contiguous()  # [destination] = its tokens
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)                                # [source] = its heads
+    return recv.transpose(0, 1).reshape(b, cp * hl, total // cp, d)
+
+
+class AllToAllAttention(nn.Module):
+    """Ulysses (DeepSpeed) context parallelism: all-to-all from sequence shards to head shards, attention over the
+    whole sequence for H / cp heads, all-to-all back. K/V heads that do not split over cp are repeated to the
+    query heads first. Needs the local heads (n_heads / tp) divisible by cp."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+        self.cp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def forward(self, q, k, v, layout: TokenLayout | None = None) -> torch.Tensor:
+        if layout is None:
+            raise RuntimeError("context parallelism needs the tokens' positions (the engine passes them)")
+        if k.shape[1] % self.cp:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        qh, kh, vh = (_SequenceToHeads.apply(t, self.group) for t in (q, k, v))
+        out = masked_attention(qh, kh, vh, self.mask(layout, qh), qh.shape[1] != kh.shape[1])
+        return _HeadsToSequence.apply(out, self.group)
+
+    def mask(self, layout: TokenLayout, like: torch.Tensor):
+        """The whole sequence against itself, in the gathered (rank-major chunk) order; once per forward."""
+        if "cp" not in layout.cache:
+            index, doc = gathered_layout(layout.positions, self.cp, self.group)
+            layout.cache["cp"] = build_mask(index, doc, index, doc, like)
+        return layout.cache["cp"]
+
+
+def gathered_layout(positions: torch.Tensor, cp: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global indices (cp x S_local,), document starts (B, cp x S_local)) of every cp rank's tokens, rank-major."""
+    pos = positions.contiguous()
+    gathered = [torch.empty_like(pos) for _ in range(cp)]
+    dist.all_gather(gathered, pos, group=group)
+    seq = pos.shape[1] * cp
+    index = torch.cat([chunk_index(seq, cp, r, pos.device) for r in range(cp)])
+    return index, index[None, :] - torch.cat(gathered, dim=1)
+
+
+CP_COMMS = {"allgather": ContextParallelAttention, "alltoall": AllToAllAttention}
+
+
+def apply_cp(model: nn.Module, cp_group, comm: str = "allgather") -> None:
     """Swap every block's attention kernel for the context-parallel one (no parameters change)."""
     for block in model.layers.values():
-        block.attention.core = ContextParallelAttention(cp_group)
+        block.attention.core = CP_COMMS[comm](cp_group)

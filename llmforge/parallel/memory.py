@@ -178,22 +178,28 @@ def activation_totals(measured: list[dict], cfg, dims, pp_rank: int, micro: int,
 
 
 def add_context_parallel_kv(measured: list[dict], dims, micro: int, seq: int, margs, esize: int,
-                            accum: int) -> dict:
-    """Context parallelism: activations were measured on this rank's seq / cp tokens; attention also keeps the
-    K/V gathered from the other cp ranks ((cp - 1) / cp of the sequence, its kv heads / tp) for backward. Adds
-    them to each block in ``measured`` and returns the cp communication per optimizer step: per block and micro
-    batch the K/V all-gather forward (also when a recomputed block runs again) and their gradients'
-    reduce-scatter backward."""
+                            accum: int, comm: str = "allgather") -> dict:
+    """Context parallelism: activations were measured on this rank's seq / cp tokens. ``allgather``: attention
+    also keeps the K/V gathered from the other cp ranks ((cp - 1) / cp of the sequence, its kv heads / tp) for
+    backward, added to each block in ``measured``; per block and micro batch the K/V all-gather forward and
+    their gradients' reduce-scatter backward. ``alltoall``: the head-sharded q/k/v/out hold as many bytes as the
+    local ones (nothing added); per block and micro batch 4 all-to-alls forward and 4 backward, (cp - 1) / cp of
+    each leaving the rank. Returns the cp bytes sent per optimizer step."""
     if dims.cp == 1:
         return {}
-    kv_dim = margs.n_kv_heads // dims.tp * margs.head_dim
-    others = micro * (seq - seq // dims.cp) * kv_dim * esize * 2     # K and V of the other ranks' tokens
-    n_blocks = 0
+    cp, tp, hd = dims.cp, dims.tp, margs.head_dim
+    n_blocks = sum(len(m["blocks"]) for m in measured)
+    n_micro = dims.pp_microbatches if dims.pp > 1 else accum
+    if comm == "alltoall":
+        kv_heads = margs.n_kv_heads // tp if (margs.n_kv_heads // tp) % cp == 0 else margs.n_heads // tp
+        local = micro * (seq // cp) * hd * esize
+        per_block = 2 * local * (margs.n_heads // tp + kv_heads) * (cp - 1) / cp  # q, out; k, v
+        return {"cp": int(n_micro * n_blocks * 2 * per_block)}
+    kv_dim = margs.n_kv_heads // tp * hd
+    others = micro * (seq - seq // cp) * kv_dim * esize * 2     # K and V of the other ranks' tokens
     for m in measured:
         for name in m["blocks"]:
             m["blocks"][name] += others
-            n_blocks += 1
-    n_micro = dims.pp_microbatches if dims.pp > 1 else accum
     return {"cp": int(n_micro * n_blocks * 2 * others)}
 
 

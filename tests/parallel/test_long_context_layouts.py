@@ -29,6 +29,8 @@ CP_LAYOUTS = {  # context parallelism, 20 steps at seq_len 256
     "cp2_tp2": (4, [], [*CP2, "parallel.tp=2"]),
     "pp2_cp2": (4, [], [*CP2, "parallel.pp=2"]),
     "cp2_document_mask": (2, DOC, CP2),
+    "cp2_alltoall_document_mask": (2, DOC, [*CP2, "parallel.cp_comm=alltoall"]),
+    "cp2_alltoall_tp2": (4, [], [*CP2, "parallel.cp_comm=alltoall", "parallel.tp=2"]),  # 2 heads, 1 kv head / rank
     "cp2_document_mask_recompute": (2, DOC, [*CP2, "recompute=selective"]),
 }
 
@@ -37,7 +39,11 @@ def assert_equal_runs(run_dir: str, ref: str, steps: int) -> None:
     got, want = metrics(run_dir), metrics(ref)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     assert max_rel(losses(run_dir), losses(ref)) < 1e-5, (losses(run_dir), losses(ref))
-    assert max(abs(got[s]["grad_norm"] - want[s]["grad_norm"]) / want[s]["grad_norm"] for s in want) < 1e-5
+    # step 1's gradient norm agrees to ~1e-7; AdamW's first steps move each weight by ~lr whatever its gradient's
+    # size, so the 1e-7 rounding of a near-zero gradient becomes a visible weight difference, and with document
+    # masks at seq_len 256 the norm drifts to ~1e-5 by step 12 (allgather and alltoall alike); losses stay < 4e-6
+    norm_tol = 1e-5 if steps <= 6 else 5e-5
+    assert max(abs(got[s]["grad_norm"] - want[s]["grad_norm"]) / want[s]["grad_norm"] for s in want) < norm_tol
     # fp32 rounding differs by layout; AdamW turns a near-zero gradient's rounding into an lr-sized step, so
     # after 20 steps weights agree to ~5e-5 (ddp2 with document masks too), as in tests/parallel/test_layouts.py
     assert param_max_diff(final_params(run_dir), final_params(ref)) < 1e-4
@@ -77,7 +83,7 @@ def test_cp2_checkpoint_resumes_bitwise_under_cp2_and_equal_under_cp1(runner):
 LENGTHS = (37, 5, 60, 1, 25)  # 128 tokens: chunks of 32 cut documents everywhere
 
 
-def _packed_token_losses(rank, world):
+def _packed_token_losses(rank, world, comm):
     from llmforge.core.loss import token_losses
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
@@ -86,18 +92,19 @@ def _packed_token_losses(rank, world):
     model = Transformer(ModelArgs(vocab_size=64, n_kv_heads=2))
     seq = torch.randint(3, 64, (1, sum(LENGTHS) + 1), generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([[i for n in LENGTHS for i in range(n)]])
-    apply_cp(model, torch.distributed.group.WORLD)
+    apply_cp(model, torch.distributed.group.WORLD, comm)
     x, y, pos = ContextSplit(torch.distributed.group.WORLD).shard_batch(seq[:, :-1], seq[:, 1:], positions)
     out = token_losses(model(x, positions=pos), y)
     out.sum().backward()  # the backward of the K/V gather runs too
     return chunk_index(sum(LENGTHS), world, rank).tolist(), out[0].detach(), model.layers["0"].attention.wk.weight.grad
 
 
-def test_cp2_per_token_losses_equal_each_document_alone(tmp_path):
+@pytest.mark.parametrize("comm", ["allgather", "alltoall"])
+def test_cp2_per_token_losses_equal_each_document_alone(tmp_path, comm):
     from llmforge.core.loss import token_losses
     from llmforge.model.blocks import ModelArgs
     from llmforge.model.transformer import Transformer
-    results = run_fn(2, _packed_token_losses, tmp=str(tmp_path))
+    results = run_fn(2, _packed_token_losses, comm, tmp=str(tmp_path))
     got = torch.zeros(sum(LENGTHS))
     for index, values, _ in results:
         got[index] = values
@@ -144,3 +151,19 @@ def test_llmforge_eval_applies_the_runs_document_mask(runner):
     assert masked["document_mask"] is True and abs(masked["loss"] - logged["val_loss"]) < 1e-5
     unmasked = run_eval(run_dir, ["data.document_mask=false"], batches="train")
     assert abs(unmasked["loss"] - masked["loss"]) > 1e-4
+
+
+def test_cp_layout_refusals_name_the_key():
+    from llmforge.core.config import ConfigError, RunConfig, load_config
+    from llmforge.model.presets import PRESETS
+    from llmforge.parallel import resolve_dims
+    from tests.parallel.conftest import CONFIG
+    margs = PRESETS["tiny"]
+    cfg = load_config(RunConfig, CONFIG, ["parallel.cp=4", "parallel.tp=2", "parallel.cp_comm=alltoall"])
+    with pytest.raises(ConfigError, match="parallel.cp_comm=alltoall splits the 2 attention heads"):
+        resolve_dims(cfg.parallel, 8, margs, cfg.train, seq_len=256)
+    cfg = load_config(RunConfig, CONFIG, ["parallel.cp=2", "parallel.tp=4"])
+    with pytest.raises(ConfigError, match=r"data.seq_len / parallel.cp = 34 tokens per rank is not divisible"):
+        resolve_dims(cfg.parallel, 8, PRESETS["tiny-gpt2"], cfg.train, seq_len=68)
+    with pytest.raises(ConfigError, match="parallel.cp_comm"):
+        load_config(RunConfig, CONFIG, ["parallel.cp_comm=ring"])

@@ -49,6 +49,7 @@ KEY_POLICY: dict[str, tuple] = {
                            "positions); set data.document_mask=false or use engine=native"),
     "parallel.cp": ("refused", lambda c: c.parallel.cp > 1, "context parallelism is native-only for now; "
                     "use engine=native"),
+    "parallel.cp_comm": ("honoured", "only read with parallel.cp>1, which is refused"),
     "logging.*": ("honoured", SHARED), "dist.*": ("honoured", "llmforge.core.distributed + deepspeed.init_distributed"),
     "run_dir": ("honoured", SHARED), "seed": ("honoured", "same initial weights and data order as native"),
     "engine": ("honoured", "selects this engine"),
