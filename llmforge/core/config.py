@@ -1,5 +1,5 @@
-"""The trainer's typed configuration: the ``RunConfig`` schema (model, data, train, parallel, checkpoint, eval,
-logging, dist sections) and its cross-key checks. The machinery that loads any schema from YAML and dotted
+"""The trainer's typed configuration: the ``RunConfig`` schema (model, data, train, sft, parallel, checkpoint,
+eval, logging, dist sections) and its cross-key checks. The machinery that loads any schema from YAML and dotted
 overrides (``load_config``, ``ConfigError``, ``opt``, ``dump_config``, ...) lives in llmforge/common/typed_config.py
 and is re-exported here, so ``from llmforge.core.config import load_config, ConfigError`` keeps working.
 """
@@ -160,6 +160,14 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class SFTTrainConfig:
+    """Fine-tuning on SFT data (``data.paths`` written by configs/data/sft.yaml; llmforge/data/sft.py)."""
+    pack: bool = opt(False, "pack whole conversations into each data.seq_len + 1 sample (greedily in stored order, "
+                            "padding only at a pack's end; a longer one alone, cut): each attends only within itself "
+                            "and its positions restart, the loss is unchanged (llmforge/data/sft.py). Needs SFT data")
+
+
+@dataclasses.dataclass
 class ParallelConfig:
     dp_replicate: int = opt(-1, "ranks holding full replicas (-1: whatever the world size leaves)", ge=1, also=(-1,))
     dp_shard: int = opt(1, "ranks sharding parameters with FSDP2 (zero_stage 2/3)", ge=1)
@@ -228,6 +236,7 @@ class RunConfig:
     model: ModelConfig = opt(ModelConfig(), "model shape")
     data: DataConfig = opt(DataConfig(), "training data")
     train: TrainConfig = opt(TrainConfig(), "optimisation and loop")
+    sft: SFTTrainConfig = opt(SFTTrainConfig(), "fine-tuning on SFT data")
     parallel: ParallelConfig = opt(ParallelConfig(), "parallel layout")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpointing")
     logging: LoggingConfig = opt(LoggingConfig(), "metrics sinks")

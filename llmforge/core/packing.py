@@ -1,11 +1,12 @@
 """Document boundaries inside a packed batch, carried in the batch tensor itself.
 
 Batches stay one int64 tensor ``(B, seq_len + 1)`` through every engine (llmforge/core/loss.py stores a token
-that is not a loss target as ``-1 - id``). With ``data.document_mask`` the data stream also marks the first
-token of every document by adding ``DOC_START`` (2**40, far above any vocabulary) to its id before that
-encoding. ``split_batch`` (core/loss.py) strips the mark; ``batch_positions`` turns the marks into each input
-token's position inside its document (0 at a document start and at the start of the window, whose first
-document began earlier or there), the ``positions`` the model takes (llmforge/model/attention.py).
+that is not a loss target as ``-1 - id``). With ``data.document_mask`` (pretraining windows) or ``sft.pack``
+(conversations packed by llmforge/data/sft.py) the data stream also marks the first token of every document by
+adding ``DOC_START`` (2**40, far above any vocabulary) to its id before that encoding. ``split_batch``
+(core/loss.py) strips the mark; ``batch_positions`` turns the marks into each input token's position inside its
+document (0 at a document start and at the start of the window, whose first document began earlier or there),
+the ``positions`` the model takes (llmforge/model/attention.py).
 """
 from __future__ import annotations
 

@@ -140,4 +140,4 @@ def build_run_datasets(cfg, vocab_size: int | None = None):
         return build_megatron_datasets(cfg.data, cfg.seed, cfg.train.steps * cfg.train.global_batch_size,
                                        vocab_size=vocab_size)
     from llmforge.data.sft import build_any_datasets as build_datasets
-    return build_datasets(cfg.data, cfg.seed)
+    return build_datasets(cfg.data, cfg.seed, cfg.sft.pack)

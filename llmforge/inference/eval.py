@@ -77,7 +77,7 @@ def run_eval(run_dir: str, overrides=None, batches: str | None = None, batch_siz
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={run.model.args.max_seq_len}")
     from llmforge.data.checks import check_data
     check_data(cfg.data, run.model.args.vocab_size)  # overridden data.paths: same tokenizer, ids within the model
-    _, valid = build_datasets(cfg.data, cfg.seed)
+    _, valid = build_datasets(cfg.data, cfg.seed, cfg.sft.pack)  # a packed run's validation packs
     if not valid:
         raise ConfigError(f"data.paths={cfg.data.paths}: no validation windows (no shards/valid-* and "
                           f"data.valid_fraction={cfg.data.valid_fraction})")

@@ -16,7 +16,12 @@ from llmforge.data.sft import is_sft_data
 
 
 def check_run(cfg) -> None:
-    """SFT data, train.init_from and train.freeze need the native engine (and SFT data the native backend)."""
+    """SFT data, train.init_from and train.freeze need the native engine (and SFT data the native backend);
+    sft.pack needs SFT data."""
+    if cfg.sft.pack and not (cfg.data.paths and is_sft_data(cfg.data.paths)):
+        raise ConfigError("sft.pack: packs SFT conversations, but data.paths holds no SFT data (no loss_mask/): "
+                          "set sft.pack=false (pretraining windows are packed already; data.document_mask=true "
+                          "masks their documents)")
     for key in ("init_from", "freeze"):
         if getattr(cfg.train, key) and cfg.engine != "native":
             raise ConfigError(f"train.{key} needs engine=native (engine={cfg.engine})")

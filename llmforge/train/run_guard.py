@@ -171,8 +171,8 @@ def data_identity(paths: list[str]) -> dict:
 
 def fingerprint(cfg, plan) -> dict:
     """Everything that must not change when a run resumes: the model shape (LoRA adapters included), the sequence
-    length, the tokenizer (by content), the data blend and its weights, what each shard holds (data_identity),
-    the seed and the data backend."""
+    length, the tokenizer (by content), the data blend and its weights, SFT packing, what each shard holds
+    (data_identity), the seed and the data backend."""
     m = plan.margs
     fp = {f"model.{k}": getattr(m, k) for k in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                  "vocab_size", "rope_theta", "norm_eps", "tie_embeddings")}
@@ -180,7 +180,7 @@ def fingerprint(cfg, plan) -> dict:
         fp["model.rope_scaling"] = dataclasses.asdict(m.rope_scaling)
     fp.update({"data.seq_len": cfg.data.seq_len, "data.backend": cfg.data.backend, "seed": cfg.seed,
                "data.paths": [os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths],
-               "data.weights": cfg.data.weights, "tokenizer": file_sha256(plan.tok_path),
+               "data.weights": cfg.data.weights, "sft.pack": cfg.sft.pack, "tokenizer": file_sha256(plan.tok_path),
                "data.shards": data_identity(list(cfg.data.paths))})
     lora = cfg.train.lora  # the adapters are part of the model (their shapes are in the checkpoints)
     fp.update({"train.lora.rank": lora.rank, "train.lora.alpha": lora.alpha,

@@ -287,6 +287,9 @@ def run_training(cfg) -> int:
         trainer.log(f"model {cfg.model.preset}: {engine.n_params:,} parameters{active} | {engine.describe()} | global batch "
                     f"{cfg.train.global_batch_size} seq = {cfg.train.global_batch_size * cfg.data.seq_len} tokens | "
                     f"{info.device.type}/{info.backend}")
+        if cfg.sft.pack:  # checked by the run plan: SFT data
+            from llmforge.data.sft import pack_summary
+            trainer.log(pack_summary(plan.train_stream))
         if info.rank == 0:
             write_run_files(cfg, plan, engine)
         return trainer.fit()

@@ -15,6 +15,7 @@ REFUSED_EXAMPLES = {
     "parallel.tp": ["parallel.tp=2"],
     "data.document_mask": ["data.document_mask=true"],
     "parallel.cp": ["parallel.cp=2"],
+    "sft.pack": ["sft.pack=true"],
     "model.moe.num_experts": ["model.moe.num_experts=4"],
     "parallel.ep": ["parallel.ep=2"],
     "parallel.pp_schedule": ["parallel.pp=2", "parallel.pp_schedule=GPipe"],

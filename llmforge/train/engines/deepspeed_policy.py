@@ -47,6 +47,8 @@ KEY_POLICY: dict[str, tuple] = {
     "data.document_mask": ("refused", lambda c: c.data.document_mask,
                            "document masking is native-only for now (the DeepSpeed engine's blocks take no "
                            "positions); set data.document_mask=false or use engine=native"),
+    "sft.pack": ("refused", lambda c: c.sft.pack, "SFT packing is native-only (the DeepSpeed engine's blocks take "
+                 "no positions, and SFT data needs engine=native); set sft.pack=false or use engine=native"),
     "parallel.cp": ("refused", lambda c: c.parallel.cp > 1, "context parallelism is native-only for now; "
                     "use engine=native"),
     "parallel.cp_comm": ("honoured", "only read with parallel.cp>1, which is refused"),

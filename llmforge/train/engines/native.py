@@ -97,7 +97,7 @@ class NativeEngine(Engine):
         pm, p = self.pm, self.plan
         # masked tokens are stored as -1 - id, document starts marked (llmforge.core.loss.split_batch)
         inputs, targets = split_batch(batch)
-        positions = batch_positions(batch) if self.cfg.data.document_mask else None
+        positions = batch_positions(batch) if self.cfg.data.document_mask or self.cfg.sft.pack else None
         if self.sft_loss is not None:  # every cp rank counts the whole sequences: gradients average over cp too
             self.sft_loss.prepare(targets, self.dp_mesh.get_group(),
                                   self.dims.pp_microbatches if pm.schedule is not None else p.accum, self.dims.cp)
