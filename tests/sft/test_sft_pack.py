@@ -145,7 +145,8 @@ def packed_reference(sft_env, pre_run, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,layout", [("ddp2", []), ("zero3", ["parallel.zero_stage=3"]), ("tp2", ["parallel.tp=2"]),
-                                         ("pp2", ["parallel.pp=2", "parallel.pp_schedule=1F1B"])])
+                                         ("pp2", ["parallel.pp=2", "parallel.pp_schedule=1F1B"]),
+                                         ("cp2", ["parallel.cp=2"])])
 def test_packed_two_processes_equal_one(sft_env, pre_run, packed_reference, tmp_path, name, layout):
     ref_dir, (ref_loss, ref_val) = packed_reference  # one process, one micro batch of 4 packs per step
     run = train(str(tmp_path / name), SFT, *_args(sft_env, pre_run, "train.global_batch_size=4",
