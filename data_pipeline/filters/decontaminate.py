@@ -52,7 +52,8 @@ def words(text: str) -> list[str]:
     text = _NUMBER.sub("0", text.lower()).translate(_PUNCT_TO_SPACE)
     if text.isascii():
         return text.split()
-    return [w for w in map(_strip_marks, text.split()) if w]
+    out = [w if w.isascii() else _strip_marks(w) for w in text.split()]
+    return [w for w in out if w] if "" in out else out
 
 
 def word_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
@@ -67,10 +68,19 @@ def word_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
 
 
 def ngram_hashes(ws: list[str], n: int) -> np.ndarray:
-    """xxh64 of each n-gram (words joined by single spaces), in document order."""
-    h = xxhash.xxh64_intdigest
-    return np.fromiter((h(" ".join(ws[i:i + n]).encode()) for i in range(len(ws) - n + 1)), dtype=np.uint64,
-                       count=max(len(ws) - n + 1, 0))
+    """xxh64 of each n-gram (its words joined by single spaces, UTF-8), in document order. The words are joined
+    and encoded once; each n-gram is hashed from a slice of that buffer (no string per n-gram)."""
+    count = len(ws) - n + 1
+    if count <= 0:
+        return np.zeros(0, np.uint64)
+    joined = " ".join(ws)
+    buf = joined.encode()
+    sizes = [len(w) for w in ws] if len(buf) == len(joined) else [len(w.encode()) for w in ws]
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64) + 1) - 1  # byte offset just past each word
+    starts = (ends - np.asarray(sizes, dtype=np.int64)).tolist()
+    ends = ends.tolist()
+    mv, h = memoryview(buf), xxhash.xxh64_intdigest
+    return np.fromiter((h(mv[starts[i]:ends[i + n - 1]]) for i in range(count)), dtype=np.uint64, count=count)
 
 
 # ---- evaluation files ------------------------------------------------------------------------------------------
