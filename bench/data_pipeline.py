@@ -16,8 +16,14 @@
    peak RSS (max over the process and its workers) -> how memory grows with the input.
 5. The dedup cluster stage (bucket tasks over key ranges + merge) at 1x and 4x input: peak RSS and traced peak
    of its largest task, each task re-run alone in a fresh process.
+6. The steps that are off by default (pii, url_filter, quality_classifier, decontaminate) on the sample corpus,
+   one core each: RESULT's new_steps {step: {MBps, datatrove_MBps}} against datatrove's block (PIIFormatter,
+   URLFilter, FastTextClassifierFilter, NGramsDecontFilter on an index of the same hashes) when datatrove is
+   importable (datatrove_MBps null otherwise). ``--new-steps-only`` runs just this part (saved as
+   data_pipeline_steps).
 
   python bench/data_pipeline.py [--synthetic-mb 12] [--rss-mb 3 6 12] [--workers 2] [--tokenize-only]
+                                [--new-steps-only]
 """
 from __future__ import annotations
 
@@ -172,6 +178,80 @@ def minhash_baselines(texts, ngram=5, num_perm=112, seed=1):
     except Exception as e:  # noqa: BLE001 - optional baseline
         res["datatrove"] = f"not measured ({type(e).__name__}: {str(e)[:80]})"
     return res
+
+
+def _timed(fn, docs):
+    """Seconds of ``fn(doc)`` over copies of ``docs`` (the copies are made before the clock starts)."""
+    copies = [{**d, "meta": dict(d.get("meta", {}))} for d in docs]
+    t0 = time.perf_counter()
+    for d in copies:
+        fn(d)
+    return time.perf_counter() - t0
+
+
+def _datatrove_blocks(tmp, domains, model, index):
+    """datatrove's equivalents of the new steps, as {step: callable(doc dict)}; raises ImportError without it."""
+    from datatrove.data import Document
+    from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
+    from datatrove.pipeline.filters import FastTextClassifierFilter, URLFilter
+    from datatrove.pipeline.formatters import PIIFormatter
+    os.makedirs(os.path.join(tmp, "dt-index"), exist_ok=True)
+    index[0].astype("<u8").tofile(os.path.join(tmp, "dt-index", "tasks.index.hashes"))
+    blocks = {"pii": PIIFormatter(), "url_filter": URLFilter(extra_domains=domains, use_integrated_lists=False),
+              "quality_classifier": FastTextClassifierFilter(model, keep_labels=[("hq", 0.5)]),
+              "decontaminate": NGramsDecontFilter(os.path.join(tmp, "dt-index"), NGramsDecontConfig(n_grams=13))}
+
+    def call(block, d):
+        doc = Document(text=d["text"], id=d["id"], metadata=dict(d.get("meta", {})))
+        return block.format(doc.text) if hasattr(block, "format") else block.filter(doc)
+    return {k: (lambda d, b=b: call(b, d)) for k, b in blocks.items()}
+
+
+def new_steps(docs, tmp):
+    """MB/s of pii, url_filter, quality_classifier and decontaminate on one core, and of datatrove's blocks."""
+    from data_pipeline.config import DecontaminateConfig, PIIConfig, QualityClassifierConfig, URLFilterConfig
+    from data_pipeline.filters import get_step
+    from data_pipeline.filters.decontaminate import DecontaminateStep, build_index
+    from data_pipeline.filters.quality_classifier import train
+    docs = [{**d, "meta": {**d.get("meta", {}), "url": f"https://www.site{i % 500}.org/page/{i}"}}
+            for i, d in enumerate(docs)]
+    domains = [f"site{i}.org" for i in range(0, 500, 7)]
+    block = os.path.join(tmp, "block.txt")
+    with open(block, "w") as f:
+        f.write("".join(x + "\n" for x in domains))
+    pos = os.path.join(tmp, "pos.jsonl")
+    neg = os.path.join(tmp, "neg.jsonl")
+    rng = random.Random(0)
+    vocab = [w for d in docs[:100] for w in d["text"].split()[:50]]
+    with open(pos, "w") as f, open(neg, "w") as g:
+        for d in docs[:300]:
+            f.write(json.dumps({"text": d["text"][:2000]}) + "\n")  # long documents make fastText's SGD diverge
+            g.write(json.dumps({"text": " ".join(rng.choice(vocab) for _ in range(200))}) + "\n")
+    model = os.path.join(tmp, "quality.bin")
+    train([pos], [neg], model, dim=32, bucket=50_000, epoch=5, lr=0.05)
+    dc = DecontaminateConfig(enabled=True, paths=[os.path.join(ROOT, "llmforge", "inference", "eval_tasks", "data")])
+    index = build_index(dc)
+    ours = {"pii": lambda d, c=PIIConfig(enabled=True): get_step("pii")(d, c, Counter()),
+            "url_filter": lambda d, c=URLFilterConfig(enabled=True, blocklist=[block]): get_step("url_filter")(d, c),
+            "quality_classifier": lambda d, c=QualityClassifierConfig(enabled=True, model_path=model):
+                get_step("quality_classifier")(d, c),
+            "decontaminate": lambda d, s=DecontaminateStep(index[0], index[1], len(index[2]), "remove"): s(d, dc)}
+    try:
+        theirs, why = _datatrove_blocks(tmp, domains, model, index), None
+    except Exception as e:  # noqa: BLE001 - datatrove or one of its optional dependencies missing
+        theirs, why = {}, f"not measured ({type(e).__name__}: {str(e)[:80]})"
+    b = nbytes(docs)
+    out = {"docs": len(docs), "MB": round(b / 1e6, 2), "decontaminate_index_ngrams": int(len(index[0]))}
+    for name, fn in ours.items():
+        fn(dict(docs[0], meta=dict(docs[0]["meta"])))  # warm: model / blocklist loaded outside the clock
+        row = {"MBps": round(b / _timed(fn, docs) / 1e6, 2), "datatrove_MBps": None}
+        if name in theirs:
+            theirs[name](docs[0])
+            row["datatrove_MBps"] = round(b / _timed(theirs[name], docs) / 1e6, 2)
+        out[name] = row
+    if why:
+        out["datatrove"] = why
+    return out
 
 
 def run_pipeline_cli(input_dir, out_dir, workers, extra=()):
@@ -342,6 +422,7 @@ def main(argv=None):
     ap.add_argument("--cluster-mb", type=float, default=6.0, help="1x input of the cluster-stage memory runs")
     ap.add_argument("--tokenize-mb", type=float, default=6.0, help="input of the tokenize-stage comparison")
     ap.add_argument("--tokenize-only", action="store_true", help="run only the tokenize-stage comparison (part 3)")
+    ap.add_argument("--new-steps-only", action="store_true", help="run only the off-by-default steps (part 6)")
     a = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench-dp-")
     result = {"device": device_name(), "note": "per-step figures: one process, one thread = per core"}
@@ -351,6 +432,10 @@ def main(argv=None):
         corpora["sample"] = (cfg, docs, read_s)
         if a.tokenize_only:
             _tokenize_part(result, docs, a.tokenize_mb, tmp)
+            return
+        result["new_steps"] = new_steps(docs, tmp)
+        print(f"new steps: {result['new_steps']}", flush=True)
+        if a.new_steps_only:
             return
         synth_dir = os.path.join(tmp, "synth")
         n, b = make_synthetic(synth_dir, docs, a.synthetic_mb)
@@ -404,7 +489,8 @@ def main(argv=None):
                 result["input_growth_ratio"] = round(growth[-1]["input_MB"] / growth[0]["input_MB"], 3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        emit("data_pipeline_tokenize" if a.tokenize_only else "data_pipeline", result)
+        emit("data_pipeline_tokenize" if a.tokenize_only else "data_pipeline_steps" if a.new_steps_only
+             else "data_pipeline", result)
 
 
 def _tokenize_part(result, sample_docs, mb, tmp):

@@ -10,7 +10,7 @@ import dataclasses
 from llmforge.common.typed_config import ConfigError, check_ranges, load_config, opt  # noqa: F401  (re-exported for the CLI)
 
 STEP_NAMES = ("clean", "url_filter", "pii", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb",
-              "quality_classifier")
+              "decontaminate", "quality_classifier")
 
 
 @dataclasses.dataclass
@@ -149,6 +149,22 @@ class QualityClassifierConfig:
 
 
 @dataclasses.dataclass
+class DecontaminateConfig:
+    enabled: bool = opt(False, "remove (or redact) training documents sharing a word n-gram with an evaluation "
+                               "document (filters/decontaminate.py; datatrove's normalisation; the index costs "
+                               "12 bytes per distinct n-gram of each file)")
+    paths: list[str] = opt([], "evaluation files (jsonl[.gz|.zst], parquet, txt/md/rst) or folders of them, e.g. "
+                               "llmforge/inference/eval_tasks/data; their content is part of the run's fingerprint")
+    text_keys: list[str] = opt(["text", "context", "query", "question", "prompt", "target", "answer", "choices"],
+                               "fields of a jsonl/parquet row forming its evaluation text (those present, in this "
+                               "order; a list field gives each item), joined by line breaks")
+    ngram: int = opt(13, "words per n-gram (13 as GPT-3; datatrove's default is 12); evaluation documents with "
+                         "fewer words are ignored, as datatrove does", ge=1)
+    mode: str = opt("remove", "remove: drop the document (rule decontaminate.contaminated) | redact: cut the shared "
+                              "word spans out of its text (nothing left: rule decontaminate.redacted_empty)")
+
+
+@dataclasses.dataclass
 class ExactDedupConfig:
     enabled: bool = opt(True, "drop documents whose normalised content (lowercase, collapsed whitespace) hash repeats")
 
@@ -263,6 +279,7 @@ class PipelineConfig:
     gopher_quality: GopherQualityConfig = opt(GopherQualityConfig(), "Gopher quality filter")
     c4: C4Config = opt(C4Config(), "C4 filter")
     fineweb: FineWebConfig = opt(FineWebConfig(), "FineWeb filter")
+    decontaminate: DecontaminateConfig = opt(DecontaminateConfig(), "benchmark decontamination (n-gram overlap)")
     quality_classifier: QualityClassifierConfig = opt(QualityClassifierConfig(), "trained quality classifier")
     dedup: DedupConfig = opt(DedupConfig(), "deduplication")
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer training")
@@ -282,7 +299,7 @@ class PipelineConfig:
         for s in self.steps:
             need(s in STEP_NAMES, "steps", f"unknown step {s!r}; valid: {', '.join(STEP_NAMES)}")
         need(len(set(self.steps)) == len(self.steps), "steps", "a step is listed twice")
-        for s in ("url_filter", "pii"):  # off by default: enabling one a config's steps list leaves out does nothing
+        for s in ("url_filter", "pii", "decontaminate"):  # off by default: enabling one a config's steps list leaves out does nothing
             need(not getattr(self, s).enabled or s in self.steps, f"{s}.enabled",
                  f"{s} is not in steps ({', '.join(self.steps)}): add it there")
         need(bool(self.input.url_key) or not self.url_filter.enabled, "input.url_key", "url_filter needs a URL field")
@@ -312,6 +329,10 @@ class PipelineConfig:
              "a top share needs quality_classifier to be the last of steps (it is decided after the task's other steps)")
         need(not qc.enabled or "quality_classifier" in self.steps, "quality_classifier.enabled",
              "quality_classifier is not listed in steps")
+        dc = self.decontaminate
+        need(dc.mode in ("remove", "redact"), "decontaminate.mode", f"{dc.mode!r} is not remove or redact")
+        need(not dc.enabled or bool(dc.paths), "decontaminate.paths", "decontaminate.enabled needs evaluation files")
+        need(not dc.enabled or bool(dc.text_keys), "decontaminate.text_keys", "empty: no field holds the text")
         need(self.sft.truncation in ("none", "right"), "sft.truncation", "must be none or right")
 
 

@@ -1,6 +1,6 @@
 """The last two stages of every pipeline run: ``shard`` (the per-task token shards of work/tokens resharded, in task
-order, into the final ``shards/`` and ``doc_ids/``) and ``finalize`` (``stats.json`` and the output's
-``config.yaml``). Only these write the final outputs; everything before lives in ``work/``."""
+order, into the final ``shards/`` and ``doc_ids/``) and ``finalize`` (``stats.json``, ``funnel.png`` / ``quality.png``
+(plots.py) and the output's ``config.yaml``). Only these write the final outputs; everything before lives in ``work/``."""
 from __future__ import annotations
 
 import os
@@ -54,8 +54,10 @@ def shard_task(ctx, _rank: int) -> dict:
 def finalize_task(ctx, _rank: int) -> dict:
     stats = stats_mod.collect(ctx)
     write_json(os.path.join(ctx.out, "stats.json"), stats)
+    from .plots import draw_funnel, write_picture
     if "quality_classifier" in stats:  # the score histogram beside stats.json (atomic, like every output)
         from .filters.quality_classifier import draw_histogram
-        write_bytes(os.path.join(ctx.out, "quality.png"), draw_histogram(stats["quality_classifier"]))
+        write_picture(os.path.join(ctx.out, "quality.png"), draw_histogram, stats["quality_classifier"])
+    write_picture(os.path.join(ctx.out, "funnel.png"), draw_funnel, stats)  # documents / bytes after each step
     dump_config(ctx.cfg, os.path.join(ctx.out, "config.yaml"))
     return {"ok": True}

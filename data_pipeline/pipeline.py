@@ -1,7 +1,7 @@
 """The pipeline: the run context, the stage list, the output folder's start / start-over and ``run()`` used by the
 CLI (the final resharding and stats: finalize.py; every path under work/: work_dirs.py).
 
-Stages (tasks): prepare (T) -> buckets (P key ranges, dedup/stages.py) -> clusters (1) -> tokenizer (1) -> tokenize (T)
+Stages (tasks): [decontaminate (1): the n-gram index of the evaluation files] -> prepare (T) -> buckets (P key ranges, dedup/stages.py) -> clusters (1) -> tokenizer (1) -> tokenize (T)
 -> shard (1) -> finalize (1). T = ``tasks`` (0: automatic, task_plan.auto_tasks: at least ``workers``
 when a file can be split; a resume keeps the T it began with); tasks read contiguous pieces of the input, so no
 output depends on T.
@@ -23,6 +23,7 @@ from .executor import LocalExecutor, PipelineError, SlurmExecutor, Stage, remove
 from .manifest import adopt_unlisted, fold, listed, remove_listed, start_recording, stop_recording
 from .output_dir import (check_apart_from_inputs, claim, file_digest, input_digests, load_hash_cache, os_error,
                          remove_owned, save_hash_cache, unlock)
+from .filters.decontaminate import check as check_decontaminate
 from .filters.quality_classifier import check as check_quality_model
 from .prepare import dedup_columns, prepare_task, prepare_warmup
 from .readers import Reader, expand_paths
@@ -34,7 +35,7 @@ from .tokenizer import check_model_path, tokenize_task, train_tokenizer_task
 from .work_dirs import BULKY, WORK, config_file, fingerprint_file, work_dir
 
 FINAL_OUTPUTS = ("shards", "doc_ids", "tokenizer.model", "stats.json", "config.yaml", "loss_mask", "chat_template.json",
-                 "quality.png")
+                 "quality.png", "funnel.png")
 # Keys that change how the work runs, never what it produces (left out of the resume fingerprint).
 RUNTIME_KEYS = ("output_dir", "workers", "executor", "slurm", "ray", "progress", "keep_work_files",
                 "tokenizer.encode_cache_words")  # keys that change how a run goes, never what it writes
@@ -87,6 +88,9 @@ class Context:
 
 def build_stages(ctx) -> list[Stage]:
     stages = [Stage("prepare", ctx.n_tasks, prepare_task, warmup=prepare_warmup)]
+    if decontaminate_on(ctx.cfg):  # the evaluation n-grams, indexed once for every prepare task
+        from .prepare import decontaminate_index_task
+        stages.insert(0, Stage("decontaminate", 1, decontaminate_index_task))
     if ctx.n_dedup_cols:
         stages += [Stage("buckets", ctx.n_cluster_tasks, buckets_task), Stage("clusters", 1, clusters_task)]
     stages += [Stage("tokenizer", 1, train_tokenizer_task), Stage("tokenize", ctx.n_tasks, tokenize_task),
@@ -113,6 +117,10 @@ def fingerprint(ctx, hash_cache: dict | None = None) -> str:
     qc = ctx.cfg.quality_classifier
     if qc.enabled and os.path.isfile(qc.model_path):  # another model: other scores, so a start-over
         files.append(["quality_classifier.model_path", qc.model_path, file_digest(qc.model_path, cache)])
+    dc = ctx.cfg.decontaminate
+    if decontaminate_on(ctx.cfg):  # changed evaluation files: other documents removed, so a start-over
+        files += [["decontaminate.paths", p, file_digest(p, cache) if os.path.exists(p) else None]
+                  for p in dc.paths]
     blob = json.dumps({"config": cfg, "files": files, "tasks": ctx.n_tasks}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -149,10 +157,15 @@ def prepare_output_dir(ctx) -> bool:
 
 def protected(ctx) -> list[str]:
     """Files and folders a cleanup never removes: the run's inputs, its tokenizer.model_path, the url_filter
-    blocklists and the quality classifier's model."""
+    blocklists, the quality classifier's model and the decontamination files (or folders)."""
     return ([unit[1] for unit in ctx.units if unit[0] != "hf_hub"] + [ctx.cfg.tokenizer.model_path]
             + list(ctx.cfg.url_filter.blocklist)
-            + ([ctx.cfg.quality_classifier.model_path] if ctx.cfg.quality_classifier.model_path else []))
+            + ([ctx.cfg.quality_classifier.model_path] if ctx.cfg.quality_classifier.model_path else [])
+            + list(ctx.cfg.decontaminate.paths))
+
+
+def decontaminate_on(cfg) -> bool:
+    return cfg.decontaminate.enabled and "decontaminate" in cfg.steps
 
 
 def run(cfg, config_path: str | None = None) -> dict:
@@ -162,6 +175,8 @@ def run(cfg, config_path: str | None = None) -> dict:
     check_blocklists(cfg)  # url_filter.blocklist files: missing / not text -> one line, nothing written
     if "quality_classifier" in cfg.steps:  # a missing or non-fastText model: one line before anything is written
         check_quality_model(cfg.quality_classifier)
+    if decontaminate_on(cfg):  # every evaluation file read and indexed here: a bad one is one line, nothing written
+        check_decontaminate(cfg.decontaminate)
     if cfg.executor == "ray":
         from .ray_executor import require_ray  # ray is optional: say how to install it before anything is written
         require_ray()

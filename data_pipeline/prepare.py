@@ -1,6 +1,7 @@
 """Stage ``prepare`` (one task per group of input files): read -> per-document steps (clean, filters) in the
 configured order -> kept documents to ``work/prepared/<rank>.jsonl.zst`` plus their dedup keys (MinHash band
-keys and the exact-content hash), sorted per column, to ``work/signatures/<rank>.{keys,order}.npy``."""
+keys and the exact-content hash), sorted per column, to ``work/signatures/<rank>.{keys,order}.npy``. Also the
+stage before it when decontaminate is on: ``decontaminate`` writes the evaluation n-gram index the tasks share."""
 from __future__ import annotations
 
 import functools
@@ -9,22 +10,40 @@ from collections import Counter
 
 import numpy as np
 
-from .atomic_io import JsonlZstWriter, save_npy, write_json
+from .atomic_io import JsonlZstWriter, read_json, save_npy, write_json
 from .dedup.exact import content_hash
 from .dedup.minhash import MinHasher
 from .filters import get_step
-from .work_dirs import prepared_path, rejects_path, signature_paths, timing_path
+from .work_dirs import decontaminate_index_paths, marker_path, prepared_path, rejects_path, signature_paths, timing_path
 
 
-def active_steps(cfg) -> list[tuple[str, object, object]]:
+def active_steps(cfg, work: str | None = None) -> list[tuple[str, object, object]]:
+    """(name, function, section) of the enabled steps in order; ``work``: the run's work folder, where the
+    decontaminate step finds its index (without it, the step builds the index in this process)."""
     out = []
     for n in cfg.steps:
         if getattr(cfg, n).enabled:
             fn = get_step(n)
             if n == "url_filter":  # the URL's field is an input key
                 fn = functools.partial(fn, url_key=cfg.input.url_key)
+            if n == "decontaminate" and work is not None:  # one object per task: it counts per evaluation file
+                from .filters.decontaminate import DecontaminateStep, load_index
+                hashes, files = load_index(*decontaminate_index_paths(work))
+                n_files = len(read_json(marker_path(work, "decontaminate", 0))["files"])
+                fn = DecontaminateStep(hashes, files, n_files, cfg.decontaminate.mode)
             out.append((n, fn, getattr(cfg, n)))
     return out
+
+
+def decontaminate_index_task(ctx, _rank: int) -> dict:
+    """Stage ``decontaminate``: the n-gram index of ``decontaminate.paths`` (filters/decontaminate.py), written
+    once to work/decontaminate/ for every prepare task (they memory-map it); the marker lists the files."""
+    from .filters.decontaminate import ENTRY_BYTES, build_index
+    hashes, files, info = build_index(ctx.cfg.decontaminate)
+    hpath, fpath = decontaminate_index_paths(ctx.work)
+    save_npy(hpath, np.ascontiguousarray(hashes))
+    save_npy(fpath, np.ascontiguousarray(files))
+    return {"files": info, "entries": int(len(hashes)), "index_bytes": int(len(hashes)) * ENTRY_BYTES}
 
 
 def dedup_columns(cfg) -> int:
@@ -51,7 +70,7 @@ def _quality_on(cfg) -> bool:
 
 def prepare_task(ctx, rank: int) -> dict:
     cfg = ctx.cfg
-    steps = active_steps(cfg)
+    steps = active_steps(cfg, ctx.work)
     read = Counter()
     step_stats = {name: _new_step_stats() for name, _, _ in steps}
     for name, fn, _ in steps:  # a step that counts more than removals (pii: redactions) gets a Counter
@@ -125,6 +144,9 @@ def prepare_task(ctx, rank: int) -> dict:
     result = {"read": dict(sorted(read.items())), "steps": step_stats, "kept_docs": n_kept, "kept_bytes": kept_bytes}
     if qc is not None:
         result["quality"] = step_stats["quality_classifier"].pop("hist")
+    for name, fn, _ in steps:
+        if name == "decontaminate":  # documents per evaluation file (their numbers: the index stage's marker)
+            result["decontaminate"] = {"contaminated_by": list(fn.contaminated_by)}
     return result
 
 

@@ -74,7 +74,24 @@ def collect(ctx) -> dict:
             "keep_fraction": q.keep_fraction, "bins": len(hists[0]["kept"]),
             "kept": [sum(h["kept"][i] for h in hists) for i in range(len(hists[0]["kept"]))],
             "removed": [sum(h["removed"][i] for h in hists) for i in range(len(hists[0]["removed"]))]}
+    if any("decontaminate" in t for t in prep):
+        result["decontaminate"] = _decontaminate(ctx, prep)
     return result
+
+
+def _decontaminate(ctx, prep: list[dict]) -> dict:
+    """The evaluation files (documents, short ones ignored, distinct n-grams), the index size and the training
+    documents each file contaminated (a document sharing n-grams with two files counts for both)."""
+    index = stage_results(ctx.work, "decontaminate", 1)[0]
+    by = [sum(t["decontaminate"]["contaminated_by"][i] for t in prep if "decontaminate" in t)
+          for i in range(len(index["files"]))]
+    step = next((s for s in _merge_steps(prep) if s["name"] == "decontaminate"), None)
+    dc = ctx.cfg.decontaminate
+    return {"mode": dc.mode, "ngram": dc.ngram, "files": index["files"], "index_entries": index["entries"],
+            "index_bytes": index["index_bytes"],
+            "contaminated_docs": (step["docs_in"] - step["docs_out"] if dc.mode == "remove"
+                                  else step.get("counts", {}).get("redacted_docs", 0)) if step else 0,
+            "contaminated_by": {f["path"]: n for f, n in zip(index["files"], by)}}
 
 
 def step_seconds(ctx) -> dict[str, float]:

@@ -6,6 +6,7 @@ work/
   fingerprint.json  config.yaml  input_hashes.json  manifest.json  manifest/   the run's identity and ownership
   markers/<stage>/NNNNN.json     a task's result; its presence is "done" (resume skips it)
   timings/<stage>-NNNNN.json     seconds per task (apart from markers, so those stay byte-reproducible)
+  decontaminate/index-{hashes,files}.npy   the n-gram index of decontaminate.paths (sorted hashes, file numbers)
   prepared/NNNNN.jsonl.zst       documents that passed the steps       signatures/NNNNN.{keys,order}.npy
   rejects/NNNNN.jsonl.zst        (input.write_rejects)                  rejects/dedup.jsonl.zst
   dedup/part-NNNNN.npz  dedup/remove-NNNNN.npy  dedup/clusters.jsonl.zst
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 
 WORK = "work"
-BULKY = ("prepared", "signatures", "dedup", "tokens")  # removed after a finished run unless keep_work_files
+BULKY = ("prepared", "signatures", "dedup", "tokens", "decontaminate")  # removed after a finished run unless keep_work_files
 MANIFEST = os.path.join(WORK, "manifest.json")          # relative to the output folder
 MANIFEST_LOG = os.path.join(WORK, "manifest")
 HASH_CACHE = "input_hashes.json"
@@ -47,6 +48,11 @@ def marker_path(work: str, stage: str, rank: int) -> str:
 
 def timing_path(work: str, name: str, rank: int) -> str:
     return os.path.join(work, "timings", f"{name}-{rank:05d}.json")
+
+
+def decontaminate_index_paths(work: str) -> tuple[str, str]:
+    base = os.path.join(work, "decontaminate", "index")
+    return base + "-hashes.npy", base + "-files.npy"
 
 
 def prepared_path(work: str, rank: int) -> str:

@@ -107,11 +107,8 @@ def hist_bin(s: float) -> int:
 
 def draw_histogram(quality: dict) -> bytes:
     """quality.png: the score histogram of kept and removed documents (stacked), as PNG bytes."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import png_bytes, pyplot
+    plt = pyplot()
     edges = [i / HIST_BINS for i in range(HIST_BINS + 1)]
     mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -126,11 +123,7 @@ def draw_histogram(quality: dict) -> bytes:
     ax.set_ylabel("documents")
     ax.set_title(quality.get("title", "quality classifier"))
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 # ---- training ------------------------------------------------------------------------------------------------
