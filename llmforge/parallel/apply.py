@@ -13,9 +13,9 @@ import torch.nn as nn
 from llmforge.core.distributed import resolve_dtype
 
 from . import ParallelModel
-from .parallel_model import clip_grad_norm
 from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers
 from .fsdp import apply_fsdp, expert_fsdp_mesh, fsdp_mesh, make_set_sync
+from .parallel_model import clip_grad_norm
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tp, sequence_parallel_stage_io
 

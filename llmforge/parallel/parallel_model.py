@@ -2,6 +2,7 @@
 
 ``parallelize`` fills the fields that its layout needs; the methods fall back to the plain single-module
 behaviour when a hook is absent, so the engine never probes for layout-specific behaviour by name.
+``clip_grad_norm`` is the one gradient norm of every layout (one process included), so they clip alike.
 """
 from __future__ import annotations
 
