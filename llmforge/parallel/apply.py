@@ -8,15 +8,14 @@ TP/PP without DDP, ZeRO-1 optimizers, the pp loss group, clipping over shards, v
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from llmforge.core.distributed import resolve_dtype
 
 from . import ParallelModel
 from .data_parallel import GradAllReduce, apply_ddp, zero1_optimizers
 from .fsdp import apply_fsdp, expert_fsdp_mesh, fsdp_mesh, make_set_sync
+from .parallel_model import clip_grad_norm
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tp, sequence_parallel_stage_io
 
@@ -104,26 +103,3 @@ def parallelize_all(model: nn.Module, dims, mesh, cfg, device: torch.device, los
         pm.loss_group = pp_group
         pm.eval_fn = pipeline.make_evaluate(pm.parts, ids, dims, p.pp_schedule, pp_group, pm.context)
     return pm
-
-
-@torch.no_grad()
-def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> torch.Tensor:
-    """Global L2 gradient norm over every shard (TP/FSDP DTensors, plain replicated tensors, pipeline stages);
-    clip to ``max_norm`` when it is > 0. Returns the norm before clipping (identical on every rank)."""
-    groups: dict = {}  # plain tensors and DTensors of each (mesh, placements): foreach kernels need uniform lists
-    for p in (p for part in parts for p in part.parameters() if p.grad is not None):
-        key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
-        groups.setdefault(key, []).append(p)
-    device = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # DTensor norms reduce over their mesh
-        sq += norm.float().to(device) ** 2
-    if pp_group is not None:
-        dist.all_reduce(sq, group=pp_group)
-    total = sq.sqrt()
-    if max_norm > 0:
-        for params in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total

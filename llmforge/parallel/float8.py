@@ -8,7 +8,8 @@ checkpoints move between float8 and bf16 runs.
 Float8 matmuls need a GPU with float8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); elsewhere
 the run is refused in one line, unless ``train.float8_emulate`` asks for torchao's emulation (float8 rounding in
 higher-precision kernels, for tests on CPU). Under FSDP2 on CUDA the weights are all-gathered in float8
-(``enable_fsdp_float8_all_gather``, tensorwise only). TP with float8 is not wired yet and is refused.
+(``enable_fsdp_float8_all_gather``, tensorwise only). TP with float8 is not wired yet and is refused
+(why: llmforge/core/config.py).
 """
 from __future__ import annotations
 
