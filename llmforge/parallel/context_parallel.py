@@ -2,8 +2,8 @@
 
 Layout. The cp ranks of one data-parallel rank read the same samples; each keeps 2 of the sequence's 2 x cp
 equal chunks, chunk r and chunk 2cp-1-r (head-tail, the zig-zag of Megatron-LM and torchtitan), so under the
-causal mask every rank does the same attention work. Everything but attention (embeddings, norms, MLPs, MoE-free
-blocks, the loss) runs on the local tokens only: activation memory is 1/cp per rank.
+causal mask every rank does the same attention work. Everything but attention (embeddings, norms, MLPs,
+the loss) runs on the local tokens only: activation memory is 1/cp per rank.
 
 Attention (``parallel.cp_comm``), both with the mask built from global token indices and document starts
 (``llmforge.model.attention.build_mask``: a boolean SDPA mask on CPU, a FlexAttention BlockMask on CUDA):
