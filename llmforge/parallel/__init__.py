@@ -49,15 +49,16 @@ def resolve_dims(pcfg, world_size: int, model_args=None, tcfg=None, recompute: s
     dp_shard instead (FSDP over a replicate-only mesh would save no memory, which is never what ZeRO-2/3 asks).
     """
     pp, tp, dps, rep, zero, cp = pcfg.pp, pcfg.tp, pcfg.dp_shard, pcfg.dp_replicate, pcfg.zero_stage, pcfg.cp
+    cp_name, cp_size = ("*cp", f"*{cp}") if cp > 1 else ("", "")  # the messages name cp only when it is used
     if rep == -1:
         _check(world_size % (pp * tp * dps * cp) == 0,
-               f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard*cp = {pp}*{tp}*{dps}*{cp}; "
-               f"launch a multiple of {pp * tp * dps * cp} processes")
+               f"world size {world_size} is not divisible by parallel.pp*tp*dp_shard{cp_name} = {pp}*{tp}*{dps}"
+               f"{cp_size}; launch a multiple of {pp * tp * dps * cp} processes")
         rep = world_size // (pp * tp * dps * cp)
         if zero in (2, 3) and dps == 1:
             rep, dps = 1, rep
     _check(pp * rep * dps * cp * tp == world_size,
-           f"world size {world_size} != parallel.pp*dp_replicate*dp_shard*cp*tp = {pp}*{rep}*{dps}*{cp}*{tp} "
+           f"world size {world_size} != parallel.pp*dp_replicate*dp_shard{cp_name}*tp = {pp}*{rep}*{dps}{cp_size}*{tp} "
            f"= {pp * rep * dps * cp * tp}; change --nproc_per_node or the parallel.* sizes")
     _check(dps == 1 or zero in (2, 3), f"parallel.dp_shard={dps} shards parameters: use parallel.zero_stage=2 or 3")
     _check(not (zero == 1 and tp > 1), "parallel.zero_stage=1 with parallel.tp>1 is not supported "

@@ -32,7 +32,7 @@ def test_tp3_on_one_process_via_cli(tmp_path, synth_data):
 
 
 @pytest.mark.parametrize("nproc,overrides,needles", [
-    (2, ["parallel.dp_replicate=3"], ("world size 2 != parallel.pp*dp_replicate*dp_shard*cp*tp",)),
+    (2, ["parallel.dp_replicate=3"], ("world size 2 != parallel.pp*dp_replicate*dp_shard*tp",)),
     (3, ["parallel.tp=3"], ("parallel.tp=3 does not divide model n_heads=4",)),
     (2, ["parallel.pp=2", "parallel.pp_microbatches=1"], ("1F1B needs at least 2 microbatches",)),
     (2, ["parallel.zero_stage=1", "parallel.tp=2"], ("zero_stage=1 with parallel.tp>1",)),
