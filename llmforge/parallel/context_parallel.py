@@ -88,17 +88,26 @@ class _GatherSequence(torch.autograd.Function):
         return out, None
 
 
-class ContextParallelAttention(nn.Module):
-    """The local queries against the K/V of the whole sequence, gathered over the cp group (see module doc)."""
+class _ContextAttention(nn.Module):
+    """An attention kernel over the cp group (no parameters): ``forward(q, k, v, layout)`` like CoreAttention's."""
 
     def __init__(self, group):
         super().__init__()
         self.group = group
         self.cp, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def forward(self, q, k, v, layout: TokenLayout | None = None) -> torch.Tensor:
+    @staticmethod
+    def check(layout: TokenLayout | None) -> TokenLayout:
         if layout is None:
             raise RuntimeError("context parallelism needs the tokens' positions (the engine passes them)")
+        return layout
+
+
+class ContextParallelAttention(_ContextAttention):
+    """The local queries against the K/V of the whole sequence, gathered over the cp group (see module doc)."""
+
+    def forward(self, q, k, v, layout: TokenLayout | None = None) -> torch.Tensor:
+        layout = self.check(layout)
         k_all = _GatherSequence.apply(k, self.group)
         v_all = _GatherSequence.apply(v, self.group)
         return masked_attention(q, k_all, v_all, self.mask(layout, q), q.shape[1] != k.shape[1])
@@ -155,19 +164,13 @@ def _heads_to_seq(x, group):
     return recv.transpose(0, 1).reshape(b, cp * hl, total // cp, d)
 
 
-class AllToAllAttention(nn.Module):
+class AllToAllAttention(_ContextAttention):
     """Ulysses (DeepSpeed) context parallelism: all-to-all from sequence shards to head shards, attention over the
     whole sequence for H / cp heads, all-to-all back. K/V heads that do not split over cp are repeated to the
     query heads first. Needs the local heads (n_heads / tp) divisible by cp."""
 
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-        self.cp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-
     def forward(self, q, k, v, layout: TokenLayout | None = None) -> torch.Tensor:
-        if layout is None:
-            raise RuntimeError("context parallelism needs the tokens' positions (the engine passes them)")
+        layout = self.check(layout)
         if k.shape[1] % self.cp:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
