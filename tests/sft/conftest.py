@@ -99,6 +99,26 @@ def train(run_dir: str, config: str, *overrides: str, nproc: int = 1, patch=None
     return run_dir
 
 
+def _kill_at_step3(rank: int) -> None:  # a rank patch: picklable (ranks start from a forkserver)
+    os.environ["LLMFORGE_FAULT"] = "kill@3"
+
+
+def metrics_curve(run_dir: str) -> list[tuple]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss")) for r in rows]
+
+
+def assert_killed_run_resumes_bitwise(tmp: str, config: str, args: list[str]) -> None:
+    """A run SIGKILLed after step 3 (its step-2 checkpoint on disk) and rerun logs the uninterrupted run's
+    metrics, bit for bit."""
+    ref = train(os.path.join(tmp, "ref"), config, *args)
+    run = os.path.join(tmp, "run")
+    train(run, config, *args, patch=_kill_at_step3, expect_ok=False)
+    assert max(r[0] for r in metrics_curve(run)) == 3  # died after step 3 (checkpoint of step 2 on disk)
+    train(run, config, *args)
+    assert metrics_curve(run) == metrics_curve(ref)
+
+
 @pytest.fixture(scope="session")
 def pre_run(sft_env, tmp_path_factory) -> str:
     """A short pretraining run (tiny-cpu) on the same tokenizer: what fine-tuning starts from."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.parallel.conftest import max_rel, param_max_diff
-from tests.sft.conftest import train
+from tests.sft.conftest import assert_killed_run_resumes_bitwise, train
 
 SFT = "configs/train/sft-tiny.yaml"
 
@@ -53,21 +53,9 @@ def test_layout_equals_one_process(sft_env, pre_run, reference, tmp_path, name, 
 
 
 @pytest.mark.slow
-def _kill_at_step3(rank: int) -> None:  # a rank patch: picklable (ranks start from a forkserver)
-    os.environ["LLMFORGE_FAULT"] = "kill@3"
-
-
 def test_kill_9_then_rerun_is_bitwise_identical(sft_env, pre_run, tmp_path):
-    def curve(run_dir):
-        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        return [(r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss")) for r in rows]
-    args = _args(sft_env, pre_run, "train.steps=6", "checkpoint.interval=2")
-    ref = train(str(tmp_path / "ref"), SFT, *args)
-    run = str(tmp_path / "run")
-    train(run, SFT, *args, patch=_kill_at_step3, expect_ok=False)
-    assert max(r[0] for r in curve(run)) == 3  # died after step 3 (checkpoint of step 2 on disk)
-    train(run, SFT, *args)
-    assert curve(run) == curve(ref)
+    assert_killed_run_resumes_bitwise(str(tmp_path), SFT, _args(sft_env, pre_run, "train.steps=6",
+                                                                 "checkpoint.interval=2"))
 
 
 @pytest.mark.slow

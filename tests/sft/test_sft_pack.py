@@ -16,7 +16,7 @@ from llmforge.core.packing import DOC_START, batch_positions, raw_ids
 from llmforge.data.sft import SFTDocs, greedy_packs
 from llmforge.data.streams import _shard_prefixes
 from tests.parallel.conftest import final_params, max_rel, param_max_diff
-from tests.sft.conftest import train
+from tests.sft.conftest import assert_killed_run_resumes_bitwise, train
 
 SFT = "configs/train/sft-tiny.yaml"
 SEQ = 64  # the fixture's conversations are 17-23 tokens: 2-3 per pack
@@ -157,24 +157,12 @@ def test_packed_two_processes_equal_one(sft_env, pre_run, packed_reference, tmp_
     assert param_max_diff(final_params(run), final_params(ref_dir)) < 1e-4
 
 
-def _kill_at_step3(rank: int) -> None:  # a rank patch: picklable (ranks start from a forkserver)
-    os.environ["LLMFORGE_FAULT"] = "kill@3"
-
-
 @pytest.mark.slow
 def test_packed_run_killed_mid_way_resumes_to_the_same_losses(sft_env, pre_run, tmp_path):
-    def curve(run_dir):
-        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        return [(r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss")) for r in rows]
     # 3 packs per step over 7 packs: steps cross epochs (a new permutation) on both sides of the kill
     args = _args(sft_env, pre_run, "train.steps=6", "train.global_batch_size=3", "checkpoint.interval=2",
                  "sft.pack=true")
-    ref = train(str(tmp_path / "ref"), SFT, *args)
-    run = str(tmp_path / "run")
-    train(run, SFT, *args, patch=_kill_at_step3, expect_ok=False)
-    assert max(r[0] for r in curve(run)) == 3  # died after step 3 (checkpoint of step 2 on disk)
-    train(run, SFT, *args)
-    assert curve(run) == curve(ref)
+    assert_killed_run_resumes_bitwise(str(tmp_path), SFT, args)
 
 
 def test_pretraining_data_refuses_sft_pack_in_one_line(sft_env, tmp_path, capsys):
